@@ -1,0 +1,129 @@
+//! Settings shared by both processes, the duration syntax, and the one-line report of a bad
+//! setting.
+
+use crate::topology::{Topology, TopologyError};
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{Args, Parser};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// An integer followed by `ms`, `s`, `m` or `h`.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("`{value}` has no unit (ms, s, m or h)"))?;
+    let (number, unit) = value.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{value}` does not start with a whole number"))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1_000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(format!("`{value}` has an unknown unit (use ms, s, m or h)")),
+    };
+    ms.map(Duration::from_millis)
+        .ok_or_else(|| format!("`{value}` is too large"))
+}
+
+/// Broker, topology and private listener: the same for ingress and worker.
+#[derive(Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// The RabbitMQ broker.
+    #[arg(long, env = "AVSYNC_AMQP_URL", value_name = "URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
+    pub amqp_url: String,
+
+    /// Prefix of every exchange and queue name.
+    #[arg(long, env = "AVSYNC_TOPOLOGY", value_name = "PREFIX", default_value = "avsync")]
+    pub topology: String,
+
+    /// Number of partition queues; ingress and workers of one topology must agree.
+    #[arg(long, env = "AVSYNC_PARTITIONS", value_name = "N", default_value_t = 16)]
+    pub partitions: u16,
+
+    /// The private listener: /metrics, /healthz, /readyz.
+    #[arg(long, env = "AVSYNC_METRICS_LISTEN", value_name = "ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "AVSYNC_LOG_FORMAT", value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+impl CommonArgs {
+    pub fn topology(&self) -> Result<Topology, TopologyError> {
+        Topology::new(&self.topology, self.partitions)
+    }
+}
+
+/// A setting that parsed but is not usable. Its text names the setting and never holds a secret.
+#[derive(Debug, thiserror::Error)]
+#[error("bad setting {name}: {reason}")]
+pub struct BadSetting {
+    pub name: &'static str,
+    pub reason: String,
+}
+
+impl BadSetting {
+    pub fn new(name: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            name,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Parses flags and environment. `--help` and `--version` print as usual; any error becomes one
+/// line on stderr that names the setting, and the process exits with status 2.
+pub fn parse_or_exit<T: Parser>(program: &str) -> T {
+    match T::try_parse() {
+        Ok(parsed) => parsed,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            e.exit()
+        }
+        Err(e) => exit_bad_setting(program, &one_line(&e)),
+    }
+}
+
+pub fn exit_bad_setting(program: &str, message: &str) -> ! {
+    eprintln!("{program}: {message}");
+    std::process::exit(2)
+}
+
+fn one_line(e: &clap::Error) -> String {
+    let arg = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => s.clone(),
+        _ => String::new(),
+    };
+    let rendered = e.render().to_string();
+    let first = rendered
+        .lines()
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ")
+        .to_owned();
+    if arg.is_empty() || first.contains(&arg) {
+        format!("bad setting: {first}")
+    } else {
+        format!("bad setting {arg}: {first}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "10", "s", "1.5s", "-1s", "10 s", "10sec", "1d", "99999999999999999999h"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+}
