@@ -37,15 +37,30 @@ pub struct CommonArgs {
     pub amqp_url: String,
 
     /// Prefix of every exchange and queue name.
-    #[arg(long, env = "AVSYNC_TOPOLOGY", value_name = "PREFIX", default_value = "avsync")]
+    #[arg(
+        long,
+        env = "AVSYNC_TOPOLOGY",
+        value_name = "PREFIX",
+        default_value = "avsync"
+    )]
     pub topology: String,
 
     /// Number of partition queues; ingress and workers of one topology must agree.
-    #[arg(long, env = "AVSYNC_PARTITIONS", value_name = "N", default_value_t = 16)]
+    #[arg(
+        long,
+        env = "AVSYNC_PARTITIONS",
+        value_name = "N",
+        default_value_t = 16
+    )]
     pub partitions: u16,
 
     /// The private listener: /metrics, /healthz, /readyz.
-    #[arg(long, env = "AVSYNC_METRICS_LISTEN", value_name = "ADDR", default_value = "0.0.0.0:9090")]
+    #[arg(
+        long,
+        env = "AVSYNC_METRICS_LISTEN",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:9090"
+    )]
     pub metrics_listen: SocketAddr,
 
     /// Log format: `text` or `json`.
@@ -122,7 +137,17 @@ mod tests {
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        for bad in ["", "10", "s", "1.5s", "-1s", "10 s", "10sec", "1d", "99999999999999999999h"] {
+        for bad in [
+            "",
+            "10",
+            "s",
+            "1.5s",
+            "-1s",
+            "10 s",
+            "10sec",
+            "1d",
+            "99999999999999999999h",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
     }

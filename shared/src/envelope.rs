@@ -143,6 +143,9 @@ mod tests {
     #[test]
     fn empty_application_id_means_none() {
         let body = r#"{"id":"1","type":"a","timestamp":"t","tenant_id":"x","application_id":""}"#;
-        assert_eq!(Envelope::decode(body.as_bytes()).unwrap().application_id, None);
+        assert_eq!(
+            Envelope::decode(body.as_bytes()).unwrap().application_id,
+            None
+        );
     }
 }

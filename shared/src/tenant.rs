@@ -66,7 +66,16 @@ mod tests {
     #[test]
     fn rejects_hostile_ids() {
         for bad in [
-            "", "../x", "a b", "x;drop", "a.b", "a/b", "é", "a\0b", "tenant\"x", &"x".repeat(65),
+            "",
+            "../x",
+            "a b",
+            "x;drop",
+            "a.b",
+            "a/b",
+            "é",
+            "a\0b",
+            "tenant\"x",
+            &"x".repeat(65),
         ] {
             assert_eq!(TenantId::parse(bad), Err(InvalidTenantId), "{bad:?}");
         }

@@ -1,0 +1,248 @@
+//! The retry path: a transiently failed message waits in a TTL tier queue in the broker (never in
+//! the worker's memory), then returns to its own partition; after the last delay it is dead-lettered
+//! as `exhausted`. The attempt count and the first failure time travel with the message.
+
+use crate::dlq::{
+    carried_headers, publish_confirmed, RepublishError, ATTEMPTS_HEADER, ERROR_HEADER,
+    FIRST_FAILURE_HEADER, LAST_FAILURE_HEADER,
+};
+use avsync_shared::topology::Topology;
+use avsync_shared::TenantId;
+use chrono::{DateTime, SecondsFormat, Utc};
+use lapin::message::Delivery;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::Channel;
+use rand::Rng;
+use std::time::Duration;
+
+/// What the broker has told us about earlier deliveries of a message, and what earlier failures
+/// wrote into its headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct History {
+    /// Earlier deliveries that were not settled (the quorum queue's `x-delivery-count`).
+    pub unsettled_deliveries: u32,
+    /// Failed attempts before this delivery (`x-avsync-attempts`).
+    pub failed_attempts: u32,
+    pub first_failure: Option<DateTime<Utc>>,
+}
+
+fn header_int(delivery: &Delivery, key: &str) -> Option<i64> {
+    match delivery.properties.headers().as_ref()?.inner().get(key)? {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
+        _ => None,
+    }
+}
+
+fn header_time(delivery: &Delivery, key: &str) -> Option<DateTime<Utc>> {
+    match delivery.properties.headers().as_ref()?.inner().get(key)? {
+        AMQPValue::LongString(s) => DateTime::parse_from_rfc3339(&s.to_string())
+            .ok()
+            .map(|t| t.with_timezone(&Utc)),
+        _ => None,
+    }
+}
+
+fn clamp(n: Option<i64>) -> u32 {
+    n.map(|n| u32::try_from(n.max(0)).unwrap_or(u32::MAX))
+        .unwrap_or(0)
+}
+
+impl History {
+    pub fn of(delivery: &Delivery) -> Self {
+        History {
+            unsettled_deliveries: clamp(header_int(delivery, "x-delivery-count")),
+            failed_attempts: clamp(header_int(delivery, ATTEMPTS_HEADER)),
+            first_failure: header_time(delivery, FIRST_FAILURE_HEADER),
+        }
+    }
+}
+
+/// The retry schedule (`AVSYNC_RETRY_DELAYS`) and the poison limit (`AVSYNC_POISON_DELIVERIES`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub delays: Vec<Duration>,
+    pub poison_deliveries: u32,
+}
+
+/// What to do with a message after a transient failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextStep {
+    /// Wait `delay` in the tier for that delay; this will be attempt number `attempt`.
+    Retry { delay: Duration, attempt: u32 },
+    /// Every delay was used: dead-letter as `exhausted`.
+    Exhausted,
+}
+
+impl RetryPolicy {
+    /// A message delivered this many times without being settled crashed or hung a consumer each
+    /// time: it is dead-lettered as poison without being processed again.
+    pub fn is_poison(&self, history: &History) -> bool {
+        history.unsettled_deliveries >= self.poison_deliveries
+    }
+
+    /// `failed_attempts` counts the failure that just happened.
+    pub fn next_step(&self, failed_attempts: u32) -> NextStep {
+        let index = usize::try_from(failed_attempts.saturating_sub(1)).unwrap_or(usize::MAX);
+        match self.delays.get(index) {
+            Some(delay) => NextStep::Retry {
+                delay: *delay,
+                attempt: failed_attempts + 1,
+            },
+            None => NextStep::Exhausted,
+        }
+    }
+}
+
+/// The message's own expiry inside its tier: the tier's delay less up to a fifth, at random, so
+/// that events which failed together (a tenant database that went away) do not all come back in
+/// the same instant. The tier queue's TTL is the upper bound.
+pub fn jittered(delay: Duration) -> Duration {
+    let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+    let cut = rand::rng().random_range(0..=ms / 5);
+    Duration::from_millis(ms - cut)
+}
+
+fn rfc3339(t: DateTime<Utc>) -> LongString {
+    LongString::from(t.to_rfc3339_opts(SecondsFormat::Millis, true).as_str())
+}
+
+/// One scheduled retry of a message.
+#[derive(Debug, Clone)]
+pub struct Retry<'a> {
+    pub tenant: &'a TenantId,
+    pub delay: Duration,
+    /// Failed attempts so far, the one that just failed included.
+    pub failed_attempts: u32,
+    pub first_failure: DateTime<Utc>,
+    pub error: &'a str,
+}
+
+/// Publishes `delivery` into the retry tier for `retry.delay`, confirmed, carrying the number of
+/// failed attempts so far and the failure times. The caller acknowledges the original only after
+/// this returns Ok.
+pub async fn publish_retry(
+    channel: &Channel,
+    topology: &Topology,
+    delivery: &Delivery,
+    retry: &Retry<'_>,
+) -> Result<(), RepublishError> {
+    let Retry {
+        tenant,
+        delay,
+        failed_attempts,
+        first_failure,
+        error,
+    } = *retry;
+    let mut headers = carried_headers(&delivery.properties, &[]);
+    headers.insert(
+        ATTEMPTS_HEADER.into(),
+        AMQPValue::LongLongInt(i64::from(failed_attempts)),
+    );
+    headers.insert(
+        FIRST_FAILURE_HEADER.into(),
+        AMQPValue::LongString(rfc3339(first_failure)),
+    );
+    headers.insert(
+        LAST_FAILURE_HEADER.into(),
+        AMQPValue::LongString(rfc3339(Utc::now())),
+    );
+    headers.insert(
+        ERROR_HEADER.into(),
+        AMQPValue::LongString(LongString::from(error)),
+    );
+    let expiration = jittered(delay).as_millis().to_string();
+    let properties = delivery
+        .properties
+        .clone()
+        .with_headers(FieldTable::from(headers))
+        .with_delivery_mode(2)
+        .with_expiration(expiration.as_str().into());
+    // The tier is a fanout exchange; the routing key is kept on the message so that, when it
+    // expires back into the events exchange, it lands in its tenant's partition again.
+    let routing_key = Topology::routing_key(topology.partition_of(tenant));
+    publish_confirmed(
+        channel,
+        &topology.retry_tier(delay),
+        &routing_key,
+        &delivery.data,
+        properties,
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            delays: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+            ],
+            poison_deliveries: 10,
+        }
+    }
+
+    #[test]
+    fn each_failure_takes_the_next_delay_then_exhausts() {
+        let p = policy();
+        assert_eq!(
+            p.next_step(1),
+            NextStep::Retry {
+                delay: Duration::from_secs(1),
+                attempt: 2
+            }
+        );
+        assert_eq!(
+            p.next_step(3),
+            NextStep::Retry {
+                delay: Duration::from_secs(30),
+                attempt: 4
+            }
+        );
+        assert_eq!(p.next_step(4), NextStep::Exhausted);
+        assert_eq!(p.next_step(u32::MAX), NextStep::Exhausted);
+    }
+
+    #[test]
+    fn an_empty_schedule_exhausts_at_once() {
+        let p = RetryPolicy {
+            delays: vec![],
+            poison_deliveries: 5,
+        };
+        assert_eq!(p.next_step(1), NextStep::Exhausted);
+    }
+
+    #[test]
+    fn poison_at_the_configured_count() {
+        let p = policy();
+        let h = |n| History {
+            unsettled_deliveries: n,
+            failed_attempts: 0,
+            first_failure: None,
+        };
+        assert!(!p.is_poison(&h(0)));
+        assert!(!p.is_poison(&h(9)));
+        assert!(p.is_poison(&h(10)));
+    }
+
+    #[test]
+    fn jitter_stays_within_a_fifth_below_the_delay() {
+        for _ in 0..1000 {
+            let d = jittered(Duration::from_secs(30));
+            assert!(
+                d <= Duration::from_secs(30) && d >= Duration::from_secs(24),
+                "{d:?}"
+            );
+        }
+        assert_eq!(jittered(Duration::ZERO), Duration::ZERO);
+    }
+}
