@@ -1,1 +1,135 @@
+//! avsync's ingress: verifies each AuthVital webhook and publishes it, byte for byte, to the
+//! tenant's RabbitMQ partition; 202 only once the broker has confirmed it.
+//!
+//! Data flows one way: `http` (size, then `verify`, then the envelope) → `publish` → queue.
+//! [`start`] builds and runs exactly what the binary runs, so tests start the real thing.
 
+pub mod http;
+pub mod jwks;
+pub mod metrics;
+pub mod publish;
+pub mod settings;
+pub mod verify;
+
+use crate::http::AppState;
+use crate::jwks::Jwks;
+use crate::metrics::Metrics;
+use crate::publish::Publisher;
+use crate::settings::Settings;
+use crate::verify::{Clock, RsaKeys, SystemClock, Verifier};
+use anyhow::Context as _;
+use avsync_shared::admin;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A started ingress. `handle` ends once shutdown has finished every in-flight request and
+/// closed the broker connection.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub handle: JoinHandle<anyhow::Result<()>>,
+}
+
+/// Binds both listeners and starts serving; the broker connection is made in the background,
+/// so this returns even while the broker is down. Cancel `shutdown` to stop gracefully.
+pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    start_with_clock(settings, Arc::new(SystemClock), shutdown).await
+}
+
+/// [`start`] with the clock that signature timestamps are checked against.
+pub async fn start_with_clock(
+    settings: Settings,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
+    let checked = settings.check()?;
+    let registry = admin::new_registry();
+    let metrics = Metrics::register(&registry).context("registering metrics")?;
+
+    let public = TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("binding AVSYNC_LISTEN {}", settings.listen))?;
+    let private = TcpListener::bind(settings.common.metrics_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "binding AVSYNC_METRICS_LISTEN {}",
+                settings.common.metrics_listen
+            )
+        })?;
+    let addr = public.local_addr()?;
+    let metrics_addr = private.local_addr()?;
+
+    // The broker connection and the JWKS outlive the listeners: they stop only after the last
+    // in-flight request has its answer.
+    let publisher_stop = CancellationToken::new();
+    let (publisher, supervisor) = Publisher::start(
+        settings.common.amqp_url.clone(),
+        checked.topology.clone(),
+        settings.publish_timeout,
+        metrics.clone(),
+        publisher_stop.clone(),
+    );
+    let jwks = match checked.jwks_url {
+        Some(url) => Some(Arc::new(
+            Jwks::new(url, metrics.clone(), jwks::REFETCH_INTERVAL)
+                .context("building the JWKS client")?,
+        )),
+        None => None,
+    };
+    let jwks_task = jwks.as_ref().map(|j| j.keep_fresh(publisher_stop.clone()));
+    // With secrets configured, HMAC requests can be verified before the JWKS loads.
+    let needs_jwks = checked.hmac.is_empty();
+    let tolerance = i64::try_from(settings.timestamp_tolerance_secs).unwrap_or(i64::MAX);
+    let verifier = Verifier::new(
+        checked.hmac,
+        jwks.clone().map(|j| j as Arc<dyn RsaKeys>),
+        tolerance,
+        clock,
+    );
+
+    let ready_publisher = publisher.clone();
+    let ready: admin::ReadyCheck = Arc::new(move || {
+        ready_publisher.is_ready() && (!needs_jwks || jwks.as_ref().is_some_and(|j| j.has_keys()))
+    });
+    metrics::register_ready(&registry, ready.clone()).context("registering metrics")?;
+    let app = http::router(AppState {
+        verifier,
+        publisher,
+        metrics,
+        max_body_bytes: settings.max_body_bytes,
+    });
+    let admin_app = admin::router(registry, ready);
+
+    tracing::info!(
+        %addr,
+        %metrics_addr,
+        topology = checked.topology.prefix(),
+        partitions = checked.topology.partitions(),
+        "ingress listening"
+    );
+    let handle = tokio::spawn(async move {
+        let public_done =
+            axum::serve(public, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let admin_done = axum::serve(private, admin_app)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let (public_result, admin_result) = tokio::join!(public_done, admin_done);
+        publisher_stop.cancel();
+        supervisor.handle.await.context("broker supervisor task")?;
+        if let Some(task) = jwks_task {
+            task.await.context("JWKS task")?;
+        }
+        public_result.context("public listener")?;
+        admin_result.context("metrics listener")?;
+        tracing::info!("ingress stopped");
+        Ok(())
+    });
+    Ok(Running {
+        addr,
+        metrics_addr,
+        handle,
+    })
+}

@@ -1,0 +1,244 @@
+//! Starts the real ingress in-process (exactly as `avsync-ingress` does) on 127.0.0.1:0, and
+//! signs requests the way senders do, with an HMAC implementation independent of the ingress's.
+
+use crate::support;
+use avsync_ingress::settings::{SecretString, Settings};
+use avsync_ingress::verify::Clock;
+use avsync_shared::config::CommonArgs;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const WEBHOOK_PATH: &str = "/webhooks/authvital";
+
+pub struct TestIngress {
+    /// `http://127.0.0.1:<port>`; webhooks go to `{base_url}/webhooks/authvital`.
+    pub base_url: String,
+    /// `http://127.0.0.1:<port>` of `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_url: String,
+    /// The configured Standard Webhooks secret (`whsec_…`); empty when started with other secrets.
+    pub secret: String,
+    client: reqwest::Client,
+    shutdown: CancellationToken,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Settings for a test instance: both listeners on 127.0.0.1:0, the local broker, a 2 s publish
+/// timeout, and the given `AVSYNC_HMAC_SECRETS` value.
+pub fn settings(prefix: &str, partitions: u16, hmac_secrets: &str) -> Settings {
+    Settings {
+        common: CommonArgs {
+            amqp_url: support::AMQP_URL.to_owned(),
+            topology: prefix.to_owned(),
+            partitions,
+            metrics_listen: "127.0.0.1:0".parse().expect("address"),
+            log_format: "text".to_owned(),
+        },
+        listen: "127.0.0.1:0".parse().expect("address"),
+        hmac_secrets: Some(SecretString::new(hmac_secrets)),
+        jwks_url: None,
+        timestamp_tolerance_secs: 300,
+        max_body_bytes: 262_144,
+        publish_timeout: Duration::from_secs(2),
+    }
+}
+
+/// A fresh random Standard Webhooks secret.
+pub fn new_whsec_secret() -> String {
+    format!("whsec_{}", STANDARD.encode(rand::random::<[u8; 32]>()))
+}
+
+impl TestIngress {
+    /// An ingress on topology `prefix` with a generated `whsec_` secret; returns once `/readyz`
+    /// is 200 (connected, topology declared).
+    pub async fn start(prefix: &str, partitions: u16) -> TestIngress {
+        let secret = new_whsec_secret();
+        let mut ingress = Self::start_with(settings(prefix, partitions, &secret), None).await;
+        ingress.secret = secret;
+        ingress.wait_ready().await;
+        ingress
+    }
+
+    /// Starts with any settings (and optionally a pinned clock) without waiting for readiness.
+    pub async fn start_with(settings: Settings, clock: Option<Arc<dyn Clock>>) -> TestIngress {
+        // Quiet by default: a thousand-request test would print a thousand lines.
+        if std::env::var_os("RUST_LOG").is_some() {
+            avsync_shared::telemetry::init("text");
+        }
+        let secret = match &settings.hmac_secrets {
+            Some(s) if s.expose().starts_with("whsec_") && !s.expose().contains(',') => {
+                s.expose().to_owned()
+            }
+            _ => String::new(),
+        };
+        let shutdown = CancellationToken::new();
+        let running = match clock {
+            Some(clock) => {
+                avsync_ingress::start_with_clock(settings, clock, shutdown.clone()).await
+            }
+            None => avsync_ingress::start(settings, shutdown.clone()).await,
+        }
+        .expect("ingress starts");
+        TestIngress {
+            base_url: format!("http://{}", running.addr),
+            metrics_url: format!("http://{}", running.metrics_addr),
+            secret,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("http client"),
+            shutdown,
+            handle: Some(running.handle),
+        }
+    }
+
+    pub fn webhook_url(&self) -> String {
+        format!("{}{WEBHOOK_PATH}", self.base_url)
+    }
+
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// Waits (at most 30 s) for `/readyz` to answer 200.
+    pub async fn wait_ready(&self) {
+        support::wait_until("ingress /readyz 200", Duration::from_secs(30), || async {
+            (self.readyz().await == 200).then_some(())
+        })
+        .await;
+    }
+
+    /// The status of `/readyz`.
+    pub async fn readyz(&self) -> u16 {
+        match self
+            .client
+            .get(format!("{}/readyz", self.metrics_url))
+            .send()
+            .await
+        {
+            Ok(r) => r.status().as_u16(),
+            Err(_) => 0,
+        }
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.metrics_url))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// Posts `body` signed with Standard Webhooks headers under `self.secret`, timestamp now.
+    pub async fn post(&self, body: &[u8]) -> reqwest::Response {
+        let id = uuid::Uuid::new_v4().to_string();
+        let ts = chrono::Utc::now().timestamp();
+        let signature = sign_standard(&self.secret, &id, ts, body);
+        self.post_with(
+            &[
+                ("webhook-id", id),
+                ("webhook-timestamp", ts.to_string()),
+                ("webhook-signature", signature),
+            ],
+            body,
+        )
+        .await
+    }
+
+    /// Posts `body` with exactly these headers (plus `Content-Type: application/json`).
+    pub async fn post_with(&self, headers: &[(&str, String)], body: &[u8]) -> reqwest::Response {
+        let mut request = self
+            .client
+            .post(self.webhook_url())
+            .header("content-type", "application/json")
+            .body(body.to_vec());
+        for (name, value) in headers {
+            request = request.header(*name, value.as_str());
+        }
+        request.send().await.expect("POST /webhooks/authvital")
+    }
+
+    /// Graceful stop: in-flight requests finish, then the broker connection closes.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(handle) = self.handle.take() {
+            tokio::time::timeout(Duration::from_secs(30), handle)
+                .await
+                .expect("ingress stops within 30 s")
+                .expect("ingress task")
+                .expect("ingress stops cleanly");
+        }
+    }
+}
+
+impl Drop for TestIngress {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// `v1,<base64>` of HMAC-SHA256 over `<msg_id>.<ts>.<body>` under a `whsec_` secret.
+pub fn sign_standard(whsec_secret: &str, msg_id: &str, ts: i64, body: &[u8]) -> String {
+    let encoded = whsec_secret
+        .strip_prefix("whsec_")
+        .expect("a whsec_ secret");
+    let key = base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(encoded.trim_end_matches('='))
+        .expect("whsec_ secret is base64");
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("any key length");
+    mac.update(format!("{msg_id}.{ts}.").as_bytes());
+    mac.update(body);
+    format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
+}
+
+/// Base64 HMAC-SHA256 over `<ts>.<body>`, for `X-AuthVital-Signature`.
+pub fn sign_authvital_hmac(secret: &[u8], ts: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("any key length");
+    mac.update(format!("{ts}.").as_bytes());
+    mac.update(body);
+    STANDARD.encode(mac.finalize().into_bytes())
+}
+
+/// Deletes a topology when dropped, also when the test panics, so reruns start clean.
+pub struct TopologyCleanup {
+    prefix: String,
+    partitions: u16,
+}
+
+impl TopologyCleanup {
+    pub fn new(prefix: &str, partitions: u16) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            partitions,
+        }
+    }
+}
+
+impl Drop for TopologyCleanup {
+    fn drop(&mut self) {
+        let prefix = self.prefix.clone();
+        let partitions = self.partitions;
+        // Drop cannot await, and the test's runtime may be unwinding: use a runtime of our own.
+        let cleaned = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(support::delete_topology(&prefix, partitions, &[]));
+            }
+        })
+        .join();
+        if cleaned.is_err() {
+            eprintln!("could not delete topology {}", self.prefix);
+        }
+    }
+}

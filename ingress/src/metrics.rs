@@ -1,0 +1,216 @@
+//! The ingress's Prometheus series. Each instance has its own registry (tests run many in one
+//! process), and every labelled series exists from start so dashboards never see a gap.
+
+use crate::verify::SignatureFailure;
+use avsync_shared::admin::{ReadyCheck, LATENCY_BUCKETS};
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+
+/// The `outcome` label of `avsync_ingress_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Accepted,
+    PayloadTooLarge,
+    Unauthorized,
+    BadRequest,
+    Unavailable,
+}
+
+impl Outcome {
+    pub const ALL: [Self; 5] = [
+        Self::Accepted,
+        Self::PayloadTooLarge,
+        Self::Unauthorized,
+        Self::BadRequest,
+        Self::Unavailable,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::Unauthorized => "unauthorized",
+            Self::BadRequest => "bad_request",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// The `outcome` label of `avsync_ingress_jwks_fetches_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchOutcome {
+    Success,
+    Failure,
+}
+
+impl FetchOutcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Failure => "failure",
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    requests: IntCounterVec,
+    publish_seconds: Histogram,
+    signature_failures: IntCounterVec,
+    jwks_fetches: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "avsync_ingress_requests_total",
+                "Webhook requests by outcome",
+            ),
+            &["outcome"],
+        )?;
+        let publish_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "avsync_ingress_publish_seconds",
+                "Time from publish to the broker's confirm (or failure)",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )?;
+        let signature_failures = IntCounterVec::new(
+            Opts::new(
+                "avsync_ingress_signature_failures_total",
+                "Refused signatures by reason",
+            ),
+            &["reason"],
+        )?;
+        let jwks_fetches = IntCounterVec::new(
+            Opts::new(
+                "avsync_ingress_jwks_fetches_total",
+                "JWKS fetches by outcome",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(publish_seconds.clone()))?;
+        registry.register(Box::new(signature_failures.clone()))?;
+        registry.register(Box::new(jwks_fetches.clone()))?;
+        for outcome in Outcome::ALL {
+            requests.with_label_values(&[outcome.label()]);
+        }
+        for failure in SignatureFailure::ALL {
+            signature_failures.with_label_values(&[failure.reason()]);
+        }
+        for outcome in [FetchOutcome::Success, FetchOutcome::Failure] {
+            jwks_fetches.with_label_values(&[outcome.label()]);
+        }
+        Ok(Self {
+            requests,
+            publish_seconds,
+            signature_failures,
+            jwks_fetches,
+        })
+    }
+
+    pub fn request(&self, outcome: Outcome) {
+        self.requests.with_label_values(&[outcome.label()]).inc();
+    }
+
+    pub fn signature_failure(&self, failure: SignatureFailure) {
+        self.signature_failures
+            .with_label_values(&[failure.reason()])
+            .inc();
+    }
+
+    pub fn publish_seconds(&self, seconds: f64) {
+        self.publish_seconds.observe(seconds);
+    }
+
+    pub fn jwks_fetch(&self, outcome: FetchOutcome) {
+        self.jwks_fetches
+            .with_label_values(&[outcome.label()])
+            .inc();
+    }
+}
+
+/// `avsync_ingress_ready`: 1 while `/readyz` would answer 200, read at each scrape so it is
+/// never stale.
+struct ReadyGauge {
+    gauge: IntGauge,
+    ready: ReadyCheck,
+}
+
+impl Collector for ReadyGauge {
+    fn desc(&self) -> Vec<&Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.gauge.set(i64::from((self.ready)()));
+        self.gauge.collect()
+    }
+}
+
+pub fn register_ready(registry: &Registry, ready: ReadyCheck) -> Result<(), prometheus::Error> {
+    let gauge = IntGauge::new(
+        "avsync_ingress_ready",
+        "1 while the ingress can queue webhooks (a confirming broker channel is open and, with only a JWKS, a key is loaded)",
+    )?;
+    registry.register(Box::new(ReadyGauge { gauge, ready }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::{Encoder, TextEncoder};
+
+    #[test]
+    fn every_labelled_series_exists_from_start() {
+        let registry = Registry::new();
+        Metrics::register(&registry).unwrap();
+        let mut text = Vec::new();
+        TextEncoder::new()
+            .encode(&registry.gather(), &mut text)
+            .unwrap();
+        let text = String::from_utf8(text).unwrap();
+        for outcome in Outcome::ALL {
+            let line = format!(
+                "avsync_ingress_requests_total{{outcome=\"{}\"}} 0",
+                outcome.label()
+            );
+            assert!(text.contains(&line), "{line}");
+        }
+        for failure in SignatureFailure::ALL {
+            let line = format!(
+                "avsync_ingress_signature_failures_total{{reason=\"{}\"}} 0",
+                failure.reason()
+            );
+            assert!(text.contains(&line), "{line}");
+        }
+        for outcome in ["success", "failure"] {
+            let line = format!("avsync_ingress_jwks_fetches_total{{outcome=\"{outcome}\"}} 0");
+            assert!(text.contains(&line), "{line}");
+        }
+        assert!(text.contains("avsync_ingress_publish_seconds_bucket{le=\"0.001\"} 0"));
+    }
+
+    #[test]
+    fn the_ready_gauge_follows_the_check_at_each_scrape() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let registry = Registry::new();
+        let flag = Arc::new(AtomicBool::new(false));
+        let check = flag.clone();
+        register_ready(&registry, Arc::new(move || check.load(Ordering::SeqCst))).unwrap();
+        let text = || {
+            let mut out = Vec::new();
+            TextEncoder::new()
+                .encode(&registry.gather(), &mut out)
+                .unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        assert!(text().contains("\navsync_ingress_ready 0\n"));
+        flag.store(true, Ordering::SeqCst);
+        assert!(text().contains("\navsync_ingress_ready 1\n"));
+    }
+}

@@ -1,0 +1,277 @@
+//! The broker side: one long-lived connection with one confirming channel, shared by every
+//! request. A request gets its 202 only after the broker confirmed its own message.
+
+use crate::metrics::Metrics;
+use avsync_shared::topology::{EVENT_TYPE_HEADER, TENANT_HEADER};
+use avsync_shared::{Envelope, Topology};
+use backon::{ExponentialBuilder, Retryable};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::{Mutex, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Longest wait for one connect-and-declare attempt, so a broker that accepts TCP but never
+/// answers cannot stall reconnection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the supervisor looks at the connection's state.
+const HEALTH_POLL: Duration = Duration::from_millis(200);
+const PERSISTENT: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("not connected to the broker; reconnecting in the background")]
+    NotConnected,
+    #[error("the broker did not confirm the message within {0:?}")]
+    Timeout(Duration),
+    #[error("the broker refused the message (nack); a partition queue may be full")]
+    Nacked,
+    #[error("the broker returned the message as unroutable; re-declaring the topology")]
+    Unroutable,
+    #[error("the channel is not in confirm mode")]
+    Unconfirmed,
+    #[error("broker error: {0}")]
+    Broker(#[from] lapin::Error),
+}
+
+impl PublishError {
+    /// The `error` code of the 503 body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NotConnected | Self::Broker(_) => "broker_unavailable",
+            Self::Timeout(_) => "publish_timeout",
+            Self::Nacked | Self::Unroutable | Self::Unconfirmed => "publish_rejected",
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Link {
+    connection: Arc<Connection>,
+    channel: Channel,
+}
+
+impl Link {
+    fn healthy(&self) -> bool {
+        self.connection.status().connected()
+            && self.channel.status().connected()
+            && self.channel.status().confirm()
+    }
+}
+
+struct Inner {
+    topology: Topology,
+    timeout: Duration,
+    metrics: Metrics,
+    link: RwLock<Option<Link>>,
+    /// lapin numbers a confirm before it queues the frames, so two unsynchronised publishes on
+    /// one channel could swap delivery tags. Only the send is under this lock; confirms are
+    /// awaited outside it, so they stay pipelined.
+    send: Mutex<()>,
+    redeclare: Notify,
+}
+
+impl Inner {
+    fn current(&self) -> Option<Link> {
+        self.link
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|l| l.healthy())
+            .cloned()
+    }
+
+    fn set(&self, link: Option<Link>) {
+        *self.link.write().unwrap_or_else(|e| e.into_inner()) = link;
+    }
+}
+
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<Inner>,
+}
+
+/// Stops the background connection when cancelled; the returned handle ends after it closed.
+pub struct Supervisor {
+    pub handle: JoinHandle<()>,
+}
+
+impl Publisher {
+    /// Starts the background task that connects, declares the topology and reconnects with
+    /// backoff whenever the connection drops, until `stop` is cancelled.
+    pub fn start(
+        amqp_url: String,
+        topology: Topology,
+        timeout: Duration,
+        metrics: Metrics,
+        stop: CancellationToken,
+    ) -> (Self, Supervisor) {
+        let inner = Arc::new(Inner {
+            topology,
+            timeout,
+            metrics,
+            link: RwLock::new(None),
+            send: Mutex::new(()),
+            redeclare: Notify::new(),
+        });
+        let handle = tokio::spawn(supervise(inner.clone(), amqp_url, stop));
+        (Self { inner }, Supervisor { handle })
+    }
+
+    /// True while a confirming channel is open.
+    pub fn is_ready(&self) -> bool {
+        self.inner.current().is_some()
+    }
+
+    /// Publishes the body verbatim to the tenant's partition and waits for this message's
+    /// confirm, at most the publish timeout.
+    pub async fn publish(&self, envelope: &Envelope, body: &[u8]) -> Result<(), PublishError> {
+        let started = Instant::now();
+        let result =
+            tokio::time::timeout(self.inner.timeout, self.publish_confirmed(envelope, body))
+                .await
+                .unwrap_or(Err(PublishError::Timeout(self.inner.timeout)));
+        self.inner
+            .metrics
+            .publish_seconds(started.elapsed().as_secs_f64());
+        if matches!(result, Err(PublishError::Unroutable)) {
+            self.inner.redeclare.notify_one();
+        }
+        result
+    }
+
+    async fn publish_confirmed(
+        &self,
+        envelope: &Envelope,
+        body: &[u8],
+    ) -> Result<(), PublishError> {
+        let link = self.inner.current().ok_or(PublishError::NotConnected)?;
+        let topology = &self.inner.topology;
+        let routing_key = Topology::routing_key(topology.partition_of(&envelope.tenant_id));
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ShortString::from(TENANT_HEADER),
+            AMQPValue::LongString(LongString::from(envelope.tenant_id.as_str())),
+        );
+        headers.insert(
+            ShortString::from(EVENT_TYPE_HEADER),
+            AMQPValue::LongString(LongString::from(envelope.event_type.as_str())),
+        );
+        let properties = BasicProperties::default()
+            .with_delivery_mode(PERSISTENT)
+            .with_content_type("application/json".into())
+            .with_message_id(envelope.id.as_str().into())
+            .with_headers(headers);
+        let confirm = {
+            let _send = self.inner.send.lock().await;
+            link.channel
+                .basic_publish(
+                    topology.events_exchange().as_str().into(),
+                    routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    body,
+                    properties,
+                )
+                .await?
+        };
+        match confirm.await? {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable),
+            Confirmation::Nack(_) => Err(PublishError::Nacked),
+            Confirmation::NotRequested => Err(PublishError::Unconfirmed),
+        }
+    }
+}
+
+async fn supervise(inner: Arc<Inner>, amqp_url: String, stop: CancellationToken) {
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times();
+    loop {
+        let connect = (|| connect(&amqp_url, &inner.topology))
+            .retry(backoff)
+            .sleep(tokio::time::sleep)
+            .notify(|e: &lapin::Error, wait: Duration| {
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot reach the broker");
+            });
+        let link = tokio::select! {
+            _ = stop.cancelled() => return,
+            link = connect => match link {
+                Ok(link) => link,
+                Err(e) => {
+                    tracing::error!(error = %e, "gave up connecting to the broker");
+                    return;
+                }
+            },
+        };
+        inner.set(Some(link.clone()));
+        tracing::info!(
+            topology = inner.topology.prefix(),
+            "connected to the broker; publishing"
+        );
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    inner.set(None);
+                    let _ = tokio::time::timeout(
+                        CONNECT_TIMEOUT,
+                        link.connection.close(200, "ingress shutting down".into()),
+                    )
+                    .await;
+                    tracing::info!("broker connection closed");
+                    return;
+                }
+                _ = inner.redeclare.notified() => {
+                    if let Err(e) = inner.topology.declare(&link.channel).await {
+                        tracing::warn!(error = %e, "re-declaring the topology failed");
+                    }
+                }
+                _ = tokio::time::sleep(HEALTH_POLL) => {
+                    if !link.healthy() {
+                        break;
+                    }
+                }
+            }
+        }
+        inner.set(None);
+        tracing::warn!("lost the broker connection; reconnecting");
+        // Closing also frees the server side when only the channel died.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            link.connection.close(200, "reconnecting".into()),
+        )
+        .await;
+    }
+}
+
+async fn connect(amqp_url: &str, topology: &Topology) -> Result<Link, lapin::Error> {
+    let attempt = async {
+        let properties = ConnectionProperties::default()
+            .with_connection_name(format!("avsync-ingress@{}", topology.prefix()).into());
+        let connection = Connection::connect(amqp_url, properties).await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        topology.declare(&channel).await?;
+        Ok(Link {
+            connection: Arc::new(connection),
+            channel,
+        })
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(lapin::Error::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connecting to the broker timed out",
+        ))),
+    }
+}
