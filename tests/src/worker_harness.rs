@@ -1,0 +1,1 @@
+//! Starts worker instances for tests.

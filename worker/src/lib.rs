@@ -1,3 +1,2 @@
-
 pub mod dlq;
 pub mod retry;
