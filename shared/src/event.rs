@@ -1,0 +1,1 @@
+//! The typed event decoded once, for the apply rules.
