@@ -1,2 +1,156 @@
+//! The avsync worker: consumes identity events from RabbitMQ and applies them to each tenant's
+//! PostgreSQL database, order-insensitive and idempotent.
+//!
+//! Data flows: `consume` (queue) → `tenants` (which database) → `pools` (a connection) →
+//! `apply` (the event rules) → ack. `failure` decides what a failure means.
+
+pub mod apply;
+pub mod cli;
+pub mod consume;
+pub mod depth;
 pub mod dlq;
+pub mod failure;
+pub mod metrics;
+pub mod migrate;
+pub mod pools;
 pub mod retry;
+pub mod settings;
+pub mod tenants;
+
+use crate::consume::Worker;
+use crate::depth::DepthPoller;
+use crate::metrics::Metrics;
+use crate::pools::{PoolSettings, Pools};
+use crate::settings::Settings;
+use crate::tenants::Resolver;
+use anyhow::Context as _;
+use avsync_shared::admin;
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The longest a stopping worker spends finishing its in-flight messages; the deploy files give
+/// it longer than this before they kill it. What is still unfinished then goes back to its
+/// queue when the connection closes, and is applied again by another worker.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+/// A started worker: its private listener's address and the task that ends after shutdown.
+pub struct Running {
+    pub metrics_addr: SocketAddr,
+    worker: Arc<Worker>,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Waits until the worker has stopped (after its shutdown token was cancelled).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.handle.await.context("worker task panicked")?
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.worker.ready.load(Ordering::SeqCst)
+    }
+
+    /// Tenant pools open right now (the `avsync_worker_tenant_pools` gauge).
+    pub fn open_pools(&self) -> i64 {
+        self.worker.pools.open_pools()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.worker.metrics
+    }
+}
+
+/// Starts the private listener and the consumer, exactly as the binary does. Needs neither the
+/// broker nor PostgreSQL: it serves `/healthz` at once and connects in the background.
+pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    settings.validate()?;
+    let topology = settings.common.topology()?;
+    let registry = admin::new_registry();
+    let metrics = Metrics::register_with_retry_delays(&registry, settings.retry_delays.delays())?;
+    let resolver = Resolver::new(
+        &settings.tenant_database_url,
+        settings.tenant_registry_url.as_deref(),
+    )?;
+    let pools = Pools::new(
+        PoolSettings {
+            capacity: settings.tenant_pool_capacity,
+            size: settings.tenant_pool_size,
+            create_databases: settings.create_tenant_databases,
+            auto_migrate: settings.auto_migrate,
+        },
+        metrics.tenant_pools.clone(),
+    );
+    let ready = Arc::new(AtomicBool::new(false));
+    let worker = Arc::new(Worker {
+        topology,
+        amqp_url: settings.common.amqp_url.clone(),
+        prefetch: settings.prefetch,
+        application_id: settings.application_id.clone(),
+        resolver,
+        pools,
+        metrics,
+        ready: ready.clone(),
+    });
+
+    let listener = tokio::net::TcpListener::bind(settings.common.metrics_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on AVSYNC_METRICS_LISTEN={}",
+                settings.common.metrics_listen
+            )
+        })?;
+    let metrics_addr = listener.local_addr()?;
+    let ready_check: admin::ReadyCheck = Arc::new(move || ready.load(Ordering::SeqCst));
+    let admin_server = tokio::spawn(
+        axum::serve(listener, admin::router(registry, ready_check))
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .into_future(),
+    );
+    let depth = tokio::spawn(
+        DepthPoller {
+            amqp_url: settings.common.amqp_url.clone(),
+            connection_name: format!("avsync-worker {} depth", worker.topology.prefix()),
+            queues: depth::queues(&worker.topology, settings.retry_delays.delays()),
+            gauge: worker.metrics.queue_messages.clone(),
+        }
+        .run(shutdown.clone()),
+    );
+    let mut consumer = tokio::spawn(consume::run(worker.clone(), shutdown.clone()));
+    let stopping = worker.clone();
+    let handle = tokio::spawn(async move {
+        let drain_limit = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(DRAIN_LIMIT).await;
+        };
+        tokio::select! {
+            finished = &mut consumer => finished.context("consumer task panicked")?,
+            _ = drain_limit => {
+                consumer.abort();
+                tracing::warn!(
+                    limit = ?DRAIN_LIMIT,
+                    "in-flight messages not finished within the drain limit; the broker hands them back"
+                );
+            }
+        }
+        depth.await.context("queue depth poller panicked")?;
+        stopping.pools.close_all().await;
+        stopping.resolver.close().await;
+        admin_server
+            .await
+            .context("admin listener panicked")?
+            .context("admin listener failed")?;
+        tracing::info!("worker stopped");
+        Ok(())
+    });
+    Ok(Running {
+        metrics_addr,
+        worker,
+        handle,
+    })
+}

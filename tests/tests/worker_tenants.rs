@@ -1,0 +1,210 @@
+//! Tenant resolution through the registry (known, unknown until added, disabled), and the
+//! `migrate` command in template and registry mode.
+
+use avsync_shared::topology::Topology;
+use avsync_tests::ingress_harness::TopologyCleanup;
+use avsync_tests::support::{self, wait_until};
+use avsync_tests::worker_harness::{
+    model_of, publish, publisher, settings, take_dead_letters, wait_for_dead_letters,
+    TestDatabases, TestWorker,
+};
+use avsync_worker::metrics::Outcome;
+use avsync_worker::migrate::{self, MigrateArgs};
+use serde_json::json;
+use sqlx::Connection;
+use std::time::Duration;
+
+const PARTITIONS: u16 = 2;
+
+fn joined(id: &str, tenant: &str) -> Vec<u8> {
+    json!({"id": id, "type": "member.joined", "tenant_id": tenant,
+           "timestamp": "2026-08-21T01:00:00Z", "data": {"sub": "u1", "tenant_roles": ["owner"]}})
+    .to_string()
+    .into_bytes()
+}
+
+/// A registry database of this test with the contract's table and the given entries.
+async fn registry(dbs: &TestDatabases, entries: &[(&str, String, bool)]) -> String {
+    let name = dbs.name("registry");
+    support::create_database(&name).await;
+    let mut conn = dbs.connect(&name).await;
+    sqlx::query(
+        "CREATE TABLE avsync_tenants (tenant_id text primary key, database_url text not null, enabled boolean not null default true)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    for (tenant, url, enabled) in entries {
+        add(&mut conn, tenant, url, *enabled).await;
+    }
+    let _ = conn.close().await;
+    support::database_url(&name)
+}
+
+async fn add(conn: &mut sqlx::PgConnection, tenant: &str, url: &str, enabled: bool) {
+    sqlx::query("INSERT INTO avsync_tenants VALUES ($1, $2, $3)")
+        .bind(tenant)
+        .bind(url)
+        .bind(enabled)
+        .execute(conn)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_registry_decides_each_tenants_database() {
+    let prefix = support::unique("wreg");
+    let _topology_cleanup = TopologyCleanup::new(&prefix, PARTITIONS);
+    let topology = Topology::new(&prefix, PARTITIONS).unwrap();
+    let dbs = TestDatabases::new("wreg");
+    // "known" lives in a database whose name has nothing to do with the tenant id.
+    let registry_url = registry(
+        &dbs,
+        &[
+            ("known", support::database_url(&dbs.name("elsewhere")), true),
+            ("off", support::database_url(&dbs.name("off")), false),
+        ],
+    )
+    .await;
+    let (_conn, ch) = publisher(&topology).await;
+    let worker = TestWorker::start(settings(
+        &prefix,
+        PARTITIONS,
+        &dbs,
+        &["--tenant-registry-url", &registry_url],
+    ))
+    .await;
+
+    let known = joined("k1", "known");
+    publish(&ch, &topology, &known).await;
+    dbs.wait_for_rows(
+        "elsewhere",
+        &model_of(&[known]).identities(),
+        Duration::from_secs(20),
+    )
+    .await;
+
+    let off = joined("o1", "off");
+    publish(&ch, &topology, &off).await;
+    let letters = wait_for_dead_letters(&ch, &topology, 1, Duration::from_secs(20)).await;
+    assert_eq!(letters[0].message_id, "o1");
+    assert_eq!(letters[0].class, "permanent");
+    assert!(
+        letters[0].error.contains("disabled"),
+        "{}",
+        letters[0].error
+    );
+
+    // Unknown: retried (not dead-lettered) until the registry has it.
+    let later = joined("l1", "later");
+    publish(&ch, &topology, &later).await;
+    wait_until(
+        "a retry of the unknown tenant",
+        Duration::from_secs(20),
+        || async { (worker.events("member.joined", Outcome::Retried) >= 1).then_some(()) },
+    )
+    .await;
+    let mut conn = dbs.connect(&dbs.name("registry")).await;
+    add(
+        &mut conn,
+        "later",
+        &support::database_url(&dbs.name("later")),
+        true,
+    )
+    .await;
+    let _ = conn.close().await;
+    dbs.wait_for_rows(
+        "later",
+        &model_of(&[later]).identities(),
+        Duration::from_secs(30),
+    )
+    .await;
+
+    assert!(take_dead_letters(&ch, &topology).await.is_empty());
+    let mut existing = dbs.existing().await;
+    existing.sort();
+    let mut expected = vec![
+        dbs.name("elsewhere"),
+        dbs.name("later"),
+        dbs.name("registry"),
+    ];
+    expected.sort();
+    assert_eq!(existing, expected, "no database for the disabled tenant");
+    worker.stop().await;
+}
+
+fn migrate_args(tenant: Option<&str>) -> MigrateArgs {
+    MigrateArgs {
+        tenant: tenant.map(str::to_owned),
+        all: tenant.is_none(),
+    }
+}
+
+async fn has_table(dbs: &TestDatabases, name: &str) -> bool {
+    let mut conn = dbs.connect(name).await;
+    let found: bool = sqlx::query_scalar("SELECT to_regclass('av_identities') IS NOT NULL")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let _ = conn.close().await;
+    found
+}
+
+#[tokio::test]
+async fn migrate_in_template_mode() {
+    let dbs = TestDatabases::new("wmigt");
+    let s = settings("unused", 1, &dbs, &[]);
+    let mut out = Vec::new();
+    migrate::run(&migrate_args(Some("acme")), &s, &mut out)
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        format!("migrated acme ({})\n", dbs.name("acme"))
+    );
+    assert!(has_table(&dbs, &dbs.name("acme")).await);
+
+    let err = migrate::run(&migrate_args(None), &s, &mut Vec::new())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("AVSYNC_TENANT_REGISTRY_URL"),
+        "{err}"
+    );
+
+    // Without creating databases, a missing one is an error naming the way out.
+    let s = settings("unused", 1, &dbs, &["--create-tenant-databases", "false"]);
+    let err = migrate::run(&migrate_args(Some("nope")), &s, &mut Vec::new())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("could not be migrated"), "{err}");
+    assert!(!dbs.existing().await.contains(&dbs.name("nope")));
+}
+
+#[tokio::test]
+async fn migrate_all_registry_tenants() {
+    let dbs = TestDatabases::new("wmigr");
+    let registry_url = registry(
+        &dbs,
+        &[
+            ("t1", support::database_url(&dbs.name("one")), true),
+            ("t2", support::database_url(&dbs.name("two")), true),
+            ("t3", support::database_url(&dbs.name("three")), false),
+        ],
+    )
+    .await;
+    let s = settings("unused", 1, &dbs, &["--tenant-registry-url", &registry_url]);
+    let mut out = Vec::new();
+    migrate::run(&migrate_args(None), &s, &mut out)
+        .await
+        .unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert!(
+        out.contains("migrated t1") && out.contains("migrated t2"),
+        "{out}"
+    );
+    assert!(!out.contains("t3"));
+    assert!(has_table(&dbs, &dbs.name("one")).await);
+    assert!(has_table(&dbs, &dbs.name("two")).await);
+    assert!(!dbs.existing().await.contains(&dbs.name("three")));
+}

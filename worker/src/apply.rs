@@ -1,0 +1,494 @@
+//! Applying an event to its row, and THE INVARIANT of contract section 6: for every row and every
+//! field, the stored value is the one set by the greatest event (by timestamp, then id bytewise)
+//! that set that field, whatever the arrival order and however many duplicates.
+//!
+//! Each field carries its own version: the [`EventKey`] of the event that last set it, stored as
+//! text in `field_versions` whose bytewise order is the key order. An event overwrites a field
+//! only when its key is greater than that field's version. Taking the maximum per field is
+//! commutative and idempotent, so any order and any number of redeliveries give the same row.
+//!
+//! [`Model`] is the same rule in plain Rust (the property tests check it against shuffled,
+//! duplicated histories); [`apply`] is the rule as one SQL statement, tested against the model.
+
+use avsync_shared::event::{Change, Effect, EventKey, Field};
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
+use sqlx::{PgConnection, Postgres};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// The columns of `av_identities` that events set, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Identity {
+    pub id: String,
+    pub tenant_id: Option<String>,
+    pub email: Option<String>,
+    pub given_name: Option<String>,
+    pub family_name: Option<String>,
+    pub subject_type: Option<String>,
+    pub is_active: bool,
+    pub deleted_at: Option<DateTime<Utc>>,
+    pub membership_id: Option<String>,
+    pub membership_status: Option<String>,
+    pub tenant_roles: Vec<String>,
+    pub has_app_access: bool,
+    pub app_role: Option<String>,
+    pub app_role_id: Option<String>,
+    pub app_role_name: Option<String>,
+}
+
+const IDENTITY_COLUMNS: &str = "id, tenant_id, email, given_name, family_name, subject_type, \
+     is_active, deleted_at, membership_id, membership_status, tenant_roles, has_app_access, \
+     app_role, app_role_id, app_role_name";
+
+impl Identity {
+    /// A row as the table's defaults create it.
+    pub fn new(id: &str) -> Self {
+        Self {
+            id: id.to_owned(),
+            tenant_id: None,
+            email: None,
+            given_name: None,
+            family_name: None,
+            subject_type: None,
+            is_active: true,
+            deleted_at: None,
+            membership_id: None,
+            membership_status: None,
+            tenant_roles: Vec::new(),
+            has_app_access: false,
+            app_role: None,
+            app_role_id: None,
+            app_role_name: None,
+        }
+    }
+
+    fn set(&mut self, change: &Change) {
+        match change {
+            Change::TenantId(v) => self.tenant_id = Some(v.as_str().to_owned()),
+            Change::Email(v) => self.email.clone_from(v),
+            Change::GivenName(v) => self.given_name.clone_from(v),
+            Change::FamilyName(v) => self.family_name.clone_from(v),
+            Change::SubjectType(v) => self.subject_type = Some(v.clone()),
+            Change::IsActive(v) => self.is_active = *v,
+            Change::DeletedAt(v) => self.deleted_at = v.map(|t| t.to_utc()),
+            Change::MembershipId(v) => self.membership_id = Some(v.clone()),
+            Change::MembershipStatus(v) => self.membership_status = Some(v.as_str().to_owned()),
+            Change::TenantRoles(v) => self.tenant_roles.clone_from(v),
+            Change::HasAppAccess(v) => self.has_app_access = *v,
+            Change::AppRole(v) => self.app_role.clone_from(v),
+            Change::AppRoleId(v) => self.app_role_id.clone_from(v),
+            Change::AppRoleName(v) => self.app_role_name.clone_from(v),
+        }
+    }
+}
+
+/// The pure model of one tenant database: rows and, per field, the key of the event that set it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Model {
+    rows: BTreeMap<String, (Identity, BTreeMap<Field, EventKey>)>,
+}
+
+impl Model {
+    pub fn apply(&mut self, effect: &Effect) {
+        let (row, versions) = self
+            .rows
+            .entry(effect.sub.clone())
+            .or_insert_with(|| (Identity::new(&effect.sub), BTreeMap::new()));
+        for change in &effect.changes {
+            let field = change.field();
+            if versions.get(&field).is_none_or(|v| effect.key > *v) {
+                row.set(change);
+                versions.insert(field, effect.key.clone());
+            }
+        }
+    }
+
+    /// Every row, ordered by id.
+    pub fn identities(&self) -> Vec<Identity> {
+        self.rows.values().map(|(row, _)| row.clone()).collect()
+    }
+
+    pub fn get(&self, sub: &str) -> Option<&Identity> {
+        self.rows.get(sub).map(|(row, _)| row)
+    }
+
+    /// The stored `field_versions` the model predicts for a row.
+    pub fn versions(&self, sub: &str) -> BTreeMap<String, String> {
+        self.rows
+            .get(sub)
+            .map(|(_, versions)| {
+                versions
+                    .iter()
+                    .map(|(field, key)| (field.column().to_owned(), key.version()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// The one statement that applies `effect`: insert the row, or on conflict overwrite each field
+/// the event sets only where the event is newer than that field's version. `ON CONFLICT DO
+/// UPDATE` locks the row, so concurrent events of one user serialise on it and none is lost.
+fn statement(effect: &Effect) -> String {
+    let newer = |column: &str| {
+        format!(
+            "($2::text COLLATE \"C\" > COALESCE(t.field_versions->>'{column}', '') COLLATE \"C\")"
+        )
+    };
+    let mut columns = String::from("id, field_versions");
+    let mut params = String::new();
+    let mut initial_versions = Vec::new();
+    let mut sets = String::new();
+    let mut new_versions = Vec::new();
+    let mut changed = Vec::new();
+    for (i, change) in effect.changes.iter().enumerate() {
+        let column = change.field().column();
+        let cond = newer(column);
+        let _ = write!(columns, ", {column}");
+        let _ = write!(params, ", ${}", i + 3);
+        initial_versions.push(format!("'{column}', $2::text"));
+        let _ = write!(
+            sets,
+            "{column} = CASE WHEN {cond} THEN EXCLUDED.{column} ELSE t.{column} END, "
+        );
+        new_versions.push(format!("'{column}', CASE WHEN {cond} THEN $2::text END"));
+        changed.push(format!(
+            "({cond} AND EXCLUDED.{column} IS DISTINCT FROM t.{column})"
+        ));
+    }
+    format!(
+        "INSERT INTO av_identities AS t ({columns}) \
+         VALUES ($1, jsonb_build_object({initial}){params}) \
+         ON CONFLICT (id) DO UPDATE SET {sets}\
+         field_versions = t.field_versions || jsonb_strip_nulls(jsonb_build_object({new})), \
+         updated_at = CASE WHEN {changed} THEN now() ELSE t.updated_at END, \
+         synced_at = now()",
+        initial = initial_versions.join(", "),
+        new = new_versions.join(", "),
+        changed = changed.join(" OR "),
+    )
+}
+
+fn bind<'q>(
+    query: Query<'q, Postgres, PgArguments>,
+    change: &Change,
+) -> Query<'q, Postgres, PgArguments> {
+    match change {
+        Change::TenantId(v) => query.bind(v.as_str().to_owned()),
+        Change::Email(v)
+        | Change::GivenName(v)
+        | Change::FamilyName(v)
+        | Change::AppRole(v)
+        | Change::AppRoleId(v)
+        | Change::AppRoleName(v) => query.bind(v.clone()),
+        Change::SubjectType(v) | Change::MembershipId(v) => query.bind(v.clone()),
+        Change::MembershipStatus(v) => query.bind(v.as_str()),
+        Change::IsActive(v) | Change::HasAppAccess(v) => query.bind(*v),
+        Change::DeletedAt(v) => query.bind(v.map(|t| t.to_utc())),
+        Change::TenantRoles(v) => query.bind(v.clone()),
+    }
+}
+
+/// Applies one event to its row in one atomic statement.
+pub async fn apply(conn: &mut PgConnection, effect: &Effect) -> Result<(), sqlx::Error> {
+    let sql = statement(effect);
+    let mut query = sqlx::query(&sql)
+        .bind(effect.sub.as_str())
+        .bind(effect.key.version());
+    for change in &effect.changes {
+        query = bind(query, change);
+    }
+    query.execute(conn).await.map(|_| ())
+}
+
+pub async fn load(conn: &mut PgConnection, sub: &str) -> Result<Option<Identity>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {IDENTITY_COLUMNS} FROM av_identities WHERE id = $1"
+    ))
+    .bind(sub)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Every row, ordered by id (bytewise, like [`Model::identities`]).
+pub async fn load_all(conn: &mut PgConnection) -> Result<Vec<Identity>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {IDENTITY_COLUMNS} FROM av_identities ORDER BY id COLLATE \"C\""
+    ))
+    .fetch_all(conn)
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use avsync_shared::Envelope;
+    use proptest::prelude::*;
+    use serde_json::{json, Map, Value};
+
+    const TYPES: [&str; 16] = [
+        "subject.created",
+        "subject.updated",
+        "subject.deleted",
+        "subject.deactivated",
+        "member.joined",
+        "member.left",
+        "member.role_changed",
+        "member.suspended",
+        "member.activated",
+        "app_access.granted",
+        "app_access.revoked",
+        "app_access.role_changed",
+        "invite.accepted",
+        "invite.created",
+        "license.assigned",
+        "tenant.unknown_type",
+    ];
+
+    /// A value for an optional string field: absent, null, "" or one of a few strings.
+    fn text() -> impl Strategy<Value = Option<Value>> {
+        prop_oneof![
+            Just(None),
+            Just(Some(Value::Null)),
+            Just(Some(json!(""))),
+            "[ab]{1,2}".prop_map(|s| Some(json!(s))),
+        ]
+    }
+
+    fn roles() -> impl Strategy<Value = Option<Value>> {
+        prop_oneof![
+            Just(None),
+            Just(Some(Value::Null)),
+            proptest::collection::vec("[rs]", 0..3).prop_map(|v| Some(json!(v))),
+        ]
+    }
+
+    fn changed_fields() -> impl Strategy<Value = Option<Value>> {
+        prop_oneof![
+            Just(None),
+            Just(Some(Value::Null)),
+            proptest::sample::subsequence(
+                vec!["email", "given_name", "family_name", "locale"],
+                0..4
+            )
+            .prop_map(|v| Some(json!(v))),
+        ]
+    }
+
+    /// An event body: one of three users, a time within a few milliseconds (so ties happen) and
+    /// a unique id whose first letter makes tie-breaks go either way.
+    fn body(index: usize) -> impl Strategy<Value = Vec<u8>> {
+        (
+            0..TYPES.len(),
+            0..3usize,
+            0..6u32,
+            "[a-c]",
+            proptest::collection::vec(text(), 9),
+            roles(),
+            changed_fields(),
+            "[+-]0[0-2]:[03]0",
+        )
+            .prop_map(
+                move |(t, user, ms, prefix, texts, roles, changed, offset)| {
+                    let mut data = Map::new();
+                    data.insert("sub".into(), json!(format!("u{user}")));
+                    let keys = [
+                        "email",
+                        "given_name",
+                        "family_name",
+                        "subject_type",
+                        "membership_id",
+                        "role_slug",
+                        "role_id",
+                        "role_name",
+                        "previous_role_id",
+                    ];
+                    for (key, value) in keys.iter().zip(texts) {
+                        if let Some(v) = value {
+                            data.insert((*key).into(), v);
+                        }
+                    }
+                    if let Some(r) = roles {
+                        data.insert("tenant_roles".into(), r);
+                    }
+                    if let Some(c) = changed {
+                        data.insert("changed_fields".into(), c);
+                    }
+                    // The same instant written in another offset must order the same.
+                    let utc = chrono::DateTime::parse_from_rfc3339(&format!(
+                        "2026-08-21T01:40:03.{ms:03}Z"
+                    ))
+                    .expect("fixed time");
+                    let local = utc.with_timezone(
+                        &chrono::DateTime::parse_from_rfc3339(&format!(
+                            "2026-01-01T00:00:00{offset}"
+                        ))
+                        .expect("offset")
+                        .timezone(),
+                    );
+                    json!({
+                        "id": format!("{prefix}{index}"),
+                        "type": TYPES[t],
+                        "tenant_id": "t1",
+                        "timestamp": local.to_rfc3339_opts(chrono::SecondsFormat::Millis, false),
+                        "data": data,
+                    })
+                    .to_string()
+                    .into_bytes()
+                },
+            )
+    }
+
+    fn effects(bodies: &[Vec<u8>]) -> Vec<Effect> {
+        bodies
+            .iter()
+            .filter_map(|b| {
+                let envelope = Envelope::decode(b).expect("envelope");
+                Effect::decode(&envelope, b).expect("decodes")
+            })
+            .collect()
+    }
+
+    fn history() -> impl Strategy<Value = (Vec<Vec<u8>>, Vec<usize>)> {
+        (1..40usize)
+            .prop_flat_map(|n| (0..n).map(body).collect::<Vec<_>>())
+            .prop_flat_map(|bodies| {
+                let n = bodies.len();
+                // Arrival order: every event at least once, some several times, shuffled.
+                let order = (
+                    proptest::collection::vec(0..n, 0..n),
+                    Just((0..n).collect::<Vec<_>>()),
+                )
+                    .prop_map(|(dups, mut all)| {
+                        all.extend(dups);
+                        all
+                    })
+                    .prop_shuffle();
+                (Just(bodies), order)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_arrival_order_with_duplicates_gives_the_sorted_state((bodies, order) in history()) {
+            let mut sorted = effects(&bodies);
+            sorted.sort_by(|a, b| a.key.cmp(&b.key));
+            let mut expected = Model::default();
+            for e in &sorted {
+                expected.apply(e);
+            }
+
+            let all = effects(&bodies.iter().map(Vec::clone).collect::<Vec<_>>());
+            let arrived: Vec<Effect> = order
+                .iter()
+                .filter_map(|&i| {
+                    let b = &bodies[i];
+                    let envelope = Envelope::decode(b).expect("envelope");
+                    Effect::decode(&envelope, b).expect("decodes")
+                })
+                .collect();
+            prop_assert!(arrived.len() >= all.len());
+            let mut got = Model::default();
+            for e in &arrived {
+                got.apply(e);
+            }
+            prop_assert_eq!(&got, &expected);
+
+            // Applying everything once more changes nothing.
+            for e in &arrived {
+                got.apply(e);
+            }
+            prop_assert_eq!(&got, &expected);
+        }
+
+        #[test]
+        fn each_field_holds_the_value_of_the_greatest_event_that_set_it((bodies, _) in history()) {
+            let all = effects(&bodies);
+            let mut model = Model::default();
+            for e in all.iter().rev() {
+                model.apply(e);
+            }
+            for row in model.identities() {
+                let mut expected = Identity::new(&row.id);
+                for field in Field::ALL {
+                    let newest = all
+                        .iter()
+                        .filter(|e| e.sub == row.id)
+                        .flat_map(|e| e.changes.iter().map(move |c| (&e.key, c)))
+                        .filter(|(_, c)| c.field() == field)
+                        .max_by(|a, b| a.0.cmp(b.0));
+                    if let Some((_, change)) = newest {
+                        expected.set(change);
+                    }
+                }
+                prop_assert_eq!(&row, &expected);
+            }
+        }
+    }
+
+    fn effect(body: Value) -> Effect {
+        let bytes = body.to_string().into_bytes();
+        let envelope = Envelope::decode(&bytes).expect("envelope");
+        Effect::decode(&envelope, &bytes)
+            .expect("decodes")
+            .expect("sets something")
+    }
+
+    #[test]
+    fn a_late_grant_never_undoes_a_newer_revoke() {
+        let grant = effect(
+            json!({"id": "g", "type": "app_access.granted", "tenant_id": "t",
+            "timestamp": "2026-08-21T01:00:00Z", "data": {"sub": "u", "role_slug": "admin"}}),
+        );
+        let revoke = effect(
+            json!({"id": "r", "type": "app_access.revoked", "tenant_id": "t",
+            "timestamp": "2026-08-21T02:00:00Z", "data": {"sub": "u"}}),
+        );
+        let mut model = Model::default();
+        model.apply(&revoke);
+        model.apply(&grant);
+        let row = model.get("u").expect("row");
+        assert!(!row.has_app_access);
+        assert_eq!(row.app_role, None);
+    }
+
+    #[test]
+    fn a_late_update_never_resurrects_but_a_newer_create_does() {
+        let delete = effect(
+            json!({"id": "d", "type": "subject.deleted", "tenant_id": "t",
+            "timestamp": "2026-08-21T02:00:00Z", "data": {"sub": "u"}}),
+        );
+        let update = effect(
+            json!({"id": "u", "type": "subject.updated", "tenant_id": "t",
+            "timestamp": "2026-08-21T01:00:00Z", "data": {"sub": "u", "email": "old@x"}}),
+        );
+        let create = effect(
+            json!({"id": "c", "type": "subject.created", "tenant_id": "t",
+            "timestamp": "2026-08-21T03:00:00Z", "data": {"sub": "u"}}),
+        );
+        let mut model = Model::default();
+        model.apply(&delete);
+        model.apply(&update);
+        let row = model.get("u").expect("row");
+        assert!(row.deleted_at.is_some());
+        assert_eq!(row.email.as_deref(), Some("old@x"));
+        model.apply(&create);
+        assert_eq!(model.get("u").expect("row").deleted_at, None);
+    }
+
+    #[test]
+    fn the_statement_names_only_static_columns() {
+        let e = effect(
+            json!({"id": "x'; drop table av_identities; --", "type": "member.left",
+            "tenant_id": "t", "timestamp": "2026-08-21T02:00:00Z", "data": {"sub": "'"}}),
+        );
+        let sql = statement(&e);
+        assert!(!sql.contains("drop table"));
+        assert!(sql.contains("membership_status = CASE WHEN"));
+        assert!(sql.contains("tenant_id = CASE WHEN"));
+    }
+}

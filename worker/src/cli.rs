@@ -1,0 +1,66 @@
+//! The `avsync-worker` command line: consume (the default), `migrate`, `dlq`.
+
+use crate::dlq::DlqCommand;
+use crate::migrate::MigrateArgs;
+use crate::settings::Settings;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "avsync-worker",
+    version,
+    about = "Applies AuthVital identity events from RabbitMQ to each tenant's PostgreSQL database"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub settings: Settings,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Consume and apply (the default).
+    Run,
+    /// Apply migrations to tenant databases.
+    Migrate(MigrateArgs),
+    /// Inspect, replay or purge dead letters.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("avsync-worker").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn commands() {
+        assert!(parse(&[]).unwrap().command.is_none());
+        assert!(matches!(
+            parse(&["run"]).unwrap().command,
+            Some(Command::Run)
+        ));
+        assert!(matches!(
+            parse(&["migrate", "--tenant", "t"]).unwrap().command,
+            Some(Command::Migrate(MigrateArgs {
+                tenant: Some(_),
+                all: false
+            }))
+        ));
+        assert!(matches!(
+            parse(&["migrate", "--all"]).unwrap().command,
+            Some(Command::Migrate(MigrateArgs { all: true, .. }))
+        ));
+        assert!(parse(&["migrate"]).is_err());
+        assert!(parse(&["migrate", "--all", "--tenant", "t"]).is_err());
+        assert!(matches!(
+            parse(&["dlq", "list", "--json"]).unwrap().command,
+            Some(Command::Dlq(DlqCommand::List(_)))
+        ));
+    }
+}

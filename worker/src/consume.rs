@@ -1,0 +1,516 @@
+//! Consuming every partition queue and settling each message: ack only after its effect is
+//! committed (or it was ignored, or its dead letter was confirmed); requeue after a transient
+//! failure. Reconnects with backoff whenever the broker goes away; ready only while consuming.
+
+use crate::apply;
+use crate::dlq::{self, DeadLetter, ErrorClass};
+use crate::failure::{Failure, FailureClass};
+use crate::metrics::{Metrics, Outcome};
+use crate::pools::Pools;
+use crate::tenants::Resolver;
+use avsync_shared::event::{type_label, Effect};
+use avsync_shared::topology::Topology;
+use avsync_shared::Envelope;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::Utc;
+use futures_util::stream::{self, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// How long a transiently failed message waits before it is handed back, so that a tenant
+/// database that is down slows the worker down instead of spinning.
+const TRANSIENT_PAUSE: Duration = Duration::from_secs(1);
+const MIN_RECONNECT: Duration = Duration::from_millis(250);
+const MAX_RECONNECT: Duration = Duration::from_secs(30);
+/// On shutdown, the longest wait for the broker to use up its credit before cancelling.
+const QUIESCE: Duration = Duration::from_millis(250);
+
+/// Everything a consuming worker shares between its tasks.
+pub struct Worker {
+    pub topology: Topology,
+    pub amqp_url: String,
+    pub prefetch: u16,
+    pub application_id: Option<String>,
+    pub resolver: Resolver,
+    pub pools: Pools,
+    pub metrics: Metrics,
+    pub ready: Arc<AtomicBool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("queue {queue} exists beyond AVSYNC_PARTITIONS={partitions}: the ingress publishes to more partitions than this worker consumes; give every process of this topology the same AVSYNC_PARTITIONS")]
+    TooFewPartitions { queue: String, partitions: u16 },
+    #[error("the broker cancelled a consumer (was a partition queue deleted?)")]
+    ConsumerCancelled,
+}
+
+impl Worker {
+    fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+        self.metrics.ready.set(i64::from(ready));
+    }
+}
+
+fn backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(MIN_RECONNECT)
+        .with_max_delay(MAX_RECONNECT)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Consumes until `shutdown`, reconnecting with backoff. On shutdown, stops consuming, finishes
+/// every message already received, and returns.
+pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
+    let mut delays = backoff();
+    while !shutdown.is_cancelled() {
+        let mut consumed = false;
+        let result = session(&worker, &shutdown, &mut consumed).await;
+        worker.set_ready(false);
+        match result {
+            Ok(()) => break,
+            Err(e) => {
+                if consumed {
+                    delays = backoff();
+                }
+                let delay = delays.next().unwrap_or(MAX_RECONNECT);
+                match &e {
+                    SessionError::TooFewPartitions { .. } => tracing::error!(
+                        retry_in = ?delay,
+                        topology = worker.topology.prefix(),
+                        "{e}"
+                    ),
+                    _ => tracing::warn!(retry_in = ?delay, "not consuming: {e}"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        }
+    }
+}
+
+/// One partition queue's share of AVSYNC_PREFETCH: quorum queues have no channel-wide prefetch.
+fn per_queue_prefetch(prefetch: u16, partitions: u16) -> u16 {
+    (prefetch / partitions.max(1)).max(1)
+}
+
+async fn check_partitions(conn: &Connection, topology: &Topology) -> Result<(), SessionError> {
+    // A passive declare of a missing queue closes its channel: use a throwaway one.
+    let probe = conn.create_channel().await?;
+    let beyond = topology.partition_queue(topology.partitions());
+    let found = probe
+        .queue_declare(
+            beyond.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    if found {
+        let _ = probe.close(200, "probe".into()).await;
+        return Err(SessionError::TooFewPartitions {
+            queue: beyond,
+            partitions: topology.partitions(),
+        });
+    }
+    Ok(())
+}
+
+async fn session(
+    worker: &Arc<Worker>,
+    shutdown: &CancellationToken,
+    consumed: &mut bool,
+) -> Result<(), SessionError> {
+    let name = format!("avsync-worker {}", worker.topology.prefix());
+    let conn = Connection::connect(
+        &worker.amqp_url,
+        ConnectionProperties::default().with_connection_name(name.as_str().into()),
+    )
+    .await?;
+    let result = consume_on(&conn, worker, shutdown, consumed).await;
+    let _ = conn.close(200, "worker stopping".into()).await;
+    result
+}
+
+async fn consume_on(
+    conn: &Connection,
+    worker: &Arc<Worker>,
+    shutdown: &CancellationToken,
+    consumed: &mut bool,
+) -> Result<(), SessionError> {
+    let setup = conn.create_channel().await?;
+    worker.topology.declare(&setup).await?;
+    check_partitions(conn, &worker.topology).await?;
+    let publish = conn.create_channel().await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let consume = conn.create_channel().await?;
+    consume
+        .basic_qos(
+            per_queue_prefetch(worker.prefetch, worker.topology.partitions()),
+            BasicQosOptions::default(),
+        )
+        .await?;
+    let mut consumers = Vec::new();
+    let mut tags = Vec::new();
+    for partition in 0..worker.topology.partitions() {
+        let consumer = consume
+            .basic_consume(
+                worker.topology.partition_queue(partition).as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        tags.push(consumer.tag());
+        consumers.push(consumer.map(move |delivery| (partition, delivery)));
+    }
+    let mut deliveries = stream::select_all(consumers);
+    worker.set_ready(true);
+    *consumed = true;
+    tracing::info!(
+        topology = worker.topology.prefix(),
+        partitions = worker.topology.partitions(),
+        "consuming"
+    );
+
+    // The broker never has more than this many unsettled deliveries out to this worker, so
+    // this also bounds how many messages are applied at once.
+    let per_queue = per_queue_prefetch(worker.prefetch, worker.topology.partitions());
+    let bound = Arc::new(Semaphore::new(
+        usize::from(per_queue) * usize::from(worker.topology.partitions()),
+    ));
+    let gate = SettleGate {
+        shutdown: shutdown.clone(),
+        consumers_stopped: CancellationToken::new(),
+        held: Arc::new(
+            (0..worker.topology.partitions())
+                .map(|_| AtomicUsize::new(0))
+                .collect(),
+        ),
+    };
+    let mut tasks = JoinSet::new();
+    let mut outcome = Ok(());
+    let mut phase = Phase::Consuming;
+    loop {
+        let next = match phase {
+            Phase::Consuming => tokio::select! {
+                next = deliveries.next() => next,
+                _ = shutdown.cancelled() => {
+                    worker.set_ready(false);
+                    phase = Phase::Quiescing(tokio::time::Instant::now() + QUIESCE);
+                    continue;
+                }
+            },
+            Phase::Quiescing(deadline) => {
+                if gate.all_full(usize::from(per_queue)) {
+                    phase = Phase::Cancelling;
+                    continue;
+                }
+                tokio::select! {
+                    next = deliveries.next() => next,
+                    _ = tokio::time::sleep_until(deadline) => {
+                        phase = Phase::Cancelling;
+                        continue;
+                    }
+                }
+            }
+            Phase::Cancelling => {
+                // Those already received still arrive; then each consumer's stream ends.
+                for tag in &tags {
+                    let _ = consume
+                        .basic_cancel(tag.clone(), BasicCancelOptions::default())
+                        .await;
+                }
+                gate.consumers_stopped.cancel();
+                phase = Phase::Draining;
+                continue;
+            }
+            Phase::Draining => deliveries.next().await,
+        };
+        match next {
+            Some((partition, Ok(delivery))) => {
+                let Ok(permit) = bound.clone().acquire_owned().await else {
+                    break;
+                };
+                gate.received(partition);
+                let worker = worker.clone();
+                let publish = publish.clone();
+                let gate = gate.clone();
+                tasks.spawn(async move {
+                    handle(worker, publish, partition, delivery, gate).await;
+                    drop(permit);
+                });
+            }
+            Some((_, Err(e))) => {
+                outcome = Err(SessionError::Broker(e));
+                break;
+            }
+            None if phase == Phase::Draining => break,
+            None => {
+                outcome = Err(SessionError::ConsumerCancelled);
+                break;
+            }
+        }
+        while tasks.try_join_next().is_some() {}
+    }
+    worker.set_ready(false);
+    gate.consumers_stopped.cancel();
+    while tasks.join_next().await.is_some() {}
+    outcome
+}
+
+/// How a session stops. Settling a message gives the broker credit to deliver another, and a
+/// quorum queue may still deliver after confirming a consumer's cancel; the client drops such a
+/// delivery and the broker hands it back on close, counting a delivery. So on shutdown the
+/// worker first stops settling and lets the broker use up its credit (every consumer holds its
+/// full prefetch, or the queues had no more within a moment), then cancels, then settles and
+/// finishes everything it received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Consuming,
+    Quiescing(tokio::time::Instant),
+    Cancelling,
+    Draining,
+}
+
+/// What became of a message that did not fail.
+enum Handled {
+    Applied { lag: f64 },
+    Ignored,
+}
+
+/// Decides and applies; never settles the message.
+async fn process(worker: &Worker, envelope: &Envelope, body: &[u8]) -> Result<Handled, Failure> {
+    if let Some(ours) = &worker.application_id {
+        if envelope.application_id.as_deref() != Some(ours.as_str()) {
+            return Ok(Handled::Ignored);
+        }
+    }
+    let Some(effect) = Effect::decode(envelope, body)? else {
+        return Ok(Handled::Ignored);
+    };
+    let db = worker.resolver.resolve(&envelope.tenant_id).await?;
+    let lease = worker.pools.lease(&db).await?;
+    let mut conn = lease.connection().await?;
+    apply::apply(&mut conn, &effect).await?;
+    let lag = (Utc::now() - effect.key.time.to_utc())
+        .as_seconds_f64()
+        .max(0.0);
+    Ok(Handled::Applied { lag })
+}
+
+async fn handle(
+    worker: Arc<Worker>,
+    publish: Channel,
+    partition: u16,
+    delivery: Delivery,
+    gate: SettleGate,
+) {
+    let decoded = Envelope::decode(&delivery.data);
+    let (event_id, tenant, label) = match &decoded {
+        Ok(e) => (
+            e.id.clone(),
+            e.tenant_id.to_string(),
+            type_label(&e.event_type),
+        ),
+        Err(_) => (
+            delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str().to_owned())
+                .unwrap_or_default(),
+            String::new(),
+            "other",
+        ),
+    };
+    let span = tracing::info_span!("event", event_id, tenant, r#type = label, partition);
+    settle(
+        &worker, &publish, partition, &delivery, decoded, label, &gate,
+    )
+    .instrument(span)
+    .await;
+}
+
+async fn settle(
+    worker: &Worker,
+    publish: &Channel,
+    partition: u16,
+    delivery: &Delivery,
+    decoded: Result<Envelope, avsync_shared::EnvelopeError>,
+    label: &'static str,
+    gate: &SettleGate,
+) {
+    let started = Instant::now();
+    let result = match decoded {
+        Ok(envelope) => process(worker, &envelope, &delivery.data).await,
+        Err(e) => Err(Failure::from(e)),
+    };
+    match result {
+        Ok(Handled::Applied { lag }) => {
+            if gate.ack(partition, delivery).await {
+                worker.metrics.count(label, Outcome::Applied);
+                worker
+                    .metrics
+                    .apply_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                worker.metrics.lag_seconds.observe(lag);
+                tracing::debug!("applied");
+            }
+        }
+        Ok(Handled::Ignored) => {
+            if gate.ack(partition, delivery).await {
+                worker.metrics.count(label, Outcome::Ignored);
+                tracing::debug!("ignored");
+            }
+        }
+        Err(failure) => match failure.class() {
+            FailureClass::Permanent => {
+                dead_letter(worker, publish, partition, delivery, &failure, label, gate).await
+            }
+            FailureClass::Transient => {
+                tracing::warn!(error = %failure, "transient failure; will retry");
+                tokio::select! {
+                    _ = tokio::time::sleep(TRANSIENT_PAUSE) => {}
+                    _ = gate.shutdown.cancelled() => {}
+                }
+                if gate.requeue(partition, delivery).await {
+                    worker.metrics.count(label, Outcome::Retried);
+                }
+            }
+        },
+    }
+}
+
+async fn dead_letter(
+    worker: &Worker,
+    publish: &Channel,
+    partition: u16,
+    delivery: &Delivery,
+    failure: &Failure,
+    label: &'static str,
+    gate: &SettleGate,
+) {
+    let now = Utc::now();
+    let letter = DeadLetter {
+        class: ErrorClass::Permanent,
+        error: failure.to_string(),
+        attempts: 1,
+        first_failure: now,
+        last_failure: now,
+    };
+    match dlq::publish_dead_letter(publish, &worker.topology, delivery, &letter).await {
+        Ok(()) => {
+            tracing::error!(error = %failure, "permanent failure; dead-lettered");
+            if gate.ack(partition, delivery).await {
+                worker.metrics.count(label, Outcome::DeadLettered);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %failure, publish_error = %e, "permanent failure, but the dead letter was not confirmed; handing the message back");
+            if gate.requeue(partition, delivery).await {
+                worker.metrics.count(label, Outcome::Retried);
+            }
+        }
+    }
+}
+
+/// Holds settlements back from shutdown until the consumers are cancelled, and counts what each
+/// partition's consumer holds unsettled.
+#[derive(Clone)]
+struct SettleGate {
+    shutdown: CancellationToken,
+    consumers_stopped: CancellationToken,
+    held: Arc<Vec<AtomicUsize>>,
+}
+
+impl SettleGate {
+    fn received(&self, partition: u16) {
+        if let Some(n) = self.held.get(usize::from(partition)) {
+            n.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    fn settled(&self, partition: u16) {
+        if let Some(n) = self.held.get(usize::from(partition)) {
+            n.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    fn all_full(&self, per_queue: usize) -> bool {
+        self.held
+            .iter()
+            .all(|n| n.load(Ordering::Acquire) >= per_queue)
+    }
+
+    async fn open(&self) {
+        if self.shutdown.is_cancelled() {
+            self.consumers_stopped.cancelled().await;
+        }
+    }
+
+    /// True when the broker took the ack. When the channel is gone the message comes back and
+    /// is applied again, which changes nothing.
+    async fn ack(&self, partition: u16, delivery: &Delivery) -> bool {
+        self.open().await;
+        self.settled(partition);
+        match delivery.acker.ack(BasicAckOptions::default()).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "ack failed; the message will be redelivered");
+                false
+            }
+        }
+    }
+
+    async fn requeue(&self, partition: u16, delivery: &Delivery) -> bool {
+        self.open().await;
+        self.settled(partition);
+        let options = BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        };
+        match delivery.acker.nack(options).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "requeue failed; the message will be redelivered");
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetch_is_split_over_partitions() {
+        assert_eq!(per_queue_prefetch(64, 16), 4);
+        assert_eq!(per_queue_prefetch(8, 16), 1);
+        assert_eq!(per_queue_prefetch(10, 1), 10);
+    }
+}

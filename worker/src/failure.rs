@@ -1,0 +1,217 @@
+//! The one place that decides, for every way applying an event can fail, whether trying again
+//! can help (`Transient`: requeue) or not (`Permanent`: dead-letter at once).
+//!
+//! Texts say what the operator can do and never hold a database URL or other secret.
+
+use avsync_shared::event::EventError;
+use avsync_shared::EnvelopeError;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    Transient,
+    Permanent,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Failure {
+    #[error("undecodable payload: {0}")]
+    Envelope(#[from] EnvelopeError),
+
+    #[error("{0}")]
+    Event(#[from] EventError),
+
+    #[error("database name {database:?} is {len} bytes, over PostgreSQL's 63-byte limit (it would be cut and could be shared with another tenant); use a shorter AVSYNC_TENANT_DATABASE_URL or map the tenant in the registry, then replay")]
+    DatabaseNameTooLong { database: String, len: usize },
+
+    #[error("the tenant database URL is unusable: {0}; fix AVSYNC_TENANT_DATABASE_URL or the tenant's registry entry, then replay")]
+    BadDatabaseUrl(String),
+
+    #[error("tenant is disabled in the tenant registry; enable it in avsync_tenants, then replay its dead letters")]
+    TenantDisabled,
+
+    #[error("tenant is not in the tenant registry (yet); add it to avsync_tenants")]
+    TenantUnknown,
+
+    #[error("tenant registry unreachable: {0}")]
+    Registry(String),
+
+    #[error("tenant database {database:?} does not exist (not yet provisioned); create and migrate it, or set AVSYNC_CREATE_TENANT_DATABASES=true")]
+    NotProvisioned { database: String },
+
+    #[error("tenant database unreachable: {0}")]
+    Unreachable(String),
+
+    #[error("no connection to the tenant database within {0:?}: its pool (AVSYNC_TENANT_POOL_SIZE) stayed busy")]
+    PoolTimeout(Duration),
+
+    #[error("no tenant pool could be opened within {0:?}: every pool (AVSYNC_TENANT_POOL_CAPACITY) stayed busy")]
+    NoPoolSlot(Duration),
+
+    #[error("tenant database migration failed: {0}")]
+    Migration(String),
+
+    #[error("tenant database migration needs an operator: {0}; repair the database's _sqlx_migrations, then replay")]
+    MigrationConflict(String),
+
+    #[error("tenant database error: {0}")]
+    Database(#[source] Arc<sqlx::Error>),
+}
+
+impl From<sqlx::Error> for Failure {
+    fn from(e: sqlx::Error) -> Self {
+        Failure::Database(Arc::new(e))
+    }
+}
+
+impl Failure {
+    pub fn class(&self) -> FailureClass {
+        match self {
+            Failure::Envelope(_)
+            | Failure::Event(_)
+            | Failure::DatabaseNameTooLong { .. }
+            | Failure::BadDatabaseUrl(_)
+            | Failure::TenantDisabled
+            | Failure::MigrationConflict(_) => FailureClass::Permanent,
+            Failure::TenantUnknown
+            | Failure::Registry(_)
+            | Failure::NotProvisioned { .. }
+            | Failure::Unreachable(_)
+            | Failure::PoolTimeout(_)
+            | Failure::NoPoolSlot(_)
+            | Failure::Migration(_) => FailureClass::Transient,
+            Failure::Database(e) => database_class(e),
+        }
+    }
+}
+
+/// A statement failed. Values the database can never store (SQLSTATE class 22, data exception,
+/// and 23, integrity violation) are permanent; everything else (connection loss, 40001
+/// serialization failure, 40P01 deadlock, shutdown, a table not migrated yet, resource limits)
+/// may pass, and retrying loses nothing.
+fn database_class(e: &sqlx::Error) -> FailureClass {
+    match e {
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) if code.starts_with("22") || code.starts_with("23") => {
+                FailureClass::Permanent
+            }
+            _ => FailureClass::Transient,
+        },
+        _ => FailureClass::Transient,
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for Failure {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        use sqlx::migrate::MigrateError;
+        match e {
+            MigrateError::Execute(inner) => Failure::Migration(inner.to_string()),
+            MigrateError::VersionMismatch(_) | MigrateError::Dirty(_) => {
+                Failure::MigrationConflict(e.to_string())
+            }
+            other => Failure::Migration(other.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use avsync_shared::event::InvalidTimestamp;
+    use sqlx::error::{DatabaseError, ErrorKind};
+    use std::borrow::Cow;
+    use std::fmt;
+
+    #[derive(Debug)]
+    struct FakeDbError(&'static str);
+
+    impl fmt::Display for FakeDbError {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "sqlstate {}", self.0)
+        }
+    }
+
+    impl std::error::Error for FakeDbError {}
+
+    impl DatabaseError for FakeDbError {
+        fn message(&self) -> &str {
+            "fake"
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> ErrorKind {
+            ErrorKind::Other
+        }
+    }
+
+    fn sqlstate(code: &'static str) -> Failure {
+        Failure::from(sqlx::Error::Database(Box::new(FakeDbError(code))))
+    }
+
+    #[test]
+    fn permanent_failures() {
+        for f in [
+            Failure::Envelope(EnvelopeError::NotObject),
+            Failure::Event(EventError::InvalidTimestamp(InvalidTimestamp("x".into()))),
+            Failure::Event(EventError::MissingSub("member.joined".into())),
+            Failure::Event(EventError::NulCharacter("email")),
+            Failure::DatabaseNameTooLong {
+                database: "x".repeat(71),
+                len: 71,
+            },
+            Failure::BadDatabaseUrl("no database name".into()),
+            Failure::TenantDisabled,
+            Failure::MigrationConflict("dirty".into()),
+            sqlstate("22021"),
+            sqlstate("23514"),
+        ] {
+            assert_eq!(f.class(), FailureClass::Permanent, "{f}");
+        }
+    }
+
+    #[test]
+    fn transient_failures() {
+        for f in [
+            Failure::TenantUnknown,
+            Failure::Registry("connection refused".into()),
+            Failure::NotProvisioned {
+                database: "tenant_a".into(),
+            },
+            Failure::Unreachable("connection refused".into()),
+            Failure::PoolTimeout(Duration::from_secs(10)),
+            Failure::NoPoolSlot(Duration::from_secs(30)),
+            Failure::Migration("connection reset".into()),
+            Failure::from(sqlx::Error::PoolTimedOut),
+            Failure::from(sqlx::Error::Io(std::io::Error::from(
+                std::io::ErrorKind::ConnectionReset,
+            ))),
+            sqlstate("40001"),
+            sqlstate("40P01"),
+            sqlstate("57P01"),
+            sqlstate("42P01"),
+            sqlstate("08006"),
+        ] {
+            assert_eq!(f.class(), FailureClass::Transient, "{f}");
+        }
+    }
+
+    #[test]
+    fn texts_tell_the_operator_what_to_do() {
+        let f = Failure::NotProvisioned {
+            database: "tenant_a".into(),
+        };
+        assert!(f.to_string().contains("AVSYNC_CREATE_TENANT_DATABASES"));
+        assert!(Failure::TenantDisabled.to_string().contains("enable it"));
+    }
+}

@@ -1,0 +1,261 @@
+//! The worker's Prometheus metrics. Every labelled counter exists from the start (at 0 for each
+//! label value it can take); no label holds a tenant id.
+
+use avsync_shared::admin::LATENCY_BUCKETS;
+use avsync_shared::event::KNOWN_TYPES;
+use avsync_shared::topology::format_duration;
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+use std::time::Duration;
+
+/// Lag spans retries and outages: from 10 ms to a day.
+const LAG_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0,
+    86400.0,
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    Ignored,
+    Retried,
+    DeadLettered,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Applied,
+        Outcome::Ignored,
+        Outcome::Retried,
+        Outcome::DeadLettered,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Ignored => "ignored",
+            Outcome::Retried => "retried",
+            Outcome::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+/// The tenant pool series: how many pools are open, how often one is opened or evicted, and how
+/// long an event waits for a connection.
+#[derive(Clone)]
+pub struct PoolMetrics {
+    pub open: IntGauge,
+    pub opens: IntCounter,
+    pub evictions: IntCounter,
+    pub wait_seconds: Histogram,
+}
+
+impl PoolMetrics {
+    fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let open = IntGauge::new(
+            "avsync_worker_tenant_pools",
+            "Tenant database pools open in this worker.",
+        )?;
+        let opens = IntCounter::new(
+            "avsync_worker_tenant_pool_opens_total",
+            "Tenant database pools opened (first use of a tenant, or again after an eviction).",
+        )?;
+        let evictions = IntCounter::new(
+            "avsync_worker_tenant_pool_evictions_total",
+            "Tenant database pools closed to make room (AVSYNC_TENANT_POOL_CAPACITY) or after idling.",
+        )?;
+        let wait_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "avsync_worker_tenant_pool_wait_seconds",
+                "Time an event waited for a connection from its tenant's pool.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(open.clone()))?;
+        registry.register(Box::new(opens.clone()))?;
+        registry.register(Box::new(evictions.clone()))?;
+        registry.register(Box::new(wait_seconds.clone()))?;
+        Ok(Self {
+            open,
+            opens,
+            evictions,
+            wait_seconds,
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    events: IntCounterVec,
+    retries: IntCounterVec,
+    pub apply_seconds: Histogram,
+    pub lag_seconds: Histogram,
+    pub tenant_pools: PoolMetrics,
+    /// `avsync_worker_queue_messages{queue}`, kept by the queue depth poller (`depth`).
+    pub queue_messages: IntGaugeVec,
+    pub ready: IntGauge,
+}
+
+impl Metrics {
+    /// The worker's series, with `avsync_worker_retries_total` created for no delay yet; see
+    /// [`Metrics::register_with_retry_delays`].
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        Self::register_with_retry_delays(registry, &[])
+    }
+
+    /// The worker's series, with `avsync_worker_retries_total{delay}` at 0 for each delay of
+    /// `AVSYNC_RETRY_DELAYS`.
+    pub fn register_with_retry_delays(
+        registry: &Registry,
+        retry_delays: &[Duration],
+    ) -> prometheus::Result<Self> {
+        let events = IntCounterVec::new(
+            Opts::new(
+                "avsync_worker_events_total",
+                "Events handled, by type (`other` for unknown types) and outcome.",
+            ),
+            &["type", "outcome"],
+        )?;
+        for event_type in KNOWN_TYPES.iter().copied().chain(["other"]) {
+            for outcome in Outcome::ALL {
+                events.with_label_values(&[event_type, outcome.as_str()]);
+            }
+        }
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "avsync_worker_retries_total",
+                "Transient failures sent to wait in a retry tier, by the tier's delay (AVSYNC_RETRY_DELAYS).",
+            ),
+            &["delay"],
+        )?;
+        for delay in retry_delays {
+            retries.with_label_values(&[format_duration(*delay)]);
+        }
+        let apply_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "avsync_worker_apply_seconds",
+                "Time to resolve the tenant and apply one event, until its commit.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )?;
+        let lag_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "avsync_worker_lag_seconds",
+                "From the event's timestamp to the commit of its effect.",
+            )
+            .buckets(LAG_BUCKETS.to_vec()),
+        )?;
+        let queue_messages = IntGaugeVec::new(
+            Opts::new(
+                "avsync_worker_queue_messages",
+                "Messages ready in each queue of the topology (partitions, retry tiers, dead letters), polled every few seconds; absent while the broker is unreachable.",
+            ),
+            &["queue"],
+        )?;
+        let ready = IntGauge::new(
+            "avsync_worker_ready",
+            "1 while this worker consumes every partition queue, else 0.",
+        )?;
+        registry.register(Box::new(events.clone()))?;
+        registry.register(Box::new(retries.clone()))?;
+        registry.register(Box::new(apply_seconds.clone()))?;
+        registry.register(Box::new(lag_seconds.clone()))?;
+        registry.register(Box::new(queue_messages.clone()))?;
+        registry.register(Box::new(ready.clone()))?;
+        let tenant_pools = PoolMetrics::register(registry)?;
+        Ok(Self {
+            events,
+            retries,
+            apply_seconds,
+            lag_seconds,
+            tenant_pools,
+            queue_messages,
+            ready,
+        })
+    }
+
+    /// `type_label` is one of `KNOWN_TYPES` or `other` (see `event::type_label`).
+    pub fn count(&self, type_label: &str, outcome: Outcome) {
+        self.events
+            .with_label_values(&[type_label, outcome.as_str()])
+            .inc();
+    }
+
+    pub fn events_total(&self, type_label: &str, outcome: Outcome) -> u64 {
+        self.events
+            .with_label_values(&[type_label, outcome.as_str()])
+            .get()
+    }
+
+    /// One message published (confirmed) into the retry tier for `delay`.
+    pub fn retried(&self, delay: Duration) {
+        self.retries
+            .with_label_values(&[format_duration(delay)])
+            .inc();
+    }
+
+    pub fn retries_total(&self, delay: Duration) -> u64 {
+        self.retries
+            .with_label_values(&[format_duration(delay)])
+            .get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::{Encoder, TextEncoder};
+
+    fn text(registry: &Registry) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&registry.gather(), &mut out)
+            .unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn every_series_exists_from_the_start() {
+        let registry = Registry::new();
+        let delays = [1, 5, 30, 120, 600, 3600].map(Duration::from_secs);
+        Metrics::register_with_retry_delays(&registry, &delays).unwrap();
+        let families = registry.gather();
+        let events = families
+            .iter()
+            .find(|f| f.name() == "avsync_worker_events_total")
+            .unwrap();
+        assert_eq!(events.get_metric().len(), (KNOWN_TYPES.len() + 1) * 4);
+        for name in [
+            "avsync_worker_apply_seconds",
+            "avsync_worker_lag_seconds",
+            "avsync_worker_tenant_pools",
+            "avsync_worker_tenant_pool_opens_total",
+            "avsync_worker_tenant_pool_evictions_total",
+            "avsync_worker_tenant_pool_wait_seconds",
+            "avsync_worker_ready",
+        ] {
+            assert!(families.iter().any(|f| f.name() == name), "{name}");
+        }
+        let text = text(&registry);
+        for delay in ["1s", "5s", "30s", "2m", "10m", "1h"] {
+            let line = format!("avsync_worker_retries_total{{delay=\"{delay}\"}} 0\n");
+            assert!(text.contains(&line), "{line}");
+        }
+        assert!(text.contains("avsync_worker_tenant_pool_wait_seconds_bucket{le=\"30\"} 0\n"));
+    }
+
+    #[test]
+    fn retries_are_counted_by_their_configured_delay() {
+        let registry = Registry::new();
+        let delays = [Duration::from_millis(1500), Duration::from_secs(120)];
+        let metrics = Metrics::register_with_retry_delays(&registry, &delays).unwrap();
+        metrics.retried(Duration::from_secs(120));
+        metrics.retried(Duration::from_secs(120));
+        metrics.retried(Duration::from_millis(1500));
+        assert_eq!(metrics.retries_total(Duration::from_secs(120)), 2);
+        let text = text(&registry);
+        assert!(text.contains("avsync_worker_retries_total{delay=\"2m\"} 2\n"));
+        assert!(text.contains("avsync_worker_retries_total{delay=\"1500ms\"} 1\n"));
+    }
+}

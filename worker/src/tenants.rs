@@ -1,0 +1,277 @@
+//! Which database a tenant's events go to: from the URL template, or from the tenant registry.
+//!
+//! Never another or a default database: a tenant that cannot be resolved is a failure, and a
+//! database name PostgreSQL would truncate is refused.
+
+use crate::failure::Failure;
+use avsync_shared::TenantId;
+use moka::future::Cache;
+use moka::Expiry;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// PostgreSQL's NAMEDATALEN - 1: longer identifiers are silently cut.
+pub const MAX_DATABASE_NAME_BYTES: usize = 63;
+
+const PLACEHOLDER: &str = "{tenant_id}";
+const FOUND_TTL: Duration = Duration::from_secs(30);
+const UNKNOWN_TTL: Duration = Duration::from_secs(5);
+const REGISTRY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A resolved tenant database. Its URL may hold a password: it is never logged or shown.
+#[derive(Clone)]
+pub struct TenantDb {
+    url: String,
+    database: String,
+    options: PgConnectOptions,
+}
+
+impl std::fmt::Debug for TenantDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantDb")
+            .field("database", &self.database)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The path of a URL: what follows the authority, without query or fragment.
+fn url_path(url: &str) -> &str {
+    let rest = url.split_once("://").map_or("", |(_, rest)| rest);
+    let path = rest.split_once('/').map_or("", |(_, path)| path);
+    path.split(['?', '#']).next().unwrap_or("")
+}
+
+impl TenantDb {
+    pub fn from_url(url: &str) -> Result<Self, Failure> {
+        let scheme_ok = url.starts_with("postgres://") || url.starts_with("postgresql://");
+        if !scheme_ok {
+            return Err(Failure::BadDatabaseUrl(
+                "not a postgres:// or postgresql:// URL".to_owned(),
+            ));
+        }
+        // Without a database in the URL the driver would pick a default one (PGDATABASE or the
+        // user's name); a tenant must name its own.
+        if url_path(url).is_empty() {
+            return Err(Failure::BadDatabaseUrl("it names no database".to_owned()));
+        }
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|_| Failure::BadDatabaseUrl("it does not parse".to_owned()))?;
+        let database = options.get_database().unwrap_or_default().to_owned();
+        if database.is_empty() {
+            return Err(Failure::BadDatabaseUrl("it names no database".to_owned()));
+        }
+        if database.len() > MAX_DATABASE_NAME_BYTES {
+            return Err(Failure::DatabaseNameTooLong {
+                len: database.len(),
+                database,
+            });
+        }
+        Ok(Self {
+            url: url.to_owned(),
+            database,
+            options,
+        })
+    }
+
+    /// What pools are keyed by: tenants that share a database share its pool.
+    pub fn key(&self) -> &str {
+        &self.url
+    }
+
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    pub fn options(&self) -> &PgConnectOptions {
+        &self.options
+    }
+}
+
+/// Whether `url` is a usable PostgreSQL URL naming a database. The reason never repeats the URL.
+pub fn check_url(url: &str) -> Result<(), String> {
+    TenantDb::from_url(url)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Whether the template gives a usable URL for a tenant. Lengths are checked per tenant.
+pub fn check_template(template: &str) -> Result<(), String> {
+    check_url(&template.replace(PLACEHOLDER, "x"))
+}
+
+pub fn template_url(template: &str, tenant: &TenantId) -> String {
+    template.replace(PLACEHOLDER, tenant.as_str())
+}
+
+/// What the registry said about a tenant, cached briefly.
+#[derive(Clone, Debug)]
+enum Lookup {
+    Found { url: String, enabled: bool },
+    Unknown,
+}
+
+struct LookupExpiry;
+
+impl Expiry<TenantId, Lookup> for LookupExpiry {
+    fn expire_after_create(&self, _: &TenantId, value: &Lookup, _: Instant) -> Option<Duration> {
+        Some(match value {
+            Lookup::Found { .. } => FOUND_TTL,
+            Lookup::Unknown => UNKNOWN_TTL,
+        })
+    }
+}
+
+enum Mode {
+    Template(String),
+    Registry {
+        pool: PgPool,
+        cache: Cache<TenantId, Lookup>,
+    },
+}
+
+/// A registry entry, as `migrate --all` walks them.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RegistryEntry {
+    pub tenant_id: String,
+    pub database_url: String,
+    pub enabled: bool,
+}
+
+pub struct Resolver {
+    mode: Mode,
+}
+
+impl Resolver {
+    /// Template mode, or registry mode when `registry_url` is set. Connects to nothing yet.
+    pub fn new(template: &str, registry_url: Option<&str>) -> Result<Self, Failure> {
+        let mode = match registry_url {
+            None => Mode::Template(template.to_owned()),
+            Some(url) => {
+                let db = TenantDb::from_url(url)?;
+                let pool = PgPoolOptions::new()
+                    .max_connections(2)
+                    .acquire_timeout(REGISTRY_TIMEOUT)
+                    .connect_lazy_with(db.options().clone());
+                let cache = Cache::builder()
+                    .max_capacity(100_000)
+                    .expire_after(LookupExpiry)
+                    .build();
+                Mode::Registry { pool, cache }
+            }
+        };
+        Ok(Self { mode })
+    }
+
+    pub async fn resolve(&self, tenant: &TenantId) -> Result<TenantDb, Failure> {
+        match &self.mode {
+            Mode::Template(template) => TenantDb::from_url(&template_url(template, tenant)),
+            Mode::Registry { pool, cache } => {
+                let lookup = cache
+                    .try_get_with(tenant.clone(), look_up(pool, tenant))
+                    .await
+                    .map_err(|e| Failure::Registry(e.to_string()))?;
+                match lookup {
+                    Lookup::Unknown => Err(Failure::TenantUnknown),
+                    Lookup::Found { enabled: false, .. } => Err(Failure::TenantDisabled),
+                    Lookup::Found { url, .. } => TenantDb::from_url(&url),
+                }
+            }
+        }
+    }
+
+    /// Every registry entry, or None in template mode (which has no list of tenants).
+    pub async fn registry_entries(&self) -> Result<Option<Vec<RegistryEntry>>, Failure> {
+        match &self.mode {
+            Mode::Template(_) => Ok(None),
+            Mode::Registry { pool, .. } => sqlx::query_as(
+                "SELECT tenant_id, database_url, enabled FROM avsync_tenants ORDER BY tenant_id",
+            )
+            .fetch_all(pool)
+            .await
+            .map(Some)
+            .map_err(|e| Failure::Registry(e.to_string())),
+        }
+    }
+
+    pub async fn close(&self) {
+        if let Mode::Registry { pool, .. } = &self.mode {
+            pool.close().await;
+        }
+    }
+}
+
+async fn look_up(pool: &PgPool, tenant: &TenantId) -> Result<Lookup, Arc<sqlx::Error>> {
+    let row: Option<(String, bool)> =
+        sqlx::query_as("SELECT database_url, enabled FROM avsync_tenants WHERE tenant_id = $1")
+            .bind(tenant.as_str())
+            .fetch_optional(pool)
+            .await
+            .map_err(Arc::new)?;
+    Ok(match row {
+        Some((url, enabled)) => Lookup::Found { url, enabled },
+        None => Lookup::Unknown,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::failure::FailureClass;
+
+    fn tenant(s: &str) -> TenantId {
+        TenantId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn template_keeps_the_tenant_id_as_is() {
+        let url = template_url(
+            crate::settings::DEFAULT_TENANT_DATABASE_URL,
+            &tenant("AcMe_1"),
+        );
+        let db = TenantDb::from_url(&url).unwrap();
+        assert_eq!(db.database(), "tenant_AcMe_1");
+    }
+
+    #[test]
+    fn long_names_are_refused_never_cut() {
+        let template = crate::settings::DEFAULT_TENANT_DATABASE_URL;
+        let ok = "a".repeat(MAX_DATABASE_NAME_BYTES - "tenant_".len());
+        assert!(TenantDb::from_url(&template_url(template, &tenant(&ok))).is_ok());
+        let long = format!("{ok}b");
+        let err = TenantDb::from_url(&template_url(template, &tenant(&long))).unwrap_err();
+        assert!(matches!(err, Failure::DatabaseNameTooLong { len: 64, .. }));
+        assert_eq!(err.class(), FailureClass::Permanent);
+    }
+
+    #[test]
+    fn urls_without_a_database_are_refused() {
+        for url in [
+            "postgres://postgres@127.0.0.1:5432",
+            "postgres://postgres@127.0.0.1:5432/",
+            "postgres://postgres@127.0.0.1:5432/?sslmode=disable",
+            "mysql://h/db",
+            "tenant_x",
+        ] {
+            let err = TenantDb::from_url(url).unwrap_err();
+            assert_eq!(err.class(), FailureClass::Permanent, "{url}");
+        }
+    }
+
+    #[test]
+    fn errors_never_repeat_the_url() {
+        let err = check_url("postgres://user:s3cret@h:5432/").unwrap_err();
+        assert!(!err.contains("s3cret"), "{err}");
+        let db = TenantDb::from_url("postgres://user:s3cret@h:5432/db").unwrap();
+        assert!(!format!("{db:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn a_template_without_placeholder_is_one_database() {
+        let template = "postgres://postgres@127.0.0.1:5432/shared";
+        let a = TenantDb::from_url(&template_url(template, &tenant("a"))).unwrap();
+        let b = TenantDb::from_url(&template_url(template, &tenant("b"))).unwrap();
+        assert_eq!(a.key(), b.key());
+    }
+}
