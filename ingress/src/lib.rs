@@ -21,6 +21,7 @@ use anyhow::Context as _;
 use avsync_shared::admin;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -33,16 +34,45 @@ pub struct Running {
     pub handle: JoinHandle<anyhow::Result<()>>,
 }
 
+/// What production fixes and tests may change: the clock that signature timestamps are checked
+/// against, and the bound on reading a request body ([`http::BODY_READ_TIMEOUT`]).
+pub struct Tuning {
+    pub clock: Arc<dyn Clock>,
+    pub body_read_timeout: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            clock: Arc::new(SystemClock),
+            body_read_timeout: http::BODY_READ_TIMEOUT,
+        }
+    }
+}
+
 /// Binds both listeners and starts serving; the broker connection is made in the background,
 /// so this returns even while the broker is down. Cancel `shutdown` to stop gracefully.
 pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Running> {
-    start_with_clock(settings, Arc::new(SystemClock), shutdown).await
+    start_tuned(settings, Tuning::default(), shutdown).await
 }
 
 /// [`start`] with the clock that signature timestamps are checked against.
 pub async fn start_with_clock(
     settings: Settings,
     clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
+    let tuning = Tuning {
+        clock,
+        ..Tuning::default()
+    };
+    start_tuned(settings, tuning, shutdown).await
+}
+
+/// [`start`] with what [`Tuning`] holds; production always uses its default.
+pub async fn start_tuned(
+    settings: Settings,
+    tuning: Tuning,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
     let checked = settings.check()?;
@@ -88,7 +118,7 @@ pub async fn start_with_clock(
         checked.hmac,
         jwks.clone().map(|j| j as Arc<dyn RsaKeys>),
         tolerance,
-        clock,
+        tuning.clock,
     );
 
     let ready_publisher = publisher.clone();
@@ -101,6 +131,7 @@ pub async fn start_with_clock(
         publisher,
         metrics,
         max_body_bytes: settings.max_body_bytes,
+        body_read_timeout: tuning.body_read_timeout,
     });
     let admin_app = admin::router(registry, ready);
 

@@ -86,6 +86,7 @@ fn secret_value(value: &str) -> Result<SecretString, String> {
     Ok(SecretString::new(value))
 }
 
+const AMQP_URL: &str = "AVSYNC_AMQP_URL";
 const HMAC_SECRETS: &str = "AVSYNC_HMAC_SECRETS";
 const JWKS_URL: &str = "AVSYNC_JWKS_URL";
 
@@ -114,6 +115,14 @@ impl Settings {
             .common
             .topology()
             .map_err(|e| BadSetting::new(topology_setting(&e), e.to_string()))?;
+        // Checked here because the broker client's own parse error quotes the whole URL,
+        // password included, and would be logged at every reconnect attempt.
+        if self.common.amqp_url.parse::<lapin::uri::AMQPUri>().is_err() {
+            return Err(BadSetting::new(
+                AMQP_URL,
+                "is not an AMQP URL like amqp://user:password@host:5672/%2f (not shown: it may hold a password)",
+            ));
+        }
         let hmac = match &self.hmac_secrets {
             Some(raw) if !raw.expose().trim().is_empty() => parse_hmac_secrets(raw.expose())?,
             _ => Vec::new(),
@@ -305,6 +314,34 @@ mod tests {
             "AVSYNC_JWKS_URL"
         );
         assert!(Settings::try_parse_from(["x", "--publish-timeout", "10"]).is_err());
+    }
+
+    #[test]
+    fn an_unparseable_amqp_url_is_a_bad_setting_that_never_shows_it() {
+        for url in [
+            "guest:hidden-pass@127.0.0.1",
+            "amqp://guest:hidden-pass@127.0.0.1:99999/%2f",
+            "http://guest:hidden-pass@127.0.0.1/",
+            "amqp://guest:hidden-pass@127.0.0.1/%2f?heartbeat=often",
+        ] {
+            let err = settings(&["--hmac-secrets", "k=v", "--amqp-url", url])
+                .check()
+                .unwrap_err();
+            assert_eq!(err.name, "AVSYNC_AMQP_URL", "{url}");
+            assert!(!err.to_string().contains("hidden-pass"), "{err}");
+        }
+        for url in [
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            "amqps://user:p%40ss@broker.internal/vhost",
+            "amqp://localhost",
+        ] {
+            assert!(
+                settings(&["--hmac-secrets", "k=v", "--amqp-url", url])
+                    .check()
+                    .is_ok(),
+                "{url}"
+            );
+        }
     }
 
     #[test]
