@@ -4,7 +4,11 @@ use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Channel, Connection, ConnectionProperties};
 use sqlx::{Connection as _, PgConnection};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -27,14 +31,23 @@ pub async fn channel() -> (Connection, Channel) {
     (conn, ch)
 }
 
-/// Deletes every exchange and queue of a topology prefix that the tests may have made.
+/// The retry tiers of the default `AVSYNC_RETRY_DELAYS`, which every worker declares.
+pub const DEFAULT_RETRY_TIERS: &[&str] = &["1s", "5s", "30s", "2m", "10m", "1h"];
+
+/// Deletes every exchange and queue of a topology prefix that the tests may have made: the
+/// partitions (and a few beyond), the dead-letter queue, the default retry tiers and `retry_tiers`.
 pub async fn delete_topology(prefix: &str, partitions: u16, retry_tiers: &[&str]) {
+    let retry_tiers: Vec<&str> = DEFAULT_RETRY_TIERS
+        .iter()
+        .chain(retry_tiers)
+        .copied()
+        .collect();
     let (conn, ch) = channel().await;
     let mut queues = vec![format!("{prefix}.dead")];
     for p in 0..partitions + 4 {
         queues.push(format!("{prefix}.events.p{p}"));
     }
-    for tier in retry_tiers {
+    for tier in &retry_tiers {
         queues.push(format!("{prefix}.retry.{tier}"));
     }
     for q in &queues {
@@ -43,7 +56,7 @@ pub async fn delete_topology(prefix: &str, partitions: u16, retry_tiers: &[&str]
             .await;
     }
     let mut exchanges = vec![format!("{prefix}.events")];
-    for tier in retry_tiers {
+    for tier in &retry_tiers {
         exchanges.push(format!("{prefix}.retry.{tier}"));
     }
     for e in &exchanges {
@@ -109,5 +122,74 @@ where
             panic!("timed out after {deadline:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A TCP proxy the test can cut (every connection dropped, new ones closed at once) and restore:
+/// takes the broker or PostgreSQL away from a process without touching the shared service.
+pub struct TcpProxy {
+    pub port: u16,
+    up: Arc<AtomicBool>,
+    generation: Mutex<CancellationToken>,
+    stop: CancellationToken,
+}
+
+impl TcpProxy {
+    pub async fn start(target: &str) -> Arc<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let proxy = Arc::new(Self {
+            port: listener.local_addr().expect("proxy address").port(),
+            up: Arc::new(AtomicBool::new(true)),
+            generation: Mutex::new(CancellationToken::new()),
+            stop: CancellationToken::new(),
+        });
+        let me = proxy.clone();
+        let target = target.to_owned();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = me.stop.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((mut client, _)) = accepted else {
+                    continue;
+                };
+                if !me.up.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let cut = me.generation.lock().expect("proxy lock").clone();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut upstream) = TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = cut.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                    }
+                });
+            }
+        });
+        proxy
+    }
+
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        let mut generation = self.generation.lock().expect("proxy lock");
+        generation.cancel();
+        *generation = CancellationToken::new();
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Ok(generation) = self.generation.lock() {
+            generation.cancel();
+        }
     }
 }

@@ -6,18 +6,15 @@ use avsync_shared::{TenantId, Topology};
 use avsync_tests::ingress_harness::{
     new_whsec_secret, settings, sign_authvital_hmac, sign_standard, TestIngress, TopologyCleanup,
 };
-use avsync_tests::support;
+use avsync_tests::support::{self, TcpProxy};
 use futures_util::future::join_all;
 use lapin::message::Delivery;
 use lapin::options::{BasicGetOptions, QueueDeleteOptions};
 use lapin::types::AMQPValue;
 use lapin::Channel;
 use serde_json::Value;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 
 type Headers = Vec<(&'static str, String)>;
 
@@ -631,83 +628,14 @@ async fn with_the_broker_down_it_serves_healthz_answers_503_and_is_not_ready() {
     ingress.stop().await;
 }
 
-/// A TCP proxy to the broker that the test can cut (every connection dropped, new ones
-/// refused) and restore, to take the broker away from the ingress and give it back.
-struct BrokerProxy {
-    port: u16,
-    up: Arc<AtomicBool>,
-    generation: std::sync::Mutex<CancellationToken>,
-    stop: CancellationToken,
-}
-
-impl BrokerProxy {
-    async fn start() -> Arc<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy = Arc::new(Self {
-            port: listener.local_addr().unwrap().port(),
-            up: Arc::new(AtomicBool::new(true)),
-            generation: std::sync::Mutex::new(CancellationToken::new()),
-            stop: CancellationToken::new(),
-        });
-        let me = proxy.clone();
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    _ = me.stop.cancelled() => return,
-                    accepted = listener.accept() => accepted,
-                };
-                let Ok((mut client, _)) = accepted else {
-                    continue;
-                };
-                if !me.up.load(Ordering::SeqCst) {
-                    continue;
-                }
-                let cut = me.generation.lock().unwrap().clone();
-                tokio::spawn(async move {
-                    let Ok(mut broker) = TcpStream::connect("127.0.0.1:5672").await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = cut.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut broker) => {}
-                    }
-                });
-            }
-        });
-        proxy
-    }
-
-    fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
-    }
-
-    fn cut(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        let mut generation = self.generation.lock().unwrap();
-        generation.cancel();
-        *generation = CancellationToken::new();
-    }
-
-    fn restore(&self) {
-        self.up.store(true, Ordering::SeqCst);
-    }
-}
-
-impl Drop for BrokerProxy {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        self.generation.lock().unwrap().cancel();
-    }
-}
-
 #[tokio::test]
 async fn recovers_without_restart_when_the_broker_connection_comes_back() {
     let prefix = support::unique("t");
     let _cleanup = TopologyCleanup::new(&prefix, 2);
-    let proxy = BrokerProxy::start().await;
+    let proxy = TcpProxy::start("127.0.0.1:5672").await;
     let secret = new_whsec_secret();
     let mut s = settings(&prefix, 2, &secret);
-    s.common.amqp_url = proxy.url();
+    s.common.amqp_url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
     let ingress = TestIngress::start_with(s, None).await;
     ingress.wait_ready().await;
     let topology = Topology::new(&prefix, 2).unwrap();

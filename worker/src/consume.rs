@@ -1,18 +1,25 @@
 //! Consuming every partition queue and settling each message: ack only after its effect is
-//! committed (or it was ignored, or its dead letter was confirmed); requeue after a transient
-//! failure. Reconnects with backoff whenever the broker goes away; ready only while consuming.
+//! committed, it was ignored, or its retry or dead letter was confirmed. Reconnects with backoff
+//! whenever the broker goes away; ready only while consuming.
+//!
+//! A transient failure of one tenant sends the message to a retry tier (it waits in the broker,
+//! not here, so the partition keeps flowing); after the last delay it is dead-lettered as
+//! `exhausted`. When PostgreSQL itself cannot be reached, retrying would only burn every
+//! message's retries: the worker holds what it has and tries again with backoff, and since it
+//! holds its whole prefetch, it takes nothing new until the database answers.
 
 use crate::apply;
 use crate::dlq::{self, DeadLetter, ErrorClass};
 use crate::failure::{Failure, FailureClass};
 use crate::metrics::{Metrics, Outcome};
 use crate::pools::Pools;
+use crate::retry::{self, History, NextStep, Retry, RetryPolicy};
 use crate::tenants::Resolver;
 use avsync_shared::event::{type_label, Effect};
 use avsync_shared::topology::Topology;
-use avsync_shared::Envelope;
+use avsync_shared::{Envelope, TenantId};
 use backon::{BackoffBuilder, ExponentialBuilder};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures_util::stream::{self, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
@@ -29,9 +36,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-/// How long a transiently failed message waits before it is handed back, so that a tenant
-/// database that is down slows the worker down instead of spinning.
+/// How long a message whose retry or dead letter could not be published waits before it is
+/// handed back, so that a broker in trouble slows the worker down instead of spinning.
 const TRANSIENT_PAUSE: Duration = Duration::from_secs(1);
+/// Backoff between attempts while PostgreSQL cannot be reached at all.
+const OUTAGE_MIN: Duration = Duration::from_secs(1);
+const OUTAGE_MAX: Duration = Duration::from_secs(30);
 const MIN_RECONNECT: Duration = Duration::from_millis(250);
 const MAX_RECONNECT: Duration = Duration::from_secs(30);
 /// On shutdown, the longest wait for the broker to use up its credit before cancelling.
@@ -45,6 +55,7 @@ pub struct Worker {
     pub application_id: Option<String>,
     pub resolver: Resolver,
     pub pools: Pools,
+    pub retry: RetryPolicy,
     pub metrics: Metrics,
     pub ready: Arc<AtomicBool>,
 }
@@ -161,6 +172,9 @@ async fn consume_on(
 ) -> Result<(), SessionError> {
     let setup = conn.create_channel().await?;
     worker.topology.declare(&setup).await?;
+    for delay in &worker.retry.delays {
+        worker.topology.declare_retry_tier(&setup, *delay).await?;
+    }
     check_partitions(conn, &worker.topology).await?;
     let publish = conn.create_channel().await?;
     publish
@@ -365,76 +379,201 @@ async fn settle(
     gate: &SettleGate,
 ) {
     let started = Instant::now();
-    let result = match decoded {
-        Ok(envelope) => process(worker, &envelope, &delivery.data).await,
-        Err(e) => Err(Failure::from(e)),
+    let history = History::of(delivery);
+    let settler = Settler {
+        worker,
+        publish,
+        partition,
+        delivery,
+        label,
+        gate,
     };
-    match result {
-        Ok(Handled::Applied { lag }) => {
-            if gate.ack(partition, delivery).await {
-                worker.metrics.count(label, Outcome::Applied);
-                worker
-                    .metrics
-                    .apply_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                worker.metrics.lag_seconds.observe(lag);
-                tracing::debug!("applied");
-            }
+    if worker.retry.is_poison(&history) {
+        let now = Utc::now();
+        let error = format!(
+            "delivered {} times without being settled: it crashed or hung a consumer each time",
+            history.unsettled_deliveries
+        );
+        tracing::error!(
+            deliveries = history.unsettled_deliveries,
+            "poison message; dead-lettered without processing"
+        );
+        let letter = DeadLetter {
+            class: ErrorClass::Poison,
+            error,
+            attempts: history.failed_attempts + history.unsettled_deliveries,
+            first_failure: history.first_failure.unwrap_or(now),
+            last_failure: now,
+        };
+        settler.dead_letter(&letter).await;
+        return;
+    }
+    let envelope = match decoded {
+        Ok(envelope) => envelope,
+        Err(e) => {
+            settler.permanent(&Failure::from(e), &history).await;
+            return;
         }
-        Ok(Handled::Ignored) => {
-            if gate.ack(partition, delivery).await {
-                worker.metrics.count(label, Outcome::Ignored);
-                tracing::debug!("ignored");
+    };
+    let mut result = process(worker, &envelope, &delivery.data).await;
+    let mut outage: Option<Box<dyn Iterator<Item = Duration> + Send>> = None;
+    loop {
+        let failure = match result {
+            Ok(Handled::Applied { lag }) => {
+                if gate.ack(partition, delivery).await {
+                    worker.metrics.count(label, Outcome::Applied);
+                    worker
+                        .metrics
+                        .apply_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    worker.metrics.lag_seconds.observe(lag);
+                    tracing::debug!("applied");
+                }
+                return;
             }
-        }
-        Err(failure) => match failure.class() {
+            Ok(Handled::Ignored) => {
+                if gate.ack(partition, delivery).await {
+                    worker.metrics.count(label, Outcome::Ignored);
+                    tracing::debug!("ignored");
+                }
+                return;
+            }
+            Err(failure) => failure,
+        };
+        match failure.class() {
             FailureClass::Permanent => {
-                dead_letter(worker, publish, partition, delivery, &failure, label, gate).await
+                settler.permanent(&failure, &history).await;
+                return;
+            }
+            FailureClass::Transient if worker.resolver.postgres_unreachable(&failure).await => {
+                let delays = outage.get_or_insert_with(|| Box::new(outage_backoff()));
+                let delay = delays.next().unwrap_or(OUTAGE_MAX);
+                tracing::warn!(error = %failure, retry_in = ?delay, "PostgreSQL unreachable; holding the message and backing off");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = gate.shutdown.cancelled() => {
+                        // It cannot be finished while the database is down; another worker
+                        // (or this one, restarted) takes it when it is back.
+                        gate.requeue(partition, delivery).await;
+                        return;
+                    }
+                }
+                result = process(worker, &envelope, &delivery.data).await;
             }
             FailureClass::Transient => {
-                tracing::warn!(error = %failure, "transient failure; will retry");
-                tokio::select! {
-                    _ = tokio::time::sleep(TRANSIENT_PAUSE) => {}
-                    _ = gate.shutdown.cancelled() => {}
-                }
-                if gate.requeue(partition, delivery).await {
-                    worker.metrics.count(label, Outcome::Retried);
-                }
+                settler
+                    .transient(&envelope.tenant_id, &failure, &history)
+                    .await;
+                return;
             }
-        },
+        }
     }
 }
 
-async fn dead_letter(
-    worker: &Worker,
-    publish: &Channel,
+fn outage_backoff() -> impl Iterator<Item = Duration> + Send {
+    ExponentialBuilder::default()
+        .with_min_delay(OUTAGE_MIN)
+        .with_max_delay(OUTAGE_MAX)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Settles one failed message: into a retry tier or the dead-letter queue, confirmed, then acked.
+struct Settler<'a> {
+    worker: &'a Worker,
+    publish: &'a Channel,
     partition: u16,
-    delivery: &Delivery,
-    failure: &Failure,
+    delivery: &'a Delivery,
     label: &'static str,
-    gate: &SettleGate,
-) {
-    let now = Utc::now();
-    let letter = DeadLetter {
-        class: ErrorClass::Permanent,
-        error: failure.to_string(),
-        attempts: 1,
-        first_failure: now,
-        last_failure: now,
-    };
-    match dlq::publish_dead_letter(publish, &worker.topology, delivery, &letter).await {
-        Ok(()) => {
-            tracing::error!(error = %failure, "permanent failure; dead-lettered");
-            if gate.ack(partition, delivery).await {
-                worker.metrics.count(label, Outcome::DeadLettered);
+    gate: &'a SettleGate,
+}
+
+impl Settler<'_> {
+    async fn permanent(&self, failure: &Failure, history: &History) {
+        let now = Utc::now();
+        tracing::error!(error = %failure, "permanent failure; dead-lettered");
+        let letter = DeadLetter {
+            class: ErrorClass::Permanent,
+            error: failure.to_string(),
+            attempts: history.failed_attempts + 1,
+            first_failure: history.first_failure.unwrap_or(now),
+            last_failure: now,
+        };
+        self.dead_letter(&letter).await;
+    }
+
+    async fn transient(&self, tenant: &TenantId, failure: &Failure, history: &History) {
+        let failed = history.failed_attempts.saturating_add(1);
+        let now = Utc::now();
+        let first_failure: DateTime<Utc> = history.first_failure.unwrap_or(now);
+        match self.worker.retry.next_step(failed) {
+            NextStep::Retry { delay, attempt } => {
+                let error = failure.to_string();
+                let retry = Retry {
+                    tenant,
+                    delay,
+                    failed_attempts: failed,
+                    first_failure,
+                    error: &error,
+                };
+                match retry::publish_retry(
+                    self.publish,
+                    &self.worker.topology,
+                    self.delivery,
+                    &retry,
+                )
+                .await
+                {
+                    Ok(()) => {
+                        tracing::warn!(error = %failure, attempt, retry_in = ?delay, "transient failure; retrying later");
+                        if self.gate.ack(self.partition, self.delivery).await {
+                            self.worker.metrics.count(self.label, Outcome::Retried);
+                            self.worker.metrics.retried(delay);
+                        }
+                    }
+                    Err(e) => self.hand_back(&e.to_string()).await,
+                }
+            }
+            NextStep::Exhausted => {
+                tracing::error!(error = %failure, attempts = failed, "transient failure outlasted every retry; dead-lettered");
+                let letter = DeadLetter {
+                    class: ErrorClass::Exhausted,
+                    error: failure.to_string(),
+                    attempts: failed,
+                    first_failure,
+                    last_failure: now,
+                };
+                self.dead_letter(&letter).await;
             }
         }
-        Err(e) => {
-            tracing::warn!(error = %failure, publish_error = %e, "permanent failure, but the dead letter was not confirmed; handing the message back");
-            if gate.requeue(partition, delivery).await {
-                worker.metrics.count(label, Outcome::Retried);
+    }
+
+    async fn dead_letter(&self, letter: &DeadLetter) {
+        match dlq::publish_dead_letter(self.publish, &self.worker.topology, self.delivery, letter)
+            .await
+        {
+            Ok(()) => {
+                if self.gate.ack(self.partition, self.delivery).await {
+                    self.worker.metrics.count(self.label, Outcome::DeadLettered);
+                }
             }
+            Err(e) => self.hand_back(&e.to_string()).await,
         }
+    }
+
+    /// The retry or dead letter was not confirmed, so the message must not be acked: it goes
+    /// back to its queue after a pause and is tried again.
+    async fn hand_back(&self, publish_error: &str) {
+        tracing::warn!(
+            publish_error,
+            "could not publish the message onward; handing it back"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(TRANSIENT_PAUSE) => {}
+            _ = self.gate.shutdown.cancelled() => {}
+        }
+        self.gate.requeue(self.partition, self.delivery).await;
     }
 }
 

@@ -86,6 +86,30 @@ impl Failure {
     }
 }
 
+impl Failure {
+    /// The database server itself could not be reached or talked to, as opposed to a tenant
+    /// that is not provisioned, not registered or busy.
+    pub fn is_connection_level(&self) -> bool {
+        match self {
+            Failure::Unreachable(_) | Failure::Registry(_) => true,
+            Failure::Database(e) => match e.as_ref() {
+                // 08: connection exception; 57P0x: the server is shutting down or starting up.
+                sqlx::Error::Database(db) => db
+                    .code()
+                    .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
 /// A statement failed. Values the database can never store (SQLSTATE class 22, data exception,
 /// and 23, integrity violation) are permanent; everything else (connection loss, 40001
 /// serialization failure, 40P01 deadlock, shutdown, a table not migrated yet, resource limits)

@@ -21,6 +21,7 @@ use crate::consume::Worker;
 use crate::depth::DepthPoller;
 use crate::metrics::Metrics;
 use crate::pools::{PoolSettings, Pools};
+use crate::retry::RetryPolicy;
 use crate::settings::Settings;
 use crate::tenants::Resolver;
 use anyhow::Context as _;
@@ -93,6 +94,10 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         application_id: settings.application_id.clone(),
         resolver,
         pools,
+        retry: RetryPolicy {
+            delays: settings.retry_delays.delays().to_vec(),
+            poison_deliveries: settings.poison_deliveries,
+        },
         metrics,
         ready: ready.clone(),
     });
@@ -106,6 +111,12 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
             )
         })?;
     let metrics_addr = listener.local_addr()?;
+    tracing::info!(
+        %metrics_addr,
+        topology = worker.topology.prefix(),
+        partitions = worker.topology.partitions(),
+        "worker listening"
+    );
     let ready_check: admin::ReadyCheck = Arc::new(move || ready.load(Ordering::SeqCst));
     let admin_server = tokio::spawn(
         axum::serve(listener, admin::router(registry, ready_check))
@@ -115,8 +126,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     let depth = tokio::spawn(
         DepthPoller {
             amqp_url: settings.common.amqp_url.clone(),
-            connection_name: format!("avsync-worker {} depth", worker.topology.prefix()),
-            queues: depth::queues(&worker.topology, settings.retry_delays.delays()),
+            topology: worker.topology.clone(),
+            retry_delays: settings.retry_delays.delays().to_vec(),
             gauge: worker.metrics.queue_messages.clone(),
         }
         .run(shutdown.clone()),

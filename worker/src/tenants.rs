@@ -181,6 +181,27 @@ impl Resolver {
         }
     }
 
+    /// Whether `failure` means PostgreSQL cannot be reached at all, rather than one tenant's
+    /// database. In template mode every tenant lives on the template's server, so a
+    /// connection-level failure is that server's; in registry mode tenants may live on other
+    /// servers, so the registry database is asked too.
+    pub async fn postgres_unreachable(&self, failure: &Failure) -> bool {
+        if !failure.is_connection_level() {
+            return false;
+        }
+        match &self.mode {
+            Mode::Template(_) => true,
+            Mode::Registry { .. } if matches!(failure, Failure::Registry(_)) => true,
+            Mode::Registry { pool, .. } => {
+                let probe = sqlx::query("SELECT 1").execute(pool);
+                !matches!(
+                    tokio::time::timeout(REGISTRY_TIMEOUT, probe).await,
+                    Ok(Ok(_))
+                )
+            }
+        }
+    }
+
     /// Every registry entry, or None in template mode (which has no list of tenants).
     pub async fn registry_entries(&self) -> Result<Option<Vec<RegistryEntry>>, Failure> {
         match &self.mode {
