@@ -4,7 +4,9 @@
 //!
 //! Depths come from passive declares on a connection of the poller's own, so that a slow or
 //! broken poll never touches consuming. A passive declare of a missing queue makes the broker
-//! close the channel, so the channel is opened again after any failed declare.
+//! close the channel (and the client log an error), so the poller first declares what it polls,
+//! as every process does, idempotently and with the same arguments; a queue deleted later reads
+//! as empty and is declared again at the next poll.
 
 use avsync_shared::topology::Topology;
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -33,7 +35,7 @@ pub fn queues(topology: &Topology, retry_delays: &[Duration]) -> Vec<String> {
         .collect()
 }
 
-/// Why a poll stopped before every queue was read.
+/// Why the poller lost its connection.
 #[derive(Debug, thiserror::Error)]
 enum PollError {
     #[error("broker: {0}")]
@@ -59,31 +61,62 @@ async fn bounded<T>(
         .map_err(PollError::from)
 }
 
-/// Polls queue depths into `gauge` until `shutdown`, reconnecting with backoff. While the broker
+/// Polls queue depths into `gauge` until shutdown, reconnecting with backoff. While the broker
 /// is unreachable the series are removed rather than left at a stale value.
 pub struct DepthPoller {
     pub amqp_url: String,
-    pub connection_name: String,
-    pub queues: Vec<String>,
+    pub topology: Topology,
+    pub retry_delays: Vec<Duration>,
     pub gauge: IntGaugeVec,
+}
+
+/// The poller's channel, opened again whenever the broker closed it.
+struct Probe<'a> {
+    conn: &'a Connection,
+    channel: Option<Channel>,
+}
+
+impl Probe<'_> {
+    async fn channel(&mut self) -> Result<Channel, PollError> {
+        match self.channel.take() {
+            Some(ch) if ch.status().connected() => Ok(ch),
+            _ => bounded(self.conn.create_channel()).await,
+        }
+    }
+
+    /// Closes the channel before its connection: lapin reports a channel that is still closing
+    /// when its connection closes as a connection error.
+    async fn close(&mut self) {
+        if let Some(channel) = self.channel.take() {
+            let _ = tokio::time::timeout(BROKER_TIMEOUT, channel.close(200, "done".into())).await;
+        }
+    }
 }
 
 impl DepthPoller {
     pub async fn run(self, shutdown: CancellationToken) {
+        let name = format!("avsync-worker {} depth", self.topology.prefix());
+        let queues = queues(&self.topology, &self.retry_delays);
         let mut delays = backoff();
         loop {
             let connected = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 connected = bounded(Connection::connect(
                     &self.amqp_url,
-                    ConnectionProperties::default()
-                        .with_connection_name(self.connection_name.as_str().into()),
+                    ConnectionProperties::default().with_connection_name(name.as_str().into()),
                 )) => connected,
             };
             let failure = match connected {
                 Ok(conn) => {
                     delays = backoff();
-                    let failure = self.poll_until_failure(&conn, &shutdown).await;
+                    let mut probe = Probe {
+                        conn: &conn,
+                        channel: None,
+                    };
+                    let failure = self
+                        .poll_until_failure(&mut probe, &queues, &shutdown)
+                        .await;
+                    probe.close().await;
                     let _ = tokio::time::timeout(
                         BROKER_TIMEOUT,
                         conn.close(200, "depth poller stopping".into()),
@@ -96,7 +129,9 @@ impl DepthPoller {
                 }
                 Err(e) => e,
             };
-            self.forget();
+            for queue in &queues {
+                let _ = self.gauge.remove_label_values(&[queue.as_str()]);
+            }
             let delay = delays.next().unwrap_or(MAX_RECONNECT);
             tracing::debug!(error = %failure, retry_in = ?delay, "queue depths unknown");
             tokio::select! {
@@ -106,16 +141,23 @@ impl DepthPoller {
         }
     }
 
-    /// Polls every `POLL_INTERVAL` until a poll fails (returned) or `shutdown` (None).
+    /// Polls every `POLL_INTERVAL` until a poll fails (returned) or shutdown (None).
     async fn poll_until_failure(
         &self,
-        conn: &Connection,
+        probe: &mut Probe<'_>,
+        queues: &[String],
         shutdown: &CancellationToken,
     ) -> Option<PollError> {
-        let mut channel = None;
+        let mut declare = true;
         loop {
-            if let Err(e) = self.poll_once(conn, &mut channel).await {
-                return Some(e);
+            if declare {
+                if let Err(e) = self.declare(probe).await {
+                    return Some(e);
+                }
+            }
+            match self.poll_once(probe, queues).await {
+                Ok(all_found) => declare = !all_found,
+                Err(e) => return Some(e),
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return None,
@@ -124,46 +166,60 @@ impl DepthPoller {
         }
     }
 
-    async fn poll_once(
-        &self,
-        conn: &Connection,
-        channel: &mut Option<Channel>,
-    ) -> Result<(), PollError> {
-        for queue in &self.queues {
-            let open = match channel.take() {
-                Some(ch) if ch.status().connected() => ch,
-                _ => bounded(conn.create_channel()).await?,
+    /// Declares every polled queue. A refusal (another process declared a queue with other
+    /// arguments) is that process's to report; the poll then reads what exists.
+    async fn declare(&self, probe: &mut Probe<'_>) -> Result<(), PollError> {
+        let channel = probe.channel().await?;
+        let mut declared = bounded(self.topology.declare(&channel)).await;
+        for delay in &self.retry_delays {
+            if declared.is_ok() {
+                declared = bounded(self.topology.declare_retry_tier(&channel, *delay)).await;
+            }
+        }
+        match declared {
+            Ok(()) => {
+                probe.channel = Some(channel);
+                Ok(())
+            }
+            Err(e) if probe.conn.status().connected() => {
+                tracing::debug!(error = %e, "declaring the polled queues failed");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads every queue's depth; false when a queue was missing (it reads as empty).
+    async fn poll_once(&self, probe: &mut Probe<'_>, queues: &[String]) -> Result<bool, PollError> {
+        let mut all_found = true;
+        for queue in queues {
+            let channel = probe.channel().await?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
             };
-            let messages = match bounded(open.queue_declare(
+            let declared = bounded(channel.queue_declare(
                 queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
+                passive,
                 FieldTable::default(),
             ))
-            .await
-            {
+            .await;
+            let messages = match declared {
                 Ok(q) => {
-                    *channel = Some(open);
+                    probe.channel = Some(channel);
                     i64::from(q.message_count())
                 }
-                // A queue that does not exist (yet) holds nothing; a retry tier, for one, may
-                // be declared only when it is first used.
-                Err(PollError::Broker(e)) if is_not_found(&e) => 0,
+                Err(PollError::Broker(e)) if is_not_found(&e) => {
+                    all_found = false;
+                    0
+                }
                 Err(e) => return Err(e),
             };
             self.gauge
                 .with_label_values(&[queue.as_str()])
                 .set(messages);
         }
-        Ok(())
-    }
-
-    fn forget(&self) {
-        for queue in &self.queues {
-            let _ = self.gauge.remove_label_values(&[queue.as_str()]);
-        }
+        Ok(all_found)
     }
 }
 
