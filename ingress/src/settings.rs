@@ -3,7 +3,7 @@
 
 use crate::verify::HmacKey;
 use avsync_shared::config::{parse_duration, BadSetting, CommonArgs};
-use avsync_shared::topology::{Topology, TopologyError};
+use avsync_shared::topology::Topology;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
@@ -86,7 +86,6 @@ fn secret_value(value: &str) -> Result<SecretString, String> {
     Ok(SecretString::new(value))
 }
 
-const AMQP_URL: &str = "AVSYNC_AMQP_URL";
 const HMAC_SECRETS: &str = "AVSYNC_HMAC_SECRETS";
 const JWKS_URL: &str = "AVSYNC_JWKS_URL";
 
@@ -111,18 +110,7 @@ impl Settings {
     /// Everything clap cannot check: the secrets, the JWKS URL, the topology and the limits. A
     /// failure names the setting and, for a secret, only the entry's position.
     pub fn check(&self) -> Result<Checked, BadSetting> {
-        let topology = self
-            .common
-            .topology()
-            .map_err(|e| BadSetting::new(topology_setting(&e), e.to_string()))?;
-        // Checked here because the broker client's own parse error quotes the whole URL,
-        // password included, and would be logged at every reconnect attempt.
-        if self.common.amqp_url.parse::<lapin::uri::AMQPUri>().is_err() {
-            return Err(BadSetting::new(
-                AMQP_URL,
-                "is not an AMQP URL like amqp://user:password@host:5672/%2f (not shown: it may hold a password)",
-            ));
-        }
+        let topology = self.common.check()?;
         let hmac = match &self.hmac_secrets {
             Some(raw) if !raw.expose().trim().is_empty() => parse_hmac_secrets(raw.expose())?,
             _ => Vec::new(),
@@ -160,13 +148,6 @@ impl Settings {
             jwks_url,
             topology,
         })
-    }
-}
-
-fn topology_setting(e: &TopologyError) -> &'static str {
-    match e {
-        TopologyError::BadPrefix => "AVSYNC_TOPOLOGY",
-        TopologyError::BadPartitions => "AVSYNC_PARTITIONS",
     }
 }
 

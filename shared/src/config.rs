@@ -72,6 +72,25 @@ impl CommonArgs {
     pub fn topology(&self) -> Result<Topology, TopologyError> {
         Topology::new(&self.topology, self.partitions)
     }
+
+    /// The shared settings clap cannot check, each failure naming its setting. The broker URL is
+    /// parsed here because the broker client's own parse error quotes the whole URL, password
+    /// included, and would be logged at every reconnect attempt.
+    pub fn check(&self) -> Result<Topology, BadSetting> {
+        if self.amqp_url.parse::<lapin::uri::AMQPUri>().is_err() {
+            return Err(BadSetting::new(
+                "AVSYNC_AMQP_URL",
+                "is not an AMQP URL like amqp://user:password@host:5672/%2f (not shown: it may hold a password)",
+            ));
+        }
+        self.topology().map_err(|e| {
+            let name = match e {
+                TopologyError::BadPrefix => "AVSYNC_TOPOLOGY",
+                TopologyError::BadPartitions => "AVSYNC_PARTITIONS",
+            };
+            BadSetting::new(name, e.to_string())
+        })
+    }
 }
 
 /// A setting that parsed but is not usable. Its text names the setting and never holds a secret.
@@ -130,6 +149,41 @@ fn one_line(e: &clap::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn common(amqp_url: &str, topology: &str, partitions: u16) -> CommonArgs {
+        CommonArgs {
+            amqp_url: amqp_url.to_owned(),
+            topology: topology.to_owned(),
+            partitions,
+            metrics_listen: "127.0.0.1:0".parse().unwrap(),
+            log_format: "text".to_owned(),
+        }
+    }
+
+    #[test]
+    fn check_names_the_setting_and_never_shows_the_broker_password() {
+        assert!(common(DEFAULT_AMQP_URL, "avsync", 16).check().is_ok());
+        for url in [
+            "not a url hidden-pass",
+            "http://u:hidden-pass@h/",
+            "amqp://u:hidden-pass@h:notaport/",
+        ] {
+            let err = common(url, "avsync", 16).check().unwrap_err();
+            assert_eq!(err.name, "AVSYNC_AMQP_URL", "{url}");
+            assert!(!err.to_string().contains("hidden-pass"), "{err}");
+        }
+        assert_eq!(
+            common(DEFAULT_AMQP_URL, "a b", 16)
+                .check()
+                .unwrap_err()
+                .name,
+            "AVSYNC_TOPOLOGY"
+        );
+        assert_eq!(
+            common(DEFAULT_AMQP_URL, "a", 0).check().unwrap_err().name,
+            "AVSYNC_PARTITIONS"
+        );
+    }
 
     #[test]
     fn durations() {

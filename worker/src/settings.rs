@@ -89,9 +89,7 @@ fn parse_retry_delays(value: &str) -> Result<RetryDelays, String> {
 impl Settings {
     /// Checks what clap cannot: the topology and the tenant database template.
     pub fn validate(&self) -> Result<(), BadSetting> {
-        self.common
-            .topology()
-            .map_err(|e| BadSetting::new(topology_setting(&e), e.to_string()))?;
+        self.common.check()?;
         crate::tenants::check_template(&self.tenant_database_url)
             .map_err(|reason| BadSetting::new("AVSYNC_TENANT_DATABASE_URL", reason))?;
         if let Some(url) = &self.tenant_registry_url {
@@ -105,13 +103,6 @@ impl Settings {
             ));
         }
         Ok(())
-    }
-}
-
-fn topology_setting(e: &avsync_shared::topology::TopologyError) -> &'static str {
-    match e {
-        avsync_shared::topology::TopologyError::BadPrefix => "AVSYNC_TOPOLOGY",
-        avsync_shared::topology::TopologyError::BadPartitions => "AVSYNC_PARTITIONS",
     }
 }
 
