@@ -8,7 +8,8 @@
 //! commutative and idempotent, so any order and any number of redeliveries give the same row.
 //!
 //! [`Model`] is the same rule in plain Rust (the property tests check it against shuffled,
-//! duplicated histories); [`apply`] is the rule as one SQL statement, tested against the model.
+//! duplicated histories); [`apply`] is the rule as one SQL statement, tested against the model,
+//! and [`apply_batch`] the same rule for many events of one tenant in one statement.
 
 use avsync_shared::event::{Change, Effect, EventKey, Field};
 use chrono::{DateTime, Utc};
@@ -201,6 +202,230 @@ pub async fn apply(conn: &mut PgConnection, effect: &Effect) -> Result<(), sqlx:
         query = bind(query, change);
     }
     query.execute(conn).await.map(|_| ())
+}
+
+/// Per field (indexed like [`Field::ALL`]), the greatest event of a batch that set it and what it set.
+type Merged<'a> = [Option<(&'a EventKey, &'a Change)>; Field::ALL.len()];
+
+/// Merges a batch under the rule of [`Model::apply`]: per user and field, the change of the
+/// greatest event that set it. Users come out ordered by id, so that concurrent batches lock rows
+/// in the same order.
+fn merge<'a>(effects: impl IntoIterator<Item = &'a Effect>) -> BTreeMap<&'a str, Merged<'a>> {
+    let mut users: BTreeMap<&'a str, Merged<'a>> = BTreeMap::new();
+    for effect in effects {
+        let merged = users.entry(effect.sub.as_str()).or_insert([None; 14]);
+        for change in &effect.changes {
+            let slot = &mut merged[change.field() as usize];
+            if slot.is_none_or(|(key, _)| effect.key > *key) {
+                *slot = Some((&effect.key, change));
+            }
+        }
+    }
+    users
+}
+
+/// One statement for any batch size, so that each connection prepares it once. Every row's
+/// versions hold only the fields the batch sets; a field's version compares as NULL otherwise,
+/// so the row keeps its value. The rest is [`statement`]'s rule per field.
+fn batch_statement() -> String {
+    let newer = |column: &str| {
+        format!(
+            "((EXCLUDED.field_versions->>'{column}') COLLATE \"C\" \
+             > COALESCE(t.field_versions->>'{column}', '') COLLATE \"C\")"
+        )
+    };
+    let mut sets = String::new();
+    let mut new_versions = Vec::new();
+    let mut changed = Vec::new();
+    for field in Field::ALL {
+        let column = field.column();
+        let cond = newer(column);
+        let _ = write!(
+            sets,
+            "{column} = CASE WHEN {cond} THEN EXCLUDED.{column} ELSE t.{column} END, "
+        );
+        new_versions.push(format!(
+            "'{column}', CASE WHEN {cond} THEN EXCLUDED.field_versions->'{column}' END"
+        ));
+        changed.push(format!(
+            "({cond} AND EXCLUDED.{column} IS DISTINCT FROM t.{column})"
+        ));
+    }
+    format!(
+        "INSERT INTO av_identities AS t (id, field_versions, tenant_id, email, given_name, \
+         family_name, subject_type, is_active, deleted_at, membership_id, membership_status, \
+         tenant_roles, has_app_access, app_role, app_role_id, app_role_name) \
+         SELECT b.id, b.versions::jsonb, b.tenant_id, b.email, b.given_name, b.family_name, \
+         b.subject_type, COALESCE(b.is_active, true), b.deleted_at, b.membership_id, \
+         b.membership_status, COALESCE(($18::text[])[b.roles_from:b.roles_to], '{{}}'), \
+         COALESCE(b.has_app_access, false), b.app_role, b.app_role_id, b.app_role_name \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+         $7::text[], $8::bool[], $9::timestamptz[], $10::text[], $11::text[], $12::int4[], \
+         $13::int4[], $14::bool[], $15::text[], $16::text[], $17::text[]) \
+         AS b(id, versions, tenant_id, email, given_name, family_name, subject_type, is_active, \
+         deleted_at, membership_id, membership_status, roles_from, roles_to, has_app_access, \
+         app_role, app_role_id, app_role_name) \
+         ON CONFLICT (id) DO UPDATE SET {sets}\
+         field_versions = t.field_versions || jsonb_strip_nulls(jsonb_build_object({new})), \
+         updated_at = CASE WHEN {changed} THEN now() ELSE t.updated_at END, \
+         synced_at = now()",
+        new = new_versions.join(", "),
+        changed = changed.join(" OR "),
+    )
+}
+
+static BATCH_STATEMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(batch_statement);
+
+/// The statement's parameters, one array element per user (`roles` is flat; each user's
+/// `tenant_roles` is the slice `roles_from..=roles_to` of it, 1-based).
+struct Columns<'a> {
+    id: Vec<&'a str>,
+    versions: Vec<String>,
+    tenant_id: Vec<Option<&'a str>>,
+    email: Vec<Option<&'a str>>,
+    given_name: Vec<Option<&'a str>>,
+    family_name: Vec<Option<&'a str>>,
+    subject_type: Vec<Option<&'a str>>,
+    is_active: Vec<Option<bool>>,
+    deleted_at: Vec<Option<DateTime<Utc>>>,
+    membership_id: Vec<Option<&'a str>>,
+    membership_status: Vec<Option<&'static str>>,
+    roles_from: Vec<Option<i32>>,
+    roles_to: Vec<Option<i32>>,
+    has_app_access: Vec<Option<bool>>,
+    app_role: Vec<Option<&'a str>>,
+    app_role_id: Vec<Option<&'a str>>,
+    app_role_name: Vec<Option<&'a str>>,
+    roles: Vec<&'a str>,
+}
+
+impl<'a> Columns<'a> {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            id: Vec::with_capacity(n),
+            versions: Vec::with_capacity(n),
+            tenant_id: Vec::with_capacity(n),
+            email: Vec::with_capacity(n),
+            given_name: Vec::with_capacity(n),
+            family_name: Vec::with_capacity(n),
+            subject_type: Vec::with_capacity(n),
+            is_active: Vec::with_capacity(n),
+            deleted_at: Vec::with_capacity(n),
+            membership_id: Vec::with_capacity(n),
+            membership_status: Vec::with_capacity(n),
+            roles_from: Vec::with_capacity(n),
+            roles_to: Vec::with_capacity(n),
+            has_app_access: Vec::with_capacity(n),
+            app_role: Vec::with_capacity(n),
+            app_role_id: Vec::with_capacity(n),
+            app_role_name: Vec::with_capacity(n),
+            roles: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, id: &'a str, merged: &Merged<'a>) {
+        self.id.push(id);
+        let mut versions = serde_json::Map::new();
+        for (key, change) in merged.iter().flatten() {
+            versions.insert(
+                change.field().column().to_owned(),
+                serde_json::Value::String(key.version()),
+            );
+        }
+        self.versions
+            .push(serde_json::Value::Object(versions).to_string());
+        let change = |field: Field| merged[field as usize].map(|(_, change)| change);
+        let text = |field: Field| match change(field) {
+            Some(
+                Change::Email(v)
+                | Change::GivenName(v)
+                | Change::FamilyName(v)
+                | Change::AppRole(v)
+                | Change::AppRoleId(v)
+                | Change::AppRoleName(v),
+            ) => v.as_deref(),
+            Some(Change::SubjectType(v) | Change::MembershipId(v)) => Some(v.as_str()),
+            Some(Change::TenantId(v)) => Some(v.as_str()),
+            _ => None,
+        };
+        self.tenant_id.push(text(Field::TenantId));
+        self.email.push(text(Field::Email));
+        self.given_name.push(text(Field::GivenName));
+        self.family_name.push(text(Field::FamilyName));
+        self.subject_type.push(text(Field::SubjectType));
+        self.membership_id.push(text(Field::MembershipId));
+        self.app_role.push(text(Field::AppRole));
+        self.app_role_id.push(text(Field::AppRoleId));
+        self.app_role_name.push(text(Field::AppRoleName));
+        self.is_active.push(match change(Field::IsActive) {
+            Some(Change::IsActive(v)) => Some(*v),
+            _ => None,
+        });
+        self.has_app_access.push(match change(Field::HasAppAccess) {
+            Some(Change::HasAppAccess(v)) => Some(*v),
+            _ => None,
+        });
+        self.deleted_at.push(match change(Field::DeletedAt) {
+            Some(Change::DeletedAt(v)) => v.map(|t| t.to_utc()),
+            _ => None,
+        });
+        self.membership_status
+            .push(match change(Field::MembershipStatus) {
+                Some(Change::MembershipStatus(v)) => Some(v.as_str()),
+                _ => None,
+            });
+        match change(Field::TenantRoles) {
+            Some(Change::TenantRoles(roles)) => {
+                let from = self.roles.len() + 1;
+                self.roles.extend(roles.iter().map(String::as_str));
+                self.roles_from.push(i32::try_from(from).ok());
+                self.roles_to.push(i32::try_from(self.roles.len()).ok());
+            }
+            _ => {
+                self.roles_from.push(None);
+                self.roles_to.push(None);
+            }
+        }
+    }
+}
+
+/// Applies a batch of one tenant's events in one statement (so in one transaction), ending
+/// exactly where [`apply`] of each event in any order would: the batch is first merged per user
+/// under the same rule, so each row is written once.
+pub async fn apply_batch<'a>(
+    conn: &mut PgConnection,
+    effects: impl IntoIterator<Item = &'a Effect>,
+) -> Result<(), sqlx::Error> {
+    let users = merge(effects);
+    if users.is_empty() {
+        return Ok(());
+    }
+    let mut columns = Columns::with_capacity(users.len());
+    for (id, merged) in &users {
+        columns.push(id, merged);
+    }
+    sqlx::query(BATCH_STATEMENT.as_str())
+        .bind(columns.id)
+        .bind(columns.versions)
+        .bind(columns.tenant_id)
+        .bind(columns.email)
+        .bind(columns.given_name)
+        .bind(columns.family_name)
+        .bind(columns.subject_type)
+        .bind(columns.is_active)
+        .bind(columns.deleted_at)
+        .bind(columns.membership_id)
+        .bind(columns.membership_status)
+        .bind(columns.roles_from)
+        .bind(columns.roles_to)
+        .bind(columns.has_app_access)
+        .bind(columns.app_role)
+        .bind(columns.app_role_id)
+        .bind(columns.app_role_name)
+        .bind(columns.roles)
+        .execute(conn)
+        .await
+        .map(|_| ())
 }
 
 pub async fn load(conn: &mut PgConnection, sub: &str) -> Result<Option<Identity>, sqlx::Error> {

@@ -9,6 +9,7 @@
 //! holds its whole prefetch, it takes nothing new until the database answers.
 
 use crate::apply;
+use crate::batch::{Batch, Batcher, Limits};
 use crate::dlq::{self, DeadLetter, ErrorClass};
 use crate::failure::{Failure, FailureClass};
 use crate::metrics::{Metrics, Outcome};
@@ -31,7 +32,7 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -46,6 +47,12 @@ const MIN_RECONNECT: Duration = Duration::from_millis(250);
 const MAX_RECONNECT: Duration = Duration::from_secs(30);
 /// On shutdown, the longest wait for the broker to use up its credit before cancelling.
 const QUIESCE: Duration = Duration::from_millis(250);
+/// A tenant's events are applied together, up to this many in one statement: larger batches
+/// gain little once a commit's cost is shared by a few hundred rows.
+const MAX_BATCH: usize = 250;
+/// Longest an event waits for others of its tenant: a few milliseconds add little to the lag and
+/// let busy tenants fill their batches.
+const LINGER: Duration = Duration::from_millis(5);
 
 /// Everything a consuming worker shares between its tasks.
 pub struct Worker {
@@ -225,13 +232,28 @@ async fn consume_on(
                 .collect(),
         ),
     };
+    let mut batcher = Batcher::new(Limits {
+        max_events: MAX_BATCH,
+        linger: LINGER,
+    });
     let mut tasks = JoinSet::new();
     let mut outcome = Ok(());
     let mut phase = Phase::Consuming;
     loop {
+        let linger = batcher.next_deadline();
+        let lingered = async {
+            match linger {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
         let next = match phase {
             Phase::Consuming => tokio::select! {
                 next = deliveries.next() => next,
+                _ = lingered => {
+                    flush(&mut tasks, batcher.due(tokio::time::Instant::now()), worker, &publish, &gate);
+                    continue;
+                }
                 _ = shutdown.cancelled() => {
                     worker.set_ready(false);
                     phase = Phase::Quiescing(tokio::time::Instant::now() + QUIESCE);
@@ -245,6 +267,10 @@ async fn consume_on(
                 }
                 tokio::select! {
                     next = deliveries.next() => next,
+                    _ = lingered => {
+                        flush(&mut tasks, batcher.due(tokio::time::Instant::now()), worker, &publish, &gate);
+                        continue;
+                    }
                     _ = tokio::time::sleep_until(deadline) => {
                         phase = Phase::Cancelling;
                         continue;
@@ -262,7 +288,13 @@ async fn consume_on(
                 phase = Phase::Draining;
                 continue;
             }
-            Phase::Draining => deliveries.next().await,
+            Phase::Draining => tokio::select! {
+                next = deliveries.next() => next,
+                _ = lingered => {
+                    flush(&mut tasks, batcher.due(tokio::time::Instant::now()), worker, &publish, &gate);
+                    continue;
+                }
+            },
         };
         match next {
             Some((partition, Ok(delivery))) => {
@@ -270,13 +302,34 @@ async fn consume_on(
                     break;
                 };
                 gate.received(partition);
-                let worker = worker.clone();
-                let publish = publish.clone();
-                let gate = gate.clone();
-                tasks.spawn(async move {
-                    handle(worker, publish, partition, delivery, gate).await;
-                    drop(permit);
-                });
+                match triage(worker, &delivery) {
+                    Some((envelope, effect)) => {
+                        let tenant = envelope.tenant_id.clone();
+                        let item = Item {
+                            partition,
+                            label: type_label(&envelope.event_type),
+                            delivery,
+                            envelope,
+                            effect,
+                            received: Instant::now(),
+                            _permit: permit,
+                        };
+                        let stalled = gate.holds(partition) >= usize::from(per_queue);
+                        let now = tokio::time::Instant::now();
+                        if let Some(batch) = batcher.push(&tenant, partition, item, now, stalled) {
+                            flush(&mut tasks, vec![batch], worker, &publish, &gate);
+                        }
+                    }
+                    None => {
+                        let worker = worker.clone();
+                        let publish = publish.clone();
+                        let gate = gate.clone();
+                        tasks.spawn(async move {
+                            handle(worker, publish, partition, delivery, gate).await;
+                            drop(permit);
+                        });
+                    }
+                }
             }
             Some((_, Err(e))) => {
                 outcome = Err(SessionError::Broker(e));
@@ -292,8 +345,133 @@ async fn consume_on(
     }
     worker.set_ready(false);
     gate.consumers_stopped.cancel();
+    // What was received is finished, not handed back (contract section 7).
+    flush(&mut tasks, batcher.drain(), worker, &publish, &gate);
     while tasks.join_next().await.is_some() {}
     outcome
+}
+
+/// One received message whose effect waits in its tenant's batch.
+struct Item {
+    partition: u16,
+    delivery: Delivery,
+    envelope: Envelope,
+    effect: Effect,
+    label: &'static str,
+    received: Instant,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Decides, per message and before any batching, whether the message applies something; what
+/// does not (poison, undecodable, ignored, another application's) is settled on its own.
+fn triage(worker: &Worker, delivery: &Delivery) -> Option<(Envelope, Effect)> {
+    if worker.retry.is_poison(&History::of(delivery)) {
+        return None;
+    }
+    let envelope = Envelope::decode(&delivery.data).ok()?;
+    if let Some(ours) = &worker.application_id {
+        if envelope.application_id.as_deref() != Some(ours.as_str()) {
+            return None;
+        }
+    }
+    let effect = Effect::decode(&envelope, &delivery.data).ok()??;
+    Some((envelope, effect))
+}
+
+fn flush(
+    tasks: &mut JoinSet<()>,
+    batches: Vec<Batch<Item>>,
+    worker: &Arc<Worker>,
+    publish: &Channel,
+    gate: &SettleGate,
+) {
+    for batch in batches {
+        let worker = worker.clone();
+        let publish = publish.clone();
+        let gate = gate.clone();
+        let span = tracing::info_span!("batch", tenant = %batch.tenant, events = batch.items.len());
+        tasks.spawn(apply_batch(worker, publish, gate, batch).instrument(span));
+    }
+}
+
+/// Resolves the tenant once and applies its batch in one statement.
+async fn commit(worker: &Worker, batch: &Batch<Item>) -> Result<(), Failure> {
+    let db = worker.resolver.resolve(&batch.tenant).await?;
+    let lease = worker.pools.lease(&db).await?;
+    let mut conn = lease.connection().await?;
+    apply::apply_batch(&mut conn, batch.items.iter().map(|item| &item.effect)).await?;
+    Ok(())
+}
+
+/// Applies a batch and acks it after the commit. When the batch fails, every message goes its own
+/// way: after a permanent failure each is applied alone (so one bad event cannot dead-letter the
+/// others), after a transient one each takes the retry path (or the outage hold) by itself.
+async fn apply_batch(worker: Arc<Worker>, publish: Channel, gate: SettleGate, batch: Batch<Item>) {
+    match commit(&worker, &batch).await {
+        Ok(()) => {
+            let now = Utc::now();
+            let acked = gate
+                .ack_all(
+                    batch
+                        .items
+                        .iter()
+                        .map(|item| (item.partition, &item.delivery)),
+                )
+                .await;
+            for (item, acked) in batch.items.iter().zip(acked) {
+                if !acked {
+                    continue;
+                }
+                worker.metrics.count(item.label, Outcome::Applied);
+                worker
+                    .metrics
+                    .apply_seconds
+                    .observe(item.received.elapsed().as_secs_f64());
+                let lag = (now - item.effect.key.time.to_utc())
+                    .as_seconds_f64()
+                    .max(0.0);
+                worker.metrics.lag_seconds.observe(lag);
+                tracing::debug!(event_id = item.envelope.id, tenant = %batch.tenant, r#type = item.label, "applied");
+            }
+        }
+        Err(failure) => {
+            let retry_each = failure.class() == FailureClass::Transient;
+            if !retry_each {
+                tracing::warn!(error = %failure, "batch failed permanently; applying its events one by one");
+            }
+            let alone = batch.items.into_iter().map(|item| {
+                let span = tracing::info_span!(
+                    "event",
+                    event_id = item.envelope.id,
+                    tenant = %item.envelope.tenant_id,
+                    r#type = item.label,
+                    partition = item.partition
+                );
+                let start = if retry_each {
+                    Start::Failed(item.envelope, failure.clone())
+                } else {
+                    Start::Decoded(Ok(item.envelope))
+                };
+                let worker = &worker;
+                let publish = &publish;
+                let gate = &gate;
+                async move {
+                    settle(
+                        worker,
+                        publish,
+                        item.partition,
+                        &item.delivery,
+                        start,
+                        item.label,
+                        gate,
+                    )
+                    .await;
+                }
+                .instrument(span)
+            });
+            futures_util::future::join_all(alone).await;
+        }
+    }
 }
 
 /// How a session stops. Settling a message gives the broker credit to deliver another, and a
@@ -363,10 +541,22 @@ async fn handle(
     };
     let span = tracing::info_span!("event", event_id, tenant, r#type = label, partition);
     settle(
-        &worker, &publish, partition, &delivery, decoded, label, &gate,
+        &worker,
+        &publish,
+        partition,
+        &delivery,
+        Start::Decoded(decoded),
+        label,
+        &gate,
     )
     .instrument(span)
     .await;
+}
+
+/// Where settling a message starts: from its decoded envelope, or from the failure its batch met.
+enum Start {
+    Decoded(Result<Envelope, avsync_shared::EnvelopeError>),
+    Failed(Envelope, Failure),
 }
 
 async fn settle(
@@ -374,7 +564,7 @@ async fn settle(
     publish: &Channel,
     partition: u16,
     delivery: &Delivery,
-    decoded: Result<Envelope, avsync_shared::EnvelopeError>,
+    start: Start,
     label: &'static str,
     gate: &SettleGate,
 ) {
@@ -408,14 +598,18 @@ async fn settle(
         settler.dead_letter(&letter).await;
         return;
     }
-    let envelope = match decoded {
-        Ok(envelope) => envelope,
-        Err(e) => {
+    let (envelope, initial) = match start {
+        Start::Decoded(Ok(envelope)) => (envelope, None),
+        Start::Failed(envelope, failure) => (envelope, Some(Err(failure))),
+        Start::Decoded(Err(e)) => {
             settler.permanent(&Failure::from(e), &history).await;
             return;
         }
     };
-    let mut result = process(worker, &envelope, &delivery.data).await;
+    let mut result = match initial {
+        Some(result) => result,
+        None => process(worker, &envelope, &delivery.data).await,
+    };
     let mut outage: Option<Box<dyn Iterator<Item = Duration> + Send>> = None;
     loop {
         let failure = match result {
@@ -599,6 +793,13 @@ impl SettleGate {
         }
     }
 
+    /// Messages of `partition` received and not yet settled.
+    fn holds(&self, partition: u16) -> usize {
+        self.held
+            .get(usize::from(partition))
+            .map_or(0, |n| n.load(Ordering::Acquire))
+    }
+
     fn all_full(&self, per_queue: usize) -> bool {
         self.held
             .iter()
@@ -623,6 +824,17 @@ impl SettleGate {
                 false
             }
         }
+    }
+
+    /// Acks every message of a committed batch; per message, true when the broker took it.
+    async fn ack_all<'a>(
+        &self,
+        deliveries: impl Iterator<Item = (u16, &'a Delivery)>,
+    ) -> Vec<bool> {
+        futures_util::future::join_all(
+            deliveries.map(|(partition, delivery)| self.ack(partition, delivery)),
+        )
+        .await
     }
 
     async fn requeue(&self, partition: u16, delivery: &Delivery) -> bool {

@@ -5,6 +5,7 @@
 //! `apply` (the event rules) → ack. `failure` decides what a failure means.
 
 pub mod apply;
+pub mod batch;
 pub mod cli;
 pub mod consume;
 pub mod depth;

@@ -61,7 +61,7 @@ pub struct Settings {
 
     /// Unacknowledged messages this worker holds, split evenly over the partition queues (at
     /// least one each); also the number of messages applied at once.
-    #[arg(long, env = "AVSYNC_PREFETCH", value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+    #[arg(long, env = "AVSYNC_PREFETCH", value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u16).range(1..=10_000))]
     pub prefetch: u16,
 }
 
