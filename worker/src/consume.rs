@@ -639,7 +639,12 @@ async fn settle(
                 settler.permanent(&failure, &history).await;
                 return;
             }
-            FailureClass::Transient if worker.resolver.postgres_unreachable(&failure).await => {
+            FailureClass::Transient
+                if worker
+                    .resolver
+                    .postgres_unreachable(&envelope.tenant_id, &failure)
+                    .await =>
+            {
                 let delays = outage.get_or_insert_with(|| Box::new(outage_backoff()));
                 let delay = delays.next().unwrap_or(OUTAGE_MAX);
                 tracing::warn!(error = %failure, retry_in = ?delay, "PostgreSQL unreachable; holding the message and backing off");

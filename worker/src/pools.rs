@@ -20,7 +20,7 @@ use moka::policy::EvictionPolicy;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -69,6 +69,10 @@ pub struct TenantPool {
     epoch: Instant,
     metrics: PoolMetrics,
     idle: Arc<Notify>,
+    /// Its database is gone (dropped under it): the next lease opens the pool anew, which
+    /// creates (when allowed) and migrates the database again.
+    stale: AtomicBool,
+    database: String,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -119,6 +123,12 @@ impl Lease {
             .observe(started.elapsed().as_secs_f64());
         connection.map_err(|e| match e {
             PoolError::Timeout(_) => Failure::PoolTimeout(WAIT_TIMEOUT),
+            PoolError::Backend(e) if is_missing_database(&e) => {
+                self.pool.stale.store(true, Ordering::Release);
+                Failure::NotProvisioned {
+                    database: self.pool.database.clone(),
+                }
+            }
             PoolError::Backend(e) => Failure::Unreachable(e.to_string()),
             other => Failure::Unreachable(other.to_string()),
         })
@@ -192,6 +202,10 @@ impl Pools {
                 .try_get_with(db.key().to_owned(), self.open(db))
                 .await
                 .map_err(|shared| (*shared).clone())?;
+            if pool.stale.load(Ordering::Acquire) {
+                self.cache.invalidate(db.key()).await;
+                continue;
+            }
             if let Some(lease) = Lease::take(pool) {
                 return Ok(lease);
             }
@@ -228,6 +242,8 @@ impl Pools {
             epoch: self.epoch,
             metrics: self.metrics.clone(),
             idle: self.idle.clone(),
+            stale: AtomicBool::new(false),
+            database: db.database().to_owned(),
             _slot: slot,
         };
         pool.touch();

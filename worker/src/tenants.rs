@@ -19,6 +19,10 @@ const PLACEHOLDER: &str = "{tenant_id}";
 const FOUND_TTL: Duration = Duration::from_secs(30);
 const UNKNOWN_TTL: Duration = Duration::from_secs(5);
 const REGISTRY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one answer to "is PostgreSQL reachable at all?" is reused: a batch of failures asks
+/// once, not once per message.
+const PROBE_FRESH: Duration = Duration::from_secs(1);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A resolved tenant database. Its URL may hold a password: it is never logged or shown.
 #[derive(Clone)]
@@ -141,6 +145,7 @@ pub struct RegistryEntry {
 
 pub struct Resolver {
     mode: Mode,
+    last_probe: tokio::sync::Mutex<Option<(Instant, bool)>>,
 }
 
 impl Resolver {
@@ -161,7 +166,10 @@ impl Resolver {
                 Mode::Registry { pool, cache }
             }
         };
-        Ok(Self { mode })
+        Ok(Self {
+            mode,
+            last_probe: tokio::sync::Mutex::new(None),
+        })
     }
 
     pub async fn resolve(&self, tenant: &TenantId) -> Result<TenantDb, Failure> {
@@ -182,15 +190,25 @@ impl Resolver {
     }
 
     /// Whether `failure` means PostgreSQL cannot be reached at all, rather than one tenant's
-    /// database. In template mode every tenant lives on the template's server, so a
-    /// connection-level failure is that server's; in registry mode tenants may live on other
-    /// servers, so the registry database is asked too.
-    pub async fn postgres_unreachable(&self, failure: &Failure) -> bool {
+    /// database (dropped, not provisioned, or on a server of its own). In template mode every
+    /// tenant lives on the template's server, so that server is asked (its maintenance database
+    /// `postgres`; any answer, even a refusal, means it is up); in registry mode tenants may live
+    /// on other servers, so the registry database is asked.
+    pub async fn postgres_unreachable(&self, tenant: &TenantId, failure: &Failure) -> bool {
         if !failure.is_connection_level() {
             return false;
         }
-        match &self.mode {
-            Mode::Template(_) => true,
+        let mut last = self.last_probe.lock().await;
+        if let Some((at, unreachable)) = *last {
+            if at.elapsed() < PROBE_FRESH {
+                return unreachable;
+            }
+        }
+        let unreachable = match &self.mode {
+            Mode::Template(template) => match TenantDb::from_url(&template_url(template, tenant)) {
+                Ok(db) => server_unreachable(db.options()).await,
+                Err(_) => false,
+            },
             Mode::Registry { .. } if matches!(failure, Failure::Registry(_)) => true,
             Mode::Registry { pool, .. } => {
                 let probe = sqlx::query("SELECT 1").execute(pool);
@@ -199,7 +217,9 @@ impl Resolver {
                     Ok(Ok(_))
                 )
             }
-        }
+        };
+        *last = Some((Instant::now(), unreachable));
+        unreachable
     }
 
     /// Every registry entry, or None in template mode (which has no list of tenants).
@@ -234,6 +254,26 @@ async fn look_up(pool: &PgPool, tenant: &TenantId) -> Result<Lookup, Arc<sqlx::E
         Some((url, enabled)) => Lookup::Found { url, enabled },
         None => Lookup::Unknown,
     })
+}
+
+async fn server_unreachable(options: &PgConnectOptions) -> bool {
+    use sqlx::Connection as _;
+    let maintenance = options.clone().database("postgres");
+    match tokio::time::timeout(
+        PROBE_TIMEOUT,
+        sqlx::PgConnection::connect_with(&maintenance),
+    )
+    .await
+    {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            false
+        }
+        // The server answered: a refused login, a missing database or "too many connections"
+        // all mean it is up.
+        Ok(Err(sqlx::Error::Database(_))) => false,
+        _ => true,
+    }
 }
 
 #[cfg(test)]
