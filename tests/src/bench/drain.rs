@@ -1,0 +1,728 @@
+//! Phases 4 and 5: the real worker binary draining pre-filled partition queues, its lag at half
+//! that rate, and the same drain over few and over many tenants with a bounded pool cache.
+
+use crate::bench::broker::{self, Target};
+use crate::bench::cpu::{CpuShare, Snapshot};
+use crate::bench::report::{keys, Figure, Report};
+use crate::bench::run::{migrated_database, seed, Bench, Runs};
+use crate::bench::stats::{percentile, sorted};
+use crate::bench::worker::{self, Counts, WorkerConfig, Workers};
+use crate::bench::workload::{tenant_ids, Event, Generator};
+use crate::bench::BenchError;
+use crate::support;
+use chrono::{DateTime, Utc};
+use futures_util::stream::{self, StreamExt, TryStreamExt};
+use lapin::options::QueuePurgeOptions;
+use sqlx::{Connection as _, PgConnection};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// How often a drain is sampled through the workers' `/metrics`.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+/// A drain that settled nothing new for this long has stopped: what is left waits on a retry or
+/// was dead-lettered by the broker.
+const STALL: Duration = Duration::from_secs(20);
+/// A worker's graceful stop slower than this is worth a note: restarts would be that slow.
+const SLOW_STOP: Duration = Duration::from_secs(5);
+/// The worker's AVSYNC_TENANT_POOL_CAPACITY and AVSYNC_TENANT_POOL_SIZE defaults.
+const DEFAULT_POOL_CAPACITY: u32 = 256;
+const DEFAULT_POOL_SIZE: u32 = 4;
+/// Connections left free beside the workers' pools: the bench's own, and the short-lived one a
+/// worker opens to check migrations before it opens a pool.
+const CONNECTION_MARGIN: u32 = 10;
+/// Tenant databases created at once: enough to overlap their round trips and WAL writes, few
+/// enough not to crowd two cores.
+const CREATE_CONCURRENCY: usize = 4;
+
+/// The result of draining a pre-filled queue with fresh workers, per repetition.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Drain {
+    tenants: u32,
+    rates: Vec<f64>,
+    peak_rss_mb: Vec<f64>,
+    /// New PostgreSQL sessions in the tenant databases per 1,000 settled events.
+    sessions_per_1k: Vec<f64>,
+    cpu: Vec<CpuShare>,
+}
+
+impl Bench<'_> {
+    /// Creates (from one migrated template) the databases of tenants `0..count` not made yet,
+    /// so that neither creation nor migration is measured.
+    async fn tenant_databases(&mut self, count: u32) -> Result<(), BenchError> {
+        if count <= self.tenant_databases {
+            return Ok(());
+        }
+        let template = format!("{}_template", self.prefix);
+        if self.tenant_databases == 0 {
+            let conn = migrated_database(&template).await?;
+            let _ = conn.close().await;
+        }
+        let started = Instant::now();
+        let names: Vec<String> = tenant_ids(count)
+            .into_iter()
+            .skip(self.tenant_databases as usize)
+            .map(|t| format!("{}_{}", self.prefix, t.as_str()))
+            .collect();
+        eprintln!(
+            "  creating {} tenant database(s) from a migrated template",
+            names.len()
+        );
+        let chunks: Vec<Vec<String>> = (0..CREATE_CONCURRENCY)
+            .map(|k| {
+                names
+                    .iter()
+                    .skip(k)
+                    .step_by(CREATE_CONCURRENCY)
+                    .cloned()
+                    .collect()
+            })
+            .collect();
+        stream::iter(chunks)
+            .map(|chunk| create_from_template(&template, chunk))
+            .buffer_unordered(CREATE_CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await?;
+        eprintln!("  created in {:.1} s", started.elapsed().as_secs_f64());
+        self.tenant_databases = count;
+        Ok(())
+    }
+
+    /// Pre-fills the partition queues with `n` events over `tenants`, then drains them with
+    /// fresh workers, `repetitions` times.
+    async fn drain(
+        &mut self,
+        report: &mut Report,
+        config: &WorkerConfig,
+        tenants: u32,
+        tag: char,
+    ) -> Result<Drain, BenchError> {
+        self.tenant_databases(tenants).await?;
+        let config = self.fitted(report, config, tenants).await?;
+        let ids = tenant_ids(tenants);
+        let n = self.args.events;
+        let mut drain = Drain {
+            tenants,
+            ..Drain::default()
+        };
+        let mut log_lines = 0;
+        for rep in 0..self.reps() {
+            let events = Generator::new(seed(6, rep), &format!("{tag}{rep}"), &ids, n).events(n);
+            let filled = Instant::now();
+            broker::publish_all(&self.publish, Target::Partitions(&self.topology), &events).await?;
+            drop(events);
+            eprintln!(
+                "  repetition {}: pre-filled {n} events over {tenants} tenants in {:.1} s",
+                rep + 1,
+                filled.elapsed().as_secs_f64()
+            );
+            let sessions_before = tenant_sessions(&self.prefix).await?;
+            let mut workers = Workers::start(&config, self.args.workers, &self.http).await?;
+            let pids = workers.pids();
+            let before = Snapshot::take(&pids);
+            let waited = match workers.counts(&self.http).await {
+                Ok(start) => self.wait_settled(&mut workers, start, n).await,
+                Err(e) => Err(e),
+            };
+            let cpu = before.share_until(&Snapshot::take(&pids));
+            let peak_rss = workers.peak_rss();
+            let stopped = workers.stop().await;
+            log_lines += stopped.log_lines;
+            if stopped.killed > 0 {
+                report.note(format!(
+                    "{tenants} tenants, repetition {}: {} worker(s) did not stop within 30 s of SIGTERM and were killed",
+                    rep + 1,
+                    stopped.killed
+                ));
+            } else if stopped.slowest > SLOW_STOP {
+                report.note(format!(
+                    "{tenants} tenants, repetition {}: a graceful stop took {:.1} s",
+                    rep + 1,
+                    stopped.slowest.as_secs_f64()
+                ));
+            }
+            let progress = waited?;
+            let rate = progress.applied_per_second();
+            let sessions = tenant_sessions(&self.prefix).await? - sessions_before;
+            let settled = progress.counts.settled().max(1);
+            eprintln!(
+                "  repetition {}: {rate:.0} events/s, peak RSS {:.1} MB",
+                rep + 1,
+                peak_rss.map_or(f64::NAN, mb)
+            );
+            let c = progress.counts;
+            match progress.ending {
+                Ending::Complete => {}
+                Ending::Window => report.note(format!(
+                    "{tenants} tenants, repetition {}: measured over the {:?} window, in which {} of {n} events were settled; the rest was purged",
+                    rep + 1,
+                    self.args.drain_window,
+                    c.settled()
+                )),
+                Ending::Stalled => report.note(format!(
+                    "{tenants} tenants, repetition {}: the drain stopped progressing with {} of {n} events settled ({} retried); its rate counts until the last progress, and the rest was purged",
+                    rep + 1,
+                    c.settled(),
+                    c.retried
+                )),
+            }
+            if progress.ending != Ending::Complete {
+                self.purge_leftovers().await;
+            }
+            if c.retried > 0 || c.dead_lettered > 0 || c.ignored > 0 {
+                report.note(format!(
+                    "{tenants} tenants, repetition {}: {} retried, {} dead-lettered, {} ignored of {n}",
+                    rep + 1,
+                    c.retried,
+                    c.dead_lettered,
+                    c.ignored
+                ));
+            }
+            drain.rates.push(rate);
+            drain.peak_rss_mb.push(peak_rss.map_or(f64::NAN, mb));
+            drain
+                .sessions_per_1k
+                .push(sessions as f64 * 1_000.0 / settled as f64);
+            drain.cpu.push(cpu);
+        }
+        if log_lines > 0 {
+            report.note(format!(
+                "{tenants} tenants: the workers wrote {log_lines} warning/error log line(s) over {} repetition(s) (the first ones are on stderr)",
+                self.reps()
+            ));
+        }
+        Ok(drain)
+    }
+
+    /// `config` with a pool size that fits PostgreSQL's free connections, when the default
+    /// would not: a worker holds up to (open pools × pool size) connections, and a server out of
+    /// connections turns every event into a retry, which measures nothing.
+    async fn fitted(
+        &self,
+        report: &mut Report,
+        config: &WorkerConfig,
+        tenants: u32,
+    ) -> Result<WorkerConfig, BenchError> {
+        let chosen_by_operator = config
+            .extra_env
+            .iter()
+            .any(|(k, _)| k == "AVSYNC_TENANT_POOL_SIZE");
+        if chosen_by_operator {
+            return Ok(config.clone());
+        }
+        let (max, in_use) = connection_use().await?;
+        let free = max.saturating_sub(in_use + CONNECTION_MARGIN);
+        let capacity = config.pool_capacity.unwrap_or(DEFAULT_POOL_CAPACITY);
+        let pools = tenants.min(capacity) * u32::from(self.args.workers);
+        let size = fit_pool_size(pools, free);
+        if let Some(size) = size {
+            report.note(format!(
+                "{tenants} tenants: workers run with AVSYNC_TENANT_POOL_SIZE={size}: {pools} pool(s) of the default {DEFAULT_POOL_SIZE} connections would exceed the {free} free of PostgreSQL's max_connections={max}"
+            ));
+        }
+        Ok(WorkerConfig {
+            pool_size: size,
+            ..config.clone()
+        })
+    }
+
+    /// Polls the workers until they settled `n` more messages than `start` counted, or until
+    /// nothing moved for [`STALL`] or the drain window passed.
+    async fn wait_settled(
+        &self,
+        workers: &mut Workers,
+        start: Counts,
+        n: u64,
+    ) -> Result<Progress, BenchError> {
+        let mut progress = Progress::new(start, Instant::now());
+        loop {
+            let counts = workers.counts(&self.http).await?;
+            let now = Instant::now();
+            progress.observe(counts, now);
+            if counts.settled() >= start.settled() + n {
+                progress.ending = Ending::Complete;
+                return Ok(progress);
+            }
+            if now.duration_since(progress.last_change.0) > STALL {
+                progress.ending = Ending::Stalled;
+                return Ok(progress);
+            }
+            if now.duration_since(progress.started) > self.args.drain_window {
+                progress.ending = Ending::Window;
+                return Ok(progress);
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+    }
+
+    /// Empties the partition, retry and dead-letter queues after a drain that did not finish,
+    /// so the next repetition starts from the same state.
+    async fn purge_leftovers(&self) {
+        let mut queues: Vec<String> = (0..self.topology.partitions())
+            .map(|p| self.topology.partition_queue(p))
+            .collect();
+        queues.push(self.topology.dead_queue());
+        queues.extend(
+            worker::retry_tiers()
+                .into_iter()
+                .map(|d| self.topology.retry_tier(d)),
+        );
+        for queue in queues {
+            // Purging a queue that does not exist closes the channel: one channel per queue.
+            if let Ok(channel) = self.amqp.create_channel().await {
+                let _ = channel
+                    .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
+                    .await;
+                let _ = channel.close(200, "purged".into()).await;
+            }
+        }
+    }
+
+    pub(super) async fn worker(
+        &mut self,
+        report: &mut Report,
+        config: &WorkerConfig,
+    ) -> Result<Drain, BenchError> {
+        let (t, w) = (self.args.tenants, self.args.workers);
+        eprintln!(
+            "[4] worker: {w} worker process(es) drain {} events over {t} tenants",
+            self.args.events
+        );
+        let drain = self.drain(report, config, t, 'w').await?;
+        report.add(Figure::new(
+            keys::WORKER,
+            4,
+            format!("worker: drain, {t} tenants, {w} worker(s)"),
+            "events/s",
+            drain.rates.clone(),
+            &drain.cpu,
+        ));
+        report.add(Figure::new(
+            keys::WORKER_RSS,
+            4,
+            format!("worker: peak RSS, {t} tenants"),
+            "MB",
+            drain.peak_rss_mb.clone(),
+            &[],
+        ));
+        report.add(Figure::new(
+            keys::WORKER_SESSIONS,
+            4,
+            format!("worker: new PostgreSQL sessions per 1k events, {t} tenants"),
+            "count",
+            drain.sessions_per_1k.clone(),
+            &[],
+        ));
+        let max_rate = report.median(keys::WORKER).unwrap_or(0.0);
+        self.lag(report, config, max_rate / 2.0).await?;
+        Ok(drain)
+    }
+
+    /// Publishes fresh users' events at `rate` to running workers, stamping each with its
+    /// publish time; lag is the commit (`synced_at` of its row) minus that stamp.
+    async fn lag(
+        &mut self,
+        report: &mut Report,
+        config: &WorkerConfig,
+        rate: f64,
+    ) -> Result<(), BenchError> {
+        if rate <= 0.0 {
+            report.note("no worker rate was measured, so lag was not");
+            return Ok(());
+        }
+        let d = self.args.lag_duration;
+        eprintln!(
+            "[4] worker lag: {rate:.0} events/s (half the drain rate) for {d:?} per repetition"
+        );
+        let config = self.fitted(report, config, self.args.tenants).await?;
+        let mut workers = Workers::start(&config, self.args.workers, &self.http).await?;
+        let result = self.lag_runs(report, &mut workers, rate).await;
+        let stopped = workers.stop().await;
+        if stopped.log_lines > 0 {
+            report.note(format!(
+                "lag: the workers wrote {} warning/error log line(s) (first ones on stderr)",
+                stopped.log_lines
+            ));
+        }
+        if stopped.killed > 0 {
+            report.note(format!(
+                "lag: {} worker(s) did not stop within 30 s of SIGTERM and were killed",
+                stopped.killed
+            ));
+        }
+        let runs = result?;
+        report.add(Figure::new(
+            keys::LAG_RATE,
+            4,
+            "worker lag: publish rate (half the drain rate)",
+            "events/s",
+            runs.rates,
+            &runs.cpu,
+        ));
+        report.add(Figure::new(
+            keys::LAG_P50,
+            4,
+            "worker lag p50: accepted to committed",
+            "ms",
+            runs.p50,
+            &runs.cpu,
+        ));
+        report.add(Figure::new(
+            keys::LAG_P99,
+            4,
+            "worker lag p99: accepted to committed",
+            "ms",
+            runs.p99,
+            &runs.cpu,
+        ));
+        Ok(())
+    }
+
+    async fn lag_runs(
+        &mut self,
+        report: &mut Report,
+        workers: &mut Workers,
+        rate: f64,
+    ) -> Result<Runs, BenchError> {
+        let mut runs = Runs::default();
+        let pids = workers.pids();
+        for rep in 0..self.reps() {
+            let mut generator = Generator::new(
+                seed(7, rep),
+                &format!("l{rep}"),
+                &self.tenants,
+                self.args.events,
+            );
+            let settled_before = workers.counts(&self.http).await?;
+            let before = Snapshot::take(&pids);
+            let paced = broker::publish_paced(
+                &self.publish,
+                &self.topology,
+                rate,
+                self.args.lag_duration,
+                |serial, at| generator.fresh_user_event(serial, at),
+            )
+            .await?;
+            let sent = paced.sent.len() as u64;
+            let progress = self.wait_settled(workers, settled_before, sent).await?;
+            if progress.ending != Ending::Complete {
+                report.note(format!(
+                    "lag repetition {}: only {} of {sent} events settled within the drain window",
+                    rep + 1,
+                    progress
+                        .counts
+                        .settled()
+                        .saturating_sub(settled_before.settled())
+                ));
+            }
+            runs.cpu.push(before.share_until(&Snapshot::take(&pids)));
+            let (lags, missing) = lags_ms(&self.prefix, &paced.sent).await?;
+            if missing > 0 {
+                report.note(format!(
+                    "lag repetition {}: {missing} of {sent} events left no row (dead-lettered?)",
+                    rep + 1
+                ));
+            }
+            let lags = sorted(lags);
+            let achieved = sent as f64 / paced.elapsed.as_secs_f64();
+            eprintln!(
+                "  repetition {}: {achieved:.0} events/s, lag p50 {:.1} ms, p99 {:.1} ms",
+                rep + 1,
+                percentile(&lags, 0.5).unwrap_or(f64::NAN),
+                percentile(&lags, 0.99).unwrap_or(f64::NAN)
+            );
+            if achieved < 0.9 * rate {
+                report.note(format!(
+                    "lag repetition {}: the publisher reached {achieved:.0} of the {rate:.0} events/s asked; its lag is at that rate",
+                    rep + 1
+                ));
+            }
+            runs.rates.push(achieved);
+            runs.p50.push(percentile(&lags, 0.5).unwrap_or(f64::NAN));
+            runs.p99.push(percentile(&lags, 0.99).unwrap_or(f64::NAN));
+        }
+        Ok(runs)
+    }
+
+    pub(super) async fn scale(
+        &mut self,
+        report: &mut Report,
+        config: &WorkerConfig,
+        worker_drain: Option<Drain>,
+    ) -> Result<(), BenchError> {
+        let pair = self.args.scale_tenants;
+        let capacity = self.args.scale_pool_capacity;
+        let config = WorkerConfig {
+            pool_capacity: Some(capacity),
+            ..config.clone()
+        };
+        eprintln!(
+            "[5] scale: {} events over {} and over {} tenants, AVSYNC_TENANT_POOL_CAPACITY={capacity}",
+            self.args.events, pair.few, pair.many
+        );
+        // Below both capacities no pool is ever closed, so phase 4's runs are the same runs.
+        let reusable = worker_drain.filter(|d| d.tenants == pair.few && pair.few <= capacity);
+        let few = match reusable {
+            Some(d) => {
+                report.note(format!(
+                    "scale, {} tenants: phase 4's runs are reused (with {} tenants no pool is ever evicted at capacity 256 or {capacity})",
+                    pair.few, pair.few
+                ));
+                d
+            }
+            None => self.drain(report, &config, pair.few, 'f').await?,
+        };
+        let many = self.drain(report, &config, pair.many, 'm').await?;
+        for (drain, rate_key, rss_key, sessions_key) in [
+            (
+                &few,
+                keys::SCALE_FEW,
+                keys::SCALE_FEW_RSS,
+                keys::SCALE_FEW_SESSIONS,
+            ),
+            (
+                &many,
+                keys::SCALE_MANY,
+                keys::SCALE_MANY_RSS,
+                keys::SCALE_MANY_SESSIONS,
+            ),
+        ] {
+            report.add(Figure::new(
+                rate_key,
+                5,
+                format!(
+                    "scale: drain, {} tenants, pool capacity {capacity}",
+                    drain.tenants
+                ),
+                "events/s",
+                drain.rates.clone(),
+                &drain.cpu,
+            ));
+            report.add(Figure::new(
+                rss_key,
+                5,
+                format!("scale: worker peak RSS, {} tenants", drain.tenants),
+                "MB",
+                drain.peak_rss_mb.clone(),
+                &[],
+            ));
+            report.add(Figure::new(
+                sessions_key,
+                5,
+                format!(
+                    "scale: new PostgreSQL sessions per 1k events, {} tenants",
+                    drain.tenants
+                ),
+                "count",
+                drain.sessions_per_1k.clone(),
+                &[],
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a drain looked like through the workers' counters.
+#[derive(Debug, Clone)]
+struct Progress {
+    started: Instant,
+    initial: Counts,
+    /// The first sample that saw a message settled, with the events applied by then.
+    first: Option<(Instant, u64)>,
+    /// The last sample at which the settled count moved, with the events applied by then.
+    last_change: (Instant, u64),
+    counts: Counts,
+    ending: Ending,
+}
+
+/// Why a wait for settled messages ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// Every message expected was settled.
+    Complete,
+    /// Nothing was settled for [`STALL`].
+    Stalled,
+    /// The drain window passed first.
+    Window,
+}
+
+impl Progress {
+    fn new(initial: Counts, now: Instant) -> Self {
+        Self {
+            started: now,
+            initial,
+            first: None,
+            last_change: (now, initial.applied),
+            counts: initial,
+            ending: Ending::Window,
+        }
+    }
+
+    fn observe(&mut self, counts: Counts, now: Instant) {
+        if self.first.is_none() && counts.settled() > self.initial.settled() {
+            self.first = Some((now, counts.applied));
+        }
+        if counts.settled() != self.counts.settled() {
+            self.last_change = (now, counts.applied);
+        }
+        self.counts = counts;
+    }
+
+    /// Events applied per second from the first sample that saw progress to the last that saw
+    /// any: the workers' start-up and the polling after a stall are left out.
+    fn applied_per_second(&self) -> f64 {
+        let (end, applied) = self.last_change;
+        match self.first {
+            Some((start, at_start)) if end > start && applied > at_start => {
+                (applied - at_start) as f64 / end.duration_since(start).as_secs_f64()
+            }
+            _ => {
+                let seconds = end.duration_since(self.started).as_secs_f64().max(1e-3);
+                applied.saturating_sub(self.initial.applied) as f64 / seconds
+            }
+        }
+    }
+}
+
+/// The pool size that lets `pools` pools fit in `free` connections, when the default does not.
+fn fit_pool_size(pools: u32, free: u32) -> Option<u32> {
+    let pools = pools.max(1);
+    (pools * DEFAULT_POOL_SIZE > free).then(|| (free / pools).max(1))
+}
+
+/// PostgreSQL's `max_connections` and the connections open now.
+async fn connection_use() -> Result<(u32, u32), BenchError> {
+    let mut admin = PgConnection::connect(support::PG_ADMIN_URL).await?;
+    let max: String = sqlx::query_scalar("SHOW max_connections")
+        .fetch_one(&mut admin)
+        .await?;
+    let in_use: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity")
+        .fetch_one(&mut admin)
+        .await?;
+    let _ = admin.close().await;
+    Ok((
+        max.parse().unwrap_or(100),
+        u32::try_from(in_use).unwrap_or(u32::MAX),
+    ))
+}
+
+/// Sessions ever opened to the run's databases (PostgreSQL counts each new connection). A
+/// backend reports its session when it exits or within seconds while idle, so this reads until
+/// two reads 200 ms apart agree (at most 5 s).
+async fn tenant_sessions(prefix: &str) -> Result<i64, BenchError> {
+    let mut admin = PgConnection::connect(support::PG_ADMIN_URL).await?;
+    let started = Instant::now();
+    let mut last = None;
+    let total = loop {
+        // A fresh snapshot each time: within a transaction the statistics would stay frozen.
+        let sessions: Option<i64> = sqlx::query_scalar(
+            "SELECT sum(sessions)::bigint FROM pg_stat_database WHERE starts_with(datname, $1)",
+        )
+        .bind(format!("{prefix}_"))
+        .fetch_one(&mut admin)
+        .await?;
+        let sessions = sessions.unwrap_or(0);
+        if last == Some(sessions) || started.elapsed() > Duration::from_secs(5) {
+            break sessions;
+        }
+        last = Some(sessions);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let _ = admin.close().await;
+    Ok(total)
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+async fn create_from_template(template: &str, names: Vec<String>) -> Result<(), BenchError> {
+    let mut admin = PgConnection::connect(support::PG_ADMIN_URL).await?;
+    for name in names {
+        sqlx::query(&format!(
+            "CREATE DATABASE {} TEMPLATE {}",
+            avsync_worker::pools::quote_identifier(&name),
+            avsync_worker::pools::quote_identifier(template)
+        ))
+        .execute(&mut admin)
+        .await?;
+    }
+    let _ = admin.close().await;
+    Ok(())
+}
+
+/// Each sent event's lag in milliseconds, read from its row; also how many rows were missing.
+async fn lags_ms(prefix: &str, sent: &[Event]) -> Result<(Vec<f64>, usize), BenchError> {
+    let mut by_tenant: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
+    for e in sent {
+        by_tenant.entry(e.tenant.as_str()).or_default().push(e);
+    }
+    let mut lags = Vec::with_capacity(sent.len());
+    let mut missing = 0;
+    for (tenant, events) in by_tenant {
+        let mut conn =
+            PgConnection::connect(&support::database_url(&format!("{prefix}_{tenant}"))).await?;
+        let subs: Vec<&str> = events.iter().map(|e| e.sub.as_str()).collect();
+        let rows: Vec<(String, DateTime<Utc>)> =
+            sqlx::query_as("SELECT id, synced_at FROM av_identities WHERE id = ANY($1)")
+                .bind(&subs)
+                .fetch_all(&mut conn)
+                .await?;
+        let _ = conn.close().await;
+        let committed: BTreeMap<String, DateTime<Utc>> = rows.into_iter().collect();
+        for e in events {
+            match committed.get(&e.sub) {
+                Some(at) => lags.push((*at - e.timestamp).as_seconds_f64() * 1e3),
+                None => missing += 1,
+            }
+        }
+    }
+    Ok((lags, missing))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(applied: u64, retried: u64) -> Counts {
+        Counts {
+            applied,
+            retried,
+            ..Counts::default()
+        }
+    }
+
+    #[test]
+    fn the_rate_runs_from_first_to_last_progress() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut p = Progress::new(Counts::default(), t0);
+        p.observe(counts(0, 0), at(500));
+        p.observe(counts(100, 0), at(1_000));
+        p.observe(counts(1_100, 0), at(2_000));
+        p.observe(counts(2_100, 3), at(3_000));
+        // Retries alone are not progress: the stall that follows does not count.
+        p.observe(counts(2_100, 9), at(9_000));
+        assert_eq!(p.last_change.0, at(3_000));
+        assert!((p.applied_per_second() - 1_000.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_drain_seen_once_counts_from_the_start() {
+        let t0 = Instant::now();
+        let mut p = Progress::new(counts(50, 0), t0);
+        p.observe(counts(250, 0), t0 + Duration::from_millis(100));
+        assert!((p.applied_per_second() - 2_000.0).abs() < 1e-6);
+        let still = Progress::new(counts(50, 0), t0);
+        assert_eq!(still.applied_per_second(), 0.0);
+    }
+
+    #[test]
+    fn pools_keep_the_default_size_while_they_fit() {
+        assert_eq!(fit_pool_size(10, 80), None);
+        assert_eq!(fit_pool_size(20, 80), None);
+        assert_eq!(fit_pool_size(64, 80), Some(1));
+        assert_eq!(fit_pool_size(30, 80), Some(2));
+        assert_eq!(fit_pool_size(64, 0), Some(1), "never below one connection");
+        assert_eq!(fit_pool_size(0, 0), Some(1));
+    }
+}

@@ -1,0 +1,435 @@
+//! The run's result: every figure with its repetitions and CPU, the checks against the issue's
+//! targets, printed as a table and written as JSON.
+
+use crate::bench::cpu::CpuShare;
+use crate::bench::stats::Summary;
+use crate::bench::BenchError;
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// The figures, by the key the JSON report and the checks use.
+pub mod keys {
+    pub const BROKER: &str = "broker_publish";
+    pub const BROKER_ONE_QUEUE: &str = "broker_publish_one_queue";
+    pub const INGRESS: &str = "ingress_accepted";
+    pub const INGRESS_P50: &str = "ingress_latency_p50";
+    pub const INGRESS_P99: &str = "ingress_latency_p99";
+    pub const PIPELINE_BATCHED: &str = "pipeline_batched";
+    pub const PIPELINE_NAIVE: &str = "pipeline_naive";
+    pub const PG_SINGLE: &str = "postgres_upsert_1_row_per_tx";
+    pub const PG_BATCH: &str = "postgres_upsert_100_rows_per_statement";
+    pub const WORKER: &str = "worker_drain";
+    pub const WORKER_RSS: &str = "worker_peak_rss";
+    pub const WORKER_SESSIONS: &str = "worker_sessions_per_1k_events";
+    pub const LAG_RATE: &str = "worker_lag_publish_rate";
+    pub const LAG_P50: &str = "worker_lag_p50";
+    pub const LAG_P99: &str = "worker_lag_p99";
+    pub const SCALE_FEW: &str = "scale_few_tenants_drain";
+    pub const SCALE_MANY: &str = "scale_many_tenants_drain";
+    pub const SCALE_FEW_RSS: &str = "scale_few_tenants_peak_rss";
+    pub const SCALE_MANY_RSS: &str = "scale_many_tenants_peak_rss";
+    pub const SCALE_FEW_SESSIONS: &str = "scale_few_tenants_sessions_per_1k_events";
+    pub const SCALE_MANY_SESSIONS: &str = "scale_many_tenants_sessions_per_1k_events";
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Figure {
+    pub key: &'static str,
+    /// The section (1 to 5) this figure answers.
+    pub section: u8,
+    pub title: String,
+    pub unit: &'static str,
+    pub samples: Vec<f64>,
+    /// Median, min and max of `samples`; absent when no repetition produced a value.
+    pub summary: Option<Summary>,
+    /// Median cores each part used while the figure was measured.
+    pub cpu: Option<CpuShare>,
+}
+
+impl Figure {
+    pub fn new(
+        key: &'static str,
+        section: u8,
+        title: impl Into<String>,
+        unit: &'static str,
+        samples: Vec<f64>,
+        cpu: &[CpuShare],
+    ) -> Self {
+        Self {
+            key,
+            section,
+            title: title.into(),
+            unit,
+            summary: Summary::of(&samples),
+            samples,
+            cpu: CpuShare::median(cpu),
+        }
+    }
+
+    pub fn median(&self) -> Option<f64> {
+        self.summary.map(|s| s.median)
+    }
+}
+
+/// Which way a target points.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bound {
+    AtLeast,
+    AtMost,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Verdict {
+    Pass,
+    Miss,
+    /// A figure it needs was not measured in this run.
+    #[serde(rename = "N/A")]
+    NotMeasured,
+}
+
+/// One of the targets, reported and never asserted.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub value: Option<f64>,
+    pub bound: Bound,
+    pub target: f64,
+    pub unit: &'static str,
+    pub verdict: Verdict,
+}
+
+impl Check {
+    fn new(name: &'static str, value: Option<f64>, bound: Bound, target: f64) -> Self {
+        Self::with_unit(name, value, bound, target, "x")
+    }
+
+    fn with_unit(
+        name: &'static str,
+        value: Option<f64>,
+        bound: Bound,
+        target: f64,
+        unit: &'static str,
+    ) -> Self {
+        let verdict = match (value, bound) {
+            (None, _) => Verdict::NotMeasured,
+            (Some(v), Bound::AtLeast) if v >= target => Verdict::Pass,
+            (Some(v), Bound::AtMost) if v <= target => Verdict::Pass,
+            (Some(_), _) => Verdict::Miss,
+        };
+        Self {
+            name,
+            value,
+            bound,
+            target,
+            unit,
+            verdict,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub cpu_model: Option<String>,
+    pub memory_mb: Option<u64>,
+    pub postgres: Option<String>,
+}
+
+impl Machine {
+    /// This machine, as `/proc` describes it; the PostgreSQL version is asked by the caller.
+    pub fn this(postgres: Option<String>) -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        Self {
+            cores: std::thread::available_parallelism().map_or(1, usize::from),
+            cpu_model: cpuinfo
+                .lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned()),
+            memory_mb: meminfo
+                .lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<u64>().ok())
+                .map(|kib| kib / 1024),
+            postgres,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub machine: Machine,
+    /// The command line of the run, to repeat it.
+    pub command: String,
+    /// Every size and setting the run used, defaults included.
+    pub settings: serde_json::Value,
+    pub started_at: String,
+    pub wall_seconds: f64,
+    pub repetitions: u32,
+    pub figures: Vec<Figure>,
+    pub checks: Vec<Check>,
+    /// What a reader needs to interpret the figures: choices made, anomalies seen.
+    pub notes: Vec<String>,
+    /// Why the run stopped early, when it did; the figures before it are kept.
+    pub error: Option<String>,
+}
+
+impl Report {
+    pub fn new(machine: Machine, command: String, repetitions: u32) -> Self {
+        Self {
+            machine,
+            command,
+            settings: serde_json::Value::Null,
+            started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            wall_seconds: 0.0,
+            repetitions,
+            figures: Vec::new(),
+            checks: Vec::new(),
+            notes: Vec::new(),
+            error: None,
+        }
+    }
+
+    pub fn add(&mut self, figure: Figure) {
+        self.figures.push(figure);
+    }
+
+    pub fn note(&mut self, note: impl Into<String>) {
+        let note = note.into();
+        eprintln!("note: {note}");
+        self.notes.push(note);
+    }
+
+    pub fn median(&self, key: &str) -> Option<f64> {
+        self.figures
+            .iter()
+            .find(|f| f.key == key)
+            .and_then(Figure::median)
+    }
+
+    fn ratio(&self, numerator: &str, denominator: &str) -> Option<f64> {
+        match (self.median(numerator), self.median(denominator)) {
+            (Some(n), Some(d)) if d > 0.0 => Some(n / d),
+            _ => None,
+        }
+    }
+
+    /// Computes the checks from the figures measured so far.
+    pub fn check(&mut self) {
+        let peak_rss = [keys::SCALE_MANY_RSS, keys::SCALE_FEW_RSS, keys::WORKER_RSS]
+            .iter()
+            .filter_map(|k| self.median(k))
+            .reduce(f64::max);
+        self.checks = vec![
+            Check::new(
+                "worker / batched pipeline",
+                self.ratio(keys::WORKER, keys::PIPELINE_BATCHED),
+                Bound::AtLeast,
+                0.5,
+            ),
+            Check::new(
+                "worker / naive pipeline",
+                self.ratio(keys::WORKER, keys::PIPELINE_NAIVE),
+                Bound::AtLeast,
+                5.0,
+            ),
+            Check::new(
+                "ingress / broker limit",
+                self.ratio(keys::INGRESS, keys::BROKER),
+                Bound::AtLeast,
+                0.4,
+            ),
+            Check::new(
+                "many tenants / few tenants",
+                self.ratio(keys::SCALE_MANY, keys::SCALE_FEW),
+                Bound::AtLeast,
+                0.4,
+            ),
+            Check::with_unit("worker peak RSS", peak_rss, Bound::AtMost, 150.0, "MB"),
+        ];
+    }
+
+    /// The human-readable table for stdout.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let m = &self.machine;
+        let _ = writeln!(
+            out,
+            "avsync benchmark: {} cores{}{}, PostgreSQL {}; median of {} repetitions [min, max]",
+            m.cores,
+            m.cpu_model
+                .as_deref()
+                .map(|c| format!(" ({c})"))
+                .unwrap_or_default(),
+            m.memory_mb
+                .map(|mb| format!(", {mb} MB"))
+                .unwrap_or_default(),
+            m.postgres.as_deref().unwrap_or("?"),
+            self.repetitions,
+        );
+        let _ = writeln!(out, "command: {}", self.command);
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<2} {:<58} {:>10} {:>10} {:>10}  {:<9} {:>7} {:>7} {:>7} {:>7} {:>7}",
+            "#",
+            "figure",
+            "median",
+            "min",
+            "max",
+            "unit",
+            "bench",
+            "worker",
+            "rabbit",
+            "pg",
+            "other"
+        );
+        let _ = writeln!(out, "{:>119}", "(CPU cores used while measuring)");
+        for f in &self.figures {
+            let (median, min, max) = match f.summary {
+                Some(s) => (
+                    number(s.median, f.unit),
+                    number(s.min, f.unit),
+                    number(s.max, f.unit),
+                ),
+                None => ("n/a".to_owned(), String::new(), String::new()),
+            };
+            let cpu = f
+                .cpu
+                .map(|c| {
+                    format!(
+                        " {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2}",
+                        c.bench, c.worker, c.rabbitmq, c.postgres, c.other
+                    )
+                })
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "{:<2} {:<58} {:>10} {:>10} {:>10}  {:<9}{cpu}",
+                f.section, f.title, median, min, max, f.unit
+            );
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(out, "checks (targets are reported, never asserted)");
+        for c in &self.checks {
+            let value = c
+                .value
+                .map(|v| number(v, c.unit))
+                .unwrap_or_else(|| "n/a".to_owned());
+            let bound = match c.bound {
+                Bound::AtLeast => ">=",
+                Bound::AtMost => "<=",
+            };
+            let verdict = match c.verdict {
+                Verdict::Pass => "PASS",
+                Verdict::Miss => "MISS",
+                Verdict::NotMeasured => "N/A",
+            };
+            let _ = writeln!(
+                out,
+                "  {:<28} {:>9} {:<2}  target {bound} {:<6} {verdict}",
+                c.name,
+                value,
+                c.unit,
+                number(c.target, c.unit)
+            );
+        }
+        if !self.notes.is_empty() {
+            let _ = writeln!(out);
+            let _ = writeln!(out, "notes");
+            for n in &self.notes {
+                let _ = writeln!(out, "  - {n}");
+            }
+        }
+        if let Some(e) = &self.error {
+            let _ = writeln!(out);
+            let _ = writeln!(out, "stopped early: {e}");
+        }
+        out
+    }
+
+    pub fn write_json(&self, path: &Path) -> Result<(), BenchError> {
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| BenchError::Internal(format!("report to JSON: {e}")))?;
+        std::fs::write(path, text + "\n").map_err(|source| BenchError::Report {
+            path: path.to_owned(),
+            source,
+        })
+    }
+}
+
+/// Rates as whole numbers with thousands separators, everything else with two decimals.
+fn number(value: f64, unit: &str) -> String {
+    if unit.ends_with("/s") {
+        let whole = value.round() as i64;
+        let digits = whole.unsigned_abs().to_string();
+        let mut grouped = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i).is_multiple_of(3) {
+                grouped.push(',');
+            }
+            grouped.push(c);
+        }
+        if whole < 0 {
+            format!("-{grouped}")
+        } else {
+            grouped
+        }
+    } else if unit == "MB" || unit == "ms" || unit == "count" {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn figure(key: &'static str, unit: &'static str, samples: &[f64]) -> Figure {
+        Figure::new(key, 1, key, unit, samples.to_vec(), &[])
+    }
+
+    #[test]
+    fn numbers_read_well() {
+        assert_eq!(number(12345.6, "msg/s"), "12,346");
+        assert_eq!(number(999.0, "msg/s"), "999");
+        assert_eq!(number(1000.0, "events/s"), "1,000");
+        assert_eq!(number(0.4567, "x"), "0.46");
+        assert_eq!(number(41.26, "MB"), "41.3");
+    }
+
+    #[test]
+    fn checks_compare_medians_against_the_targets() {
+        let mut r = Report::new(Machine::this(None), "bench".into(), 3);
+        r.add(figure(keys::WORKER, "events/s", &[900.0, 1000.0, 1100.0]));
+        r.add(figure(keys::PIPELINE_BATCHED, "msg/s", &[2000.0]));
+        r.add(figure(keys::PIPELINE_NAIVE, "msg/s", &[250.0]));
+        r.add(figure(keys::SCALE_MANY_RSS, "MB", &[151.0]));
+        r.check();
+        let verdict = |name: &str| r.checks.iter().find(|c| c.name == name).unwrap().verdict;
+        assert_eq!(verdict("worker / batched pipeline"), Verdict::Pass);
+        assert_eq!(verdict("worker / naive pipeline"), Verdict::Miss);
+        assert_eq!(verdict("ingress / broker limit"), Verdict::NotMeasured);
+        assert_eq!(verdict("worker peak RSS"), Verdict::Miss);
+        let table = r.table();
+        assert!(table.contains("worker / batched pipeline"), "{table}");
+        assert!(table.contains("0.50") && table.contains("PASS"), "{table}");
+        assert!(table.contains("MISS") && table.contains("N/A"), "{table}");
+    }
+
+    #[test]
+    fn a_figure_without_samples_prints_not_available() {
+        let mut r = Report::new(Machine::this(None), "bench".into(), 1);
+        r.add(figure(keys::BROKER, "msg/s", &[]));
+        assert!(r
+            .table()
+            .lines()
+            .any(|l| l.contains(keys::BROKER) && l.contains("n/a")));
+    }
+}
