@@ -2,6 +2,7 @@
 //! prefix and its own databases on the real local RabbitMQ and PostgreSQL, and removes them after.
 
 pub mod bench;
+pub mod demo;
 pub mod faults;
 pub mod ingress_harness;
 pub mod support;

@@ -348,6 +348,12 @@ async fn consume_on(
     // What was received is finished, not handed back (contract section 7).
     flush(&mut tasks, batcher.drain(), worker, &publish, &gate);
     while tasks.join_next().await.is_some() {}
+    // The broker answers a channel's close only after it has processed every frame sent on it
+    // before, so once these return, every ack above has reached it; closing the connection
+    // straight away could drop acks still queued and hand applied messages back.
+    for channel in [&consume, &publish, &setup] {
+        let _ = channel.close(200, "worker stopping".into()).await;
+    }
     outcome
 }
 
@@ -823,7 +829,13 @@ impl SettleGate {
         self.open().await;
         self.settled(partition);
         match delivery.acker.ack(BasicAckOptions::default()).await {
-            Ok(_) => true,
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::warn!(
+                    "ack not sent (its channel is gone); the message will be redelivered"
+                );
+                false
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "ack failed; the message will be redelivered");
                 false
