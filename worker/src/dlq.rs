@@ -260,7 +260,8 @@ fn value_str(value: &AMQPValue) -> Option<String> {
     }
 }
 
-fn value_int(value: &AMQPValue) -> Option<i64> {
+/// An integer header value, whichever integer type the sender chose.
+pub(crate) fn value_int(value: &AMQPValue) -> Option<i64> {
     match value {
         AMQPValue::LongLongInt(n) => Some(*n),
         AMQPValue::LongInt(n) => Some(i64::from(*n)),

@@ -3,7 +3,7 @@
 //! as `exhausted`. The attempt count and the first failure time travel with the message.
 
 use crate::dlq::{
-    carried_headers, publish_confirmed, RepublishError, ATTEMPTS_HEADER, ERROR_HEADER,
+    carried_headers, publish_confirmed, value_int, RepublishError, ATTEMPTS_HEADER, ERROR_HEADER,
     FIRST_FAILURE_HEADER, LAST_FAILURE_HEADER,
 };
 use avsync_shared::topology::Topology;
@@ -27,16 +27,7 @@ pub struct History {
 }
 
 fn header_int(delivery: &Delivery, key: &str) -> Option<i64> {
-    match delivery.properties.headers().as_ref()?.inner().get(key)? {
-        AMQPValue::LongLongInt(n) => Some(*n),
-        AMQPValue::LongInt(n) => Some(i64::from(*n)),
-        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
-        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
-        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
-        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
-        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
-        _ => None,
-    }
+    value_int(delivery.properties.headers().as_ref()?.inner().get(key)?)
 }
 
 fn header_time(delivery: &Delivery, key: &str) -> Option<DateTime<Utc>> {
