@@ -10,7 +10,7 @@
 use avsync_shared::topology::Topology;
 use avsync_tests::faults::{
     observable_events, post_all, remove_logs, settle, settle_with_optional, ChildWorker, PgRestart,
-    Posted, RabbitStopped, TopologyGuard, WorkerSpec, RETRY_DELAYS,
+    Posted, RabbitStopped, TopologyGuard, WorkerSpec, EFFECTFUL, RETRY_DELAYS,
 };
 use avsync_tests::ingress_harness::TestIngress;
 use avsync_tests::support::{self, wait_until};
@@ -21,22 +21,6 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const EFFECTFUL: [&str; 13] = [
-    "subject.created",
-    "subject.updated",
-    "subject.deleted",
-    "subject.deactivated",
-    "member.joined",
-    "member.left",
-    "member.role_changed",
-    "member.suspended",
-    "member.activated",
-    "app_access.granted",
-    "app_access.revoked",
-    "app_access.role_changed",
-    "invite.accepted",
-];
 
 /// `per_tenant` observable events for each tenant, shuffled together.
 fn events_of(seed: u64, tenants: &[&str], per_tenant: usize) -> Vec<Vec<u8>> {

@@ -24,7 +24,8 @@ pub const RETRY_DELAYS: &str = "200ms,500ms,1s,2s,5s,10s";
 /// The retry tiers [`RETRY_DELAYS`] declares, for cleanup and drain checks.
 pub const RETRY_TIERS: &[&str] = &["200ms", "500ms", "1s", "2s", "5s", "10s"];
 
-const EFFECTFUL: [&str; 13] = [
+/// Every event type that sets something (contract section 6).
+pub const EFFECTFUL: [&str; 13] = [
     "subject.created",
     "subject.updated",
     "subject.deleted",
