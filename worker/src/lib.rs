@@ -74,10 +74,17 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     let topology = settings.common.topology()?;
     let registry = admin::new_registry();
     let metrics = Metrics::register_with_retry_delays(&registry, settings.retry_delays.delays())?;
-    let resolver = Resolver::new(
+    let retry = RetryPolicy {
+        delays: settings.retry_delays.delays().to_vec(),
+        poison_deliveries: settings.poison_deliveries,
+    };
+    let mut resolver = Resolver::new(
         &settings.tenant_database_url,
         settings.tenant_registry_url.as_deref(),
     )?;
+    if let Some(soonest) = retry.soonest_return() {
+        resolver = resolver.unknown_for(soonest);
+    }
     let pools = Pools::new(
         PoolSettings {
             capacity: settings.tenant_pool_capacity,
@@ -95,10 +102,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         application_id: settings.application_id.clone(),
         resolver,
         pools,
-        retry: RetryPolicy {
-            delays: settings.retry_delays.delays().to_vec(),
-            poison_deliveries: settings.poison_deliveries,
-        },
+        retry,
         metrics,
         ready: ready.clone(),
     });
