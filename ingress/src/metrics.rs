@@ -1,11 +1,12 @@
 //! The ingress's Prometheus series. Each instance has its own registry (tests run many in one
 //! process), and every labelled series exists from start so dashboards never see a gap.
 
+use crate::server::ConnectionMetrics;
 use crate::verify::SignatureFailure;
 use avsync_shared::admin::{ReadyCheck, LATENCY_BUCKETS};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// The `outcome` label of `avsync_ingress_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +60,8 @@ pub struct Metrics {
     publish_seconds: Histogram,
     signature_failures: IntCounterVec,
     jwks_fetches: IntCounterVec,
+    connections_open: IntGauge,
+    connections_refused: IntCounter,
 }
 
 impl Metrics {
@@ -91,6 +94,16 @@ impl Metrics {
             ),
             &["outcome"],
         )?;
+        let connections_open = IntGauge::new(
+            "avsync_ingress_connections_open",
+            "Open connections on the public listener",
+        )?;
+        let connections_refused = IntCounter::new(
+            "avsync_ingress_connections_refused_total",
+            "Connections to the public listener closed at once because AVSYNC_MAX_HTTP_CONNECTIONS were open",
+        )?;
+        registry.register(Box::new(connections_open.clone()))?;
+        registry.register(Box::new(connections_refused.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(publish_seconds.clone()))?;
         registry.register(Box::new(signature_failures.clone()))?;
@@ -109,7 +122,17 @@ impl Metrics {
             publish_seconds,
             signature_failures,
             jwks_fetches,
+            connections_open,
+            connections_refused,
         })
+    }
+
+    /// What the public listener reports about its connections.
+    pub fn connections(&self) -> ConnectionMetrics {
+        ConnectionMetrics {
+            open: self.connections_open.clone(),
+            refused: self.connections_refused.clone(),
+        }
     }
 
     pub fn request(&self, outcome: Outcome) {
@@ -192,6 +215,8 @@ mod tests {
             assert!(text.contains(&line), "{line}");
         }
         assert!(text.contains("avsync_ingress_publish_seconds_bucket{le=\"0.001\"} 0"));
+        assert!(text.contains("\navsync_ingress_connections_open 0\n"));
+        assert!(text.contains("\navsync_ingress_connections_refused_total 0\n"));
     }
 
     #[test]
