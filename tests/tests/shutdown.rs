@@ -10,6 +10,7 @@ use avsync_tests::worker_harness::{publish_all, publisher, TestDatabases};
 use serde_json::{json, Value};
 use sqlx::Connection as _;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -425,4 +426,148 @@ async fn sigint_stops_both_binaries_gracefully() {
     assert_eq!(ingress.exit_code().await, Some(0), "{:#?}", ingress.logs());
     worker.wait_for_log("worker stopped").await;
     ingress.wait_for_log("ingress stopped").await;
+}
+
+/// One whole response on a keep-alive connection: its status and whether it says
+/// `Connection: close`; None when the connection ended (closed or reset) before a whole one.
+async fn read_answer(stream: &mut TcpStream) -> Option<(u16, bool)> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buf[..n]),
+            _ => return None,
+        }
+    };
+    let head = String::from_utf8_lossy(&seen[..head_end]).to_ascii_lowercase();
+    let status = head.get(9..12)?.parse().ok()?;
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(|v| v.trim().to_owned())
+    };
+    let length: usize = header("content-length")?.parse().ok()?;
+    while seen.len() < head_end + length {
+        match tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buf[..n]),
+            _ => return None,
+        }
+    }
+    Some((status, header("connection").as_deref() == Some("close")))
+}
+
+/// A whole signed request for event `id` of tenant `acme`.
+fn signed_request(secret: &str, id: &str) -> Vec<u8> {
+    let body = json!({
+        "id": id, "type": "member.joined", "timestamp": "2026-08-21T01:00:00.000Z",
+        "tenant_id": "acme", "data": {"sub": "u1"},
+    })
+    .to_string()
+    .into_bytes();
+    let mut bytes = request_head(&standard_headers(secret, id, &body), body.len());
+    bytes.extend_from_slice(&body);
+    bytes
+}
+
+/// SIGTERM while eight keep-alive connections each send request after request: every request
+/// that was sent gets a whole answer (202 or 503), never a reset or a close without one; the
+/// answers from the signal on say `Connection: close`, so each connection ends right after its
+/// current answer; a keep-alive connection idle at the signal is closed cleanly (FIN, no reset).
+/// Every 202 is in the queue, and the ingress exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_keep_alive_streams_answers_every_request_sent() {
+    const CONNECTIONS: usize = 8;
+    let prefix = support::unique("shut");
+    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS);
+    let topology = Topology::new(&prefix, PARTITIONS).unwrap();
+    let secret = new_whsec_secret();
+    let (mut ingress, addr, _) = spawn_ingress(&prefix, &secret).await;
+    let mut idle = TcpStream::connect(&addr).await.expect("connect");
+    idle.write_all(&signed_request(&secret, "ka-idle"))
+        .await
+        .expect("write");
+    assert_eq!(
+        read_answer(&mut idle).await,
+        Some((202, false)),
+        "kept alive"
+    );
+
+    let sent = Arc::new(AtomicUsize::new(0));
+    let streams: Vec<_> = (0..CONNECTIONS)
+        .map(|c| {
+            let addr = addr.clone();
+            let sent = sent.clone();
+            let secret = secret.clone();
+            tokio::spawn(async move {
+                let mut stream = TcpStream::connect(&addr).await.expect("connect");
+                let mut statuses = Vec::new();
+                for n in 0.. {
+                    let id = format!("ka-{c}-{n}");
+                    stream
+                        .write_all(&signed_request(&secret, &id))
+                        .await
+                        .map_err(|e| format!("{id}: could not be sent: {e}"))?;
+                    sent.fetch_add(1, Ordering::SeqCst);
+                    match read_answer(&mut stream).await {
+                        Some((status, close)) => {
+                            statuses.push(status);
+                            if close {
+                                break;
+                            }
+                        }
+                        None => return Err(format!("{id}: sent, but no whole answer")),
+                    }
+                }
+                Ok::<_, String>(statuses)
+            })
+        })
+        .collect();
+    wait_until("a stream of requests", Duration::from_secs(30), || async {
+        (sent.load(Ordering::SeqCst) >= CONNECTIONS * 5).then_some(())
+    })
+    .await;
+    ingress.sigterm().await;
+    let signalled = Instant::now();
+
+    let mut sink = [0u8; 64];
+    let idle_end = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut sink))
+        .await
+        .expect("the idle connection is closed");
+    assert!(
+        matches!(idle_end, Ok(0)),
+        "the idle connection ends with a clean close: {idle_end:?}"
+    );
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        signalled.elapsed()
+    );
+
+    let mut accepted = 1;
+    let mut answered = 0;
+    for stream in streams {
+        let statuses = stream
+            .await
+            .expect("stream task")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            statuses.iter().all(|s| *s == 202 || *s == 503),
+            "{statuses:?}"
+        );
+        accepted += statuses.iter().filter(|s| **s == 202).count();
+        answered += statuses.len();
+    }
+    assert_eq!(answered, sent.load(Ordering::SeqCst));
+    assert_eq!(ingress.exit_code().await, Some(0), "{:#?}", ingress.logs());
+
+    let (_conn, ch) = support::channel().await;
+    let partition = topology.partition_queue(topology.partition_of(&"acme".parse().unwrap()));
+    assert_eq!(
+        support::queue_depth(&ch, &partition).await,
+        Some(u32::try_from(accepted).unwrap()),
+        "every 202 is in the queue"
+    );
 }
