@@ -571,3 +571,32 @@ async fn sigterm_during_keep_alive_streams_answers_every_request_sent() {
         "every 202 is in the queue"
     );
 }
+
+/// A listen address already taken stops the ingress with one plain line on stderr naming the
+/// setting, and a non-zero exit, as the worker does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_port_in_use_is_one_line_naming_the_setting() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_addr = taken.local_addr().expect("address").to_string();
+    for setting in ["AVSYNC_LISTEN", "AVSYNC_METRICS_LISTEN"] {
+        let mut env = vec![
+            ("AVSYNC_AMQP_URL", support::AMQP_URL.to_owned()),
+            ("AVSYNC_TOPOLOGY", support::unique("shut")),
+            ("AVSYNC_LISTEN", "127.0.0.1:0".to_owned()),
+            ("AVSYNC_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
+            ("AVSYNC_HMAC_SECRETS", new_whsec_secret()),
+        ];
+        env.retain(|(k, _)| *k != setting);
+        env.push((setting, taken_addr.clone()));
+        let mut ingress = Process::spawn("avsync-ingress", &env);
+        assert_eq!(ingress.exit_code().await, Some(1), "{setting}");
+        let logs = wait_until("the stderr line", Duration::from_secs(5), || async {
+            let logs = ingress.logs();
+            (!logs.is_empty()).then_some(logs)
+        })
+        .await;
+        assert_eq!(logs.len(), 1, "{setting}: {logs:#?}");
+        let want = format!("avsync-ingress: cannot listen on {setting}={taken_addr}: ");
+        assert!(logs[0].starts_with(&want), "{setting}: {}", logs[0]);
+    }
+}
