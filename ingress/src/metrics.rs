@@ -62,6 +62,7 @@ pub struct Metrics {
     jwks_fetches: IntCounterVec,
     connections_open: IntGauge,
     connections_refused: IntCounter,
+    pending_publishes: IntGauge,
 }
 
 impl Metrics {
@@ -102,6 +103,11 @@ impl Metrics {
             "avsync_ingress_connections_refused_total",
             "Connections to the public listener closed at once because AVSYNC_MAX_HTTP_CONNECTIONS were open",
         )?;
+        let pending_publishes = IntGauge::new(
+            "avsync_ingress_pending_publishes",
+            "Webhooks waiting for the broker's confirm (at most AVSYNC_MAX_PENDING_PUBLISHES)",
+        )?;
+        registry.register(Box::new(pending_publishes.clone()))?;
         registry.register(Box::new(connections_open.clone()))?;
         registry.register(Box::new(connections_refused.clone()))?;
         registry.register(Box::new(requests.clone()))?;
@@ -124,7 +130,14 @@ impl Metrics {
             jwks_fetches,
             connections_open,
             connections_refused,
+            pending_publishes,
         })
+    }
+
+    /// Counts one webhook waiting for its confirm until the returned guard is dropped.
+    pub fn pending_publish(&self) -> PendingPublish {
+        self.pending_publishes.inc();
+        PendingPublish(self.pending_publishes.clone())
     }
 
     /// What the public listener reports about its connections.
@@ -153,6 +166,15 @@ impl Metrics {
         self.jwks_fetches
             .with_label_values(&[outcome.label()])
             .inc();
+    }
+}
+
+/// One webhook counted in `avsync_ingress_pending_publishes`, until dropped.
+pub struct PendingPublish(IntGauge);
+
+impl Drop for PendingPublish {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -216,6 +238,7 @@ mod tests {
         }
         assert!(text.contains("avsync_ingress_publish_seconds_bucket{le=\"0.001\"} 0"));
         assert!(text.contains("\navsync_ingress_connections_open 0\n"));
+        assert!(text.contains("\navsync_ingress_pending_publishes 0\n"));
         assert!(text.contains("\navsync_ingress_connections_refused_total 0\n"));
     }
 

@@ -144,6 +144,7 @@ impl Publisher {
         let Ok(_pending) = self.inner.pending.try_acquire() else {
             return Err(PublishError::Overloaded(self.inner.max_pending));
         };
+        let _counted = self.inner.metrics.pending_publish();
         let started = Instant::now();
         let result =
             tokio::time::timeout(self.inner.timeout, self.publish_confirmed(envelope, body))
