@@ -66,7 +66,7 @@ pub struct Settings {
         long,
         env = "AVSYNC_MAX_PENDING_PUBLISHES",
         value_name = "COUNT",
-        default_value_t = 512
+        default_value_t = 256
     )]
     pub max_pending_publishes: usize,
 
@@ -80,7 +80,7 @@ pub struct Settings {
         long,
         env = "AVSYNC_MAX_HTTP_CONNECTIONS",
         value_name = "COUNT",
-        default_value_t = 1024
+        default_value_t = 512
     )]
     pub max_http_connections: usize,
 
@@ -437,9 +437,9 @@ mod tests {
         assert_eq!(s.timestamp_tolerance_secs, 300);
         assert_eq!(s.max_body_bytes, 262_144);
         assert_eq!(s.publish_timeout, Duration::from_secs(10));
-        assert_eq!(s.max_pending_publishes, 512);
+        assert_eq!(s.max_pending_publishes, 256);
         assert_eq!(s.header_read_timeout, Duration::from_secs(10));
-        assert_eq!(s.max_http_connections, 1024);
+        assert_eq!(s.max_http_connections, 512);
         assert_eq!(s.max_headers, 64);
         assert_eq!(s.max_header_bytes, 16_384);
         assert_eq!(s.jwks_refresh_interval, Duration::from_secs(300));
@@ -474,8 +474,8 @@ mod tests {
             "[default: 300]",
             "262144",
             "[default: 10s]",
+            "[default: 256]",
             "[default: 512]",
-            "[default: 1024]",
             "[default: 64]",
             "[default: 16384]",
             "[default: 5m]",
