@@ -1398,6 +1398,9 @@ async fn two_thousand_connections_stalled_mid_header_are_closed_while_valid_requ
     const VALID: usize = 100;
     let bound = Duration::from_secs(5);
     let margin = Duration::from_secs(3);
+    // This process holds both ends of every connection, besides what parallel tests hold.
+    avsync_ingress::server::reserve_descriptors(2 * STALLED + 1_024)
+        .expect("file descriptors for both ends of 2,000 connections");
     let scene = Arc::new(
         Scene::start_tuned(Tuning::default(), |s| {
             s.header_read_timeout = bound;
