@@ -5,5 +5,6 @@ pub mod bench;
 pub mod demo;
 pub mod faults;
 pub mod ingress_harness;
+pub mod processes;
 pub mod support;
 pub mod worker_harness;
