@@ -17,6 +17,9 @@ async fn main() -> ExitCode {
             avsync_worker::migrate::run(&args, &cli.settings, &mut std::io::stdout()).await
         }
         Command::Dlq(command) => avsync_worker::dlq::run(command, &cli.settings.common).await,
+        Command::Reconcile(args) => {
+            avsync_worker::reconcile_cli::run(&args, &cli.settings, &mut std::io::stdout()).await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 /// PostgreSQL's NAMEDATALEN - 1: longer identifiers are silently cut.
 pub const MAX_DATABASE_NAME_BYTES: usize = 63;
 
-const PLACEHOLDER: &str = "{tenant_id}";
+pub const PLACEHOLDER: &str = "{tenant_id}";
 const FOUND_TTL: Duration = Duration::from_secs(30);
 const UNKNOWN_TTL: Duration = Duration::from_secs(5);
 const REGISTRY_TIMEOUT: Duration = Duration::from_secs(5);
