@@ -132,6 +132,17 @@ impl Model {
         }
     }
 
+    /// Every row with its versions, as [`load_tenant`] reads them from the database.
+    pub fn stored_rows(&self) -> Vec<Stored> {
+        self.rows
+            .values()
+            .map(|(identity, versions)| Stored {
+                identity: identity.clone(),
+                versions: versions.clone(),
+            })
+            .collect()
+    }
+
     /// A row as the database holds it, with its versions.
     pub fn insert_stored(&mut self, stored: Stored) {
         self.rows.insert(
@@ -784,6 +795,23 @@ mod tests {
         Effect::decode(&envelope, &bytes)
             .expect("decodes")
             .expect("sets something")
+    }
+
+    proptest! {
+        #[test]
+        fn a_snapshot_loses_a_tie_and_otherwise_orders_by_instant(
+            // Years 0000 to 9999, the instants an EventTime holds.
+            a in -62_167_219_200_000_000i64..=253_402_300_799_999_999,
+            b in -62_167_219_200_000_000i64..=253_402_300_799_999_999,
+            id in "[ -~]{0,6}",
+            same_time in any::<bool>(),
+        ) {
+            let b = if same_time { a } else { b };
+            let snapshot = snapshot_version(EventTime::from_micros(a).unwrap());
+            let event = EventKey { time: EventTime::from_micros(b).unwrap(), id }.version();
+            let expected = if a == b { std::cmp::Ordering::Less } else { a.cmp(&b) };
+            prop_assert_eq!(snapshot.as_bytes().cmp(event.as_bytes()), expected);
+        }
     }
 
     #[test]

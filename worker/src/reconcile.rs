@@ -502,6 +502,8 @@ impl Reconciler {
 mod tests {
     use super::*;
     use crate::authvital::{Role, User};
+    use avsync_shared::event::{Effect, EventKey};
+    use proptest::prelude::*;
 
     fn tenant() -> TenantId {
         TenantId::parse("t1").unwrap()
@@ -667,5 +669,196 @@ mod tests {
         assert_eq!(p.counts.marked_left, 0);
         assert_eq!(p.counts.unchanged, 5);
         assert_eq!(p.refusals, vec![Refusal::EmptySnapshot { active_in_db: 5 }]);
+    }
+
+    const USERS: [&str; 3] = ["u0", "u1", "u2"];
+    const BASE: i64 = 1_787_276_400_000_000; // 2026-08-21T01:40:00Z
+
+    fn time(ms: u8) -> EventTime {
+        EventTime::from_micros(BASE + i64::from(ms) * 1_000).unwrap()
+    }
+
+    /// A webhook's effect on a field a snapshot also sets (or `tenant_roles`, which it never does).
+    fn webhook_change() -> impl Strategy<Value = Change> {
+        let text = || prop_oneof![Just(None), "[ab]".prop_map(Some)];
+        prop_oneof![
+            text().prop_map(Change::Email),
+            text().prop_map(Change::GivenName),
+            "m[ab]".prop_map(Change::MembershipId),
+            prop_oneof![
+                Just(MembershipStatus::Active),
+                Just(MembershipStatus::Suspended),
+                Just(MembershipStatus::Left)
+            ]
+            .prop_map(Change::MembershipStatus),
+            any::<bool>().prop_map(Change::HasAppAccess),
+            text().prop_map(Change::AppRole),
+            text().prop_map(Change::AppRoleName),
+            proptest::collection::vec("[rs]", 0..2).prop_map(Change::TenantRoles),
+        ]
+    }
+
+    fn webhook(index: usize) -> impl Strategy<Value = Effect> {
+        (
+            0..USERS.len(),
+            0..6u8,
+            "[a-c]",
+            proptest::collection::vec(webhook_change(), 1..4),
+        )
+            .prop_map(move |(user, ms, prefix, mut changes)| {
+                changes.sort_by_key(Change::field);
+                changes.dedup_by_key(|c| c.field());
+                changes.push(Change::TenantId(tenant()));
+                Effect {
+                    key: EventKey {
+                        time: time(ms),
+                        id: format!("{prefix}{index}"),
+                    },
+                    sub: USERS[user].to_owned(),
+                    changes,
+                }
+            })
+    }
+
+    fn snapshot_member() -> impl Strategy<Value = Option<Membership>> {
+        let status = prop_oneof![
+            Just(MemberStatus::Active),
+            Just(MemberStatus::Suspended),
+            Just(MemberStatus::Invited)
+        ];
+        let roles =
+            proptest::collection::vec(("[ab]", prop_oneof![Just("app"), Just("other")]), 0..2);
+        proptest::option::of((status, roles, proptest::option::of("[ab]"))).prop_map(|m| {
+            m.map(|(status, roles, email)| {
+                let mut member = member("", status, &[]);
+                member.user.email = email;
+                member.roles = roles
+                    .into_iter()
+                    .map(|(slug, app)| Role {
+                        id: format!("r-{slug}"),
+                        name: Some(slug.to_uppercase()),
+                        slug: Some(slug),
+                        application_id: Some(app.to_owned()),
+                    })
+                    .collect();
+                member
+            })
+        })
+    }
+
+    /// A snapshot: its instant and, per user, the membership it lists (or none).
+    type Snapshot = (EventTime, Vec<Membership>);
+
+    fn snapshots() -> impl Strategy<Value = Vec<Snapshot>> {
+        // Distinct instants: two snapshots of one microsecond would tie with each other.
+        proptest::sample::subsequence((0..6u8).collect::<Vec<_>>(), 0..4).prop_flat_map(|times| {
+            times
+                .into_iter()
+                .map(|ms| {
+                    proptest::collection::vec(snapshot_member(), USERS.len()).prop_map(
+                        move |members| {
+                            let listed = members
+                                .into_iter()
+                                .zip(USERS)
+                                .filter_map(|(m, user)| {
+                                    let mut m = m?;
+                                    m.user.id = user.to_owned();
+                                    m.id = format!("m-{user}");
+                                    Some(m)
+                                })
+                                .collect();
+                            (time(ms), listed)
+                        },
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+    }
+
+    enum Arrival<'a> {
+        Webhook(&'a Effect),
+        Snapshot(&'a Snapshot),
+    }
+
+    /// Every field's setter: `(instant, kind, id)` with kind 0 for a snapshot and 1 for a
+    /// webhook, so a tie of instants goes to the webhook.
+    fn spec(seeds: &[Effect], webhooks: &[Effect], snapshots: &[Snapshot]) -> Vec<Identity> {
+        let mut setters: Vec<((EventTime, u8, String), &str, Change)> = Vec::new();
+        for e in seeds.iter().chain(webhooks) {
+            for c in &e.changes {
+                setters.push(((e.key.time, 1, e.key.id.clone()), &e.sub, c.clone()));
+            }
+        }
+        for (at, members) in snapshots {
+            for user in USERS {
+                let changes = match members.iter().find(|m| m.user.id == user) {
+                    Some(m) => match joined_status(m.status) {
+                        Some(status) => member_changes(&tenant(), "app", m, status),
+                        None => left_changes(),
+                    },
+                    None => left_changes(),
+                };
+                for c in changes {
+                    setters.push(((*at, 0, String::new()), user, c));
+                }
+            }
+        }
+        setters.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut model = Model::default();
+        for (i, (_, sub, change)) in setters.into_iter().enumerate() {
+            // Sorted ascending, so each later setter is the greater one.
+            model.apply_versioned(sub, &format!("{i:08}"), &[change]);
+        }
+        model.identities()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn webhooks_and_snapshots_in_any_order_give_the_greatest_setter_of_each_field(
+            (webhooks, snapshots, order) in (
+                (0..12usize).prop_flat_map(|n| (0..n).map(webhook).collect::<Vec<_>>()),
+                snapshots(),
+            )
+                .prop_flat_map(|(webhooks, snapshots)| {
+                    let order: Vec<usize> = (0..webhooks.len() + snapshots.len()).collect();
+                    (Just(webhooks), Just(snapshots), Just(order).prop_shuffle())
+                })
+        ) {
+            // Every row exists before the first snapshot (a snapshot marks left only the rows it
+            // finds), made by the oldest event of all.
+            let seeds: Vec<Effect> = USERS
+                .iter()
+                .map(|user| Effect {
+                    key: EventKey { time: time(0), id: format!("!seed-{user}") },
+                    sub: (*user).to_owned(),
+                    changes: vec![Change::TenantId(tenant())],
+                })
+                .collect();
+            let mut model = Model::default();
+            for seed in &seeds {
+                model.apply(seed);
+            }
+            let arrivals: Vec<Arrival> = order
+                .iter()
+                .map(|&i| match webhooks.get(i) {
+                    Some(e) => Arrival::Webhook(e),
+                    None => Arrival::Snapshot(&snapshots[i - webhooks.len()]),
+                })
+                .collect();
+            for arrival in arrivals {
+                match arrival {
+                    Arrival::Webhook(e) => model.apply(e),
+                    Arrival::Snapshot((at, members)) => {
+                        let p = plan(&tenant(), "app", members, *at, model.stored_rows(), 100);
+                        for e in &p.effects {
+                            model.apply_versioned(&e.sub, &e.version, &e.changes);
+                        }
+                    }
+                }
+            }
+            prop_assert_eq!(model.identities(), spec(&seeds, &webhooks, &snapshots));
+        }
     }
 }
