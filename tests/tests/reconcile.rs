@@ -2,11 +2,13 @@
 //! and the real PostgreSQL: backfill, drift repair, guard rails, `--dry-run`, two reconciles at
 //! once, and the periodic schedule inside `run`.
 
+use avsync_shared::TenantId;
 use avsync_tests::fake_authvital::{FakeAuthVital, FakeMember, APPLICATION_ID, CLIENT_SECRET};
 use avsync_tests::support::{delete_topology, unique};
 use avsync_tests::worker_harness::{effect_of, settings, TestDatabases, TestWorker};
 use avsync_worker::apply::{self, Identity};
-use avsync_worker::metrics::RunOutcome;
+use avsync_worker::metrics::{ReconcileMetrics, RunOutcome};
+use avsync_worker::reconcile::Mode;
 use avsync_worker::reconcile_cli::{self, ReconcileArgs};
 use avsync_worker::settings::Settings;
 use serde_json::{json, Value};
@@ -535,5 +537,35 @@ async fn the_schedule_reconciles_every_tenant_and_stops_on_shutdown() {
     assert!(text.contains("avsync_worker_authvital_requests_total{status=\"2xx\"}"));
     worker.stop().await;
     delete_topology(&prefix, 1, &[]).await;
+    dbs.drop_all().await;
+}
+
+#[tokio::test]
+async fn the_schedule_skips_a_tenant_another_worker_just_reconciled() {
+    let dbs = TestDatabases::new("rcdue");
+    let fake = FakeAuthVital::start().await;
+    let mut conn = dbs.migrated(TENANT).await;
+    fake.set_members(TENANT, vec![FakeMember::active("u1")]);
+    let settings = reconcile_settings(&dbs, &fake, &[]);
+    let metrics = ReconcileMetrics::register(&prometheus::Registry::new()).expect("metrics");
+    let reconciler = reconcile_cli::reconciler(&settings, metrics.clone()).expect("reconciler");
+    let tenant = TenantId::parse(TENANT).expect("tenant id");
+    let scheduled = Mode {
+        not_within: Some(Duration::from_secs(3600)),
+        ..Mode::default()
+    };
+
+    let first = reconciler.reconcile(&mut conn, &tenant, scheduled).await;
+    assert_eq!(first.outcome, "applied", "{first}");
+    let second = reconciler.reconcile(&mut conn, &tenant, scheduled).await;
+    assert_eq!(second.outcome, "not_due", "{second}");
+    assert_eq!(fake.membership_requests(), 1);
+    assert_eq!(metrics.runs_total(RunOutcome::NotDue), 1);
+    // The command is never "not due".
+    let third = reconciler
+        .reconcile(&mut conn, &tenant, Mode::default())
+        .await;
+    assert_eq!(third.outcome, "applied", "{third}");
+    let _ = conn.close().await;
     dbs.drop_all().await;
 }

@@ -96,16 +96,19 @@ pub enum RunOutcome {
     Refused,
     /// Another worker was reconciling the tenant.
     Busy,
+    /// The schedule found the tenant reconciled recently (by another worker).
+    NotDue,
     /// AuthVital or the tenant database failed.
     Failed,
 }
 
 impl RunOutcome {
-    pub const ALL: [RunOutcome; 5] = [
+    pub const ALL: [RunOutcome; 6] = [
         RunOutcome::Applied,
         RunOutcome::DryRun,
         RunOutcome::Refused,
         RunOutcome::Busy,
+        RunOutcome::NotDue,
         RunOutcome::Failed,
     ];
 
@@ -115,6 +118,7 @@ impl RunOutcome {
             RunOutcome::DryRun => "dry_run",
             RunOutcome::Refused => "refused",
             RunOutcome::Busy => "busy",
+            RunOutcome::NotDue => "not_due",
             RunOutcome::Failed => "failed",
         }
     }

@@ -13,7 +13,9 @@
 //!   `deleted_at` (AuthVital's API exposes none of them).
 //! - One reconcile per tenant at a time: a transaction-scoped advisory lock in the tenant
 //!   database, taken before AuthVital is asked, so a second reconcile skips (`busy`) instead of
-//!   asking again; the lock goes with the transaction, also when a run is cut short.
+//!   asking again; the lock goes with the transaction, also when a run is cut short. The
+//!   schedule also skips a tenant that was reconciled less than half an interval ago (table
+//!   `avsync_reconcile_runs`), so that many workers ask AuthVital once per tenant and interval.
 
 use crate::apply::{self, Identity, Model, Stored, VersionedEffect};
 use crate::authvital::{ApiError, AuthVital, MemberStatus, Membership};
@@ -44,6 +46,8 @@ pub struct Mode {
     pub dry_run: bool,
     /// Apply even when a guard rail refuses.
     pub force: bool,
+    /// Skip the tenant (`not_due`) when a snapshot of it was applied less than this long ago.
+    pub not_within: Option<Duration>,
 }
 
 /// A guard rail that refused a snapshot, with the counts that made it refuse.
@@ -364,6 +368,9 @@ impl fmt::Display for Report {
         if self.outcome == RunOutcome::Busy.as_str() {
             return write!(f, " (another reconcile of this tenant is running)");
         }
+        if self.outcome == RunOutcome::NotDue.as_str() {
+            return write!(f, " (reconciled recently)");
+        }
         let c = &self.counts;
         write!(
             f,
@@ -451,6 +458,20 @@ impl Reconciler {
                 RunOutcome::Busy,
             ));
         }
+        if let Some(within) = mode.not_within {
+            let recent: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM avsync_reconcile_runs WHERE tenant_id = $1 \
+                 AND applied_at > now() - make_interval(secs => $2))",
+            )
+            .bind(tenant.as_str())
+            .bind(within.as_secs_f64())
+            .fetch_one(&mut *tx)
+            .await?;
+            if recent {
+                let outcome = RunOutcome::NotDue;
+                return Ok((Report::new(tenant.as_str(), outcome), outcome));
+            }
+        }
         let sent = Utc::now() - CLOCK_SKEW;
         let taken_at = EventTime::from_micros(sent.timestamp_micros())
             .expect("the clock is within years 0000 to 9999");
@@ -475,6 +496,13 @@ impl Reconciler {
             for chunk in plan.effects.chunks(CHUNK) {
                 apply::apply_versioned(&mut tx, chunk).await?;
             }
+            sqlx::query(
+                "INSERT INTO avsync_reconcile_runs (tenant_id, applied_at) VALUES ($1, now()) \
+                 ON CONFLICT (tenant_id) DO UPDATE SET applied_at = EXCLUDED.applied_at",
+            )
+            .bind(tenant.as_str())
+            .execute(&mut *tx)
+            .await?;
             tx.commit().await?;
         } else {
             tx.rollback().await?;

@@ -122,7 +122,8 @@ async fn tenants_in_shared_database(url: &str) -> anyhow::Result<Vec<Target>> {
     Ok(ids.into_iter().map(|id| (id, Ok(db.clone()))).collect())
 }
 
-fn reconciler(settings: &Settings, metrics: ReconcileMetrics) -> anyhow::Result<Reconciler> {
+/// A reconciler as the command and the schedule build it from the settings.
+pub fn reconciler(settings: &Settings, metrics: ReconcileMetrics) -> anyhow::Result<Reconciler> {
     let (api, application_id) = settings.reconcile_settings()?;
     let api = crate::authvital::AuthVital::new(api, metrics.clone())
         .context("cannot build the HTTP client for AuthVital")?;
@@ -158,6 +159,7 @@ pub async fn run<W: Write>(
     let mode = Mode {
         dry_run: args.dry_run,
         force: args.force,
+        not_within: None,
     };
     let total = targets.len();
     let mut not_ok = 0usize;
@@ -238,19 +240,24 @@ pub async fn schedule(
         }
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            () = round(&worker, &settings, &reconciler) => {}
+            () = round(&worker, &settings, &reconciler, interval) => {}
         }
         wait = jittered(interval);
     }
 }
 
-async fn round(worker: &Worker, settings: &Settings, reconciler: &Reconciler) {
+async fn round(worker: &Worker, settings: &Settings, reconciler: &Reconciler, interval: Duration) {
     let targets = match every_tenant(&worker.resolver, &settings.tenant_database_url).await {
         Ok(targets) => targets,
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "cannot list the tenants to reconcile");
             return;
         }
+    };
+    // Another worker's round of this interval may have come first.
+    let mode = Mode {
+        not_within: Some(interval / 2),
+        ..Mode::default()
     };
     for (tenant, db) in targets {
         let id = match TenantId::parse(&tenant) {
@@ -263,7 +270,7 @@ async fn round(worker: &Worker, settings: &Settings, reconciler: &Reconciler) {
         let report = async {
             let lease = worker.pools.lease(&db?).await?;
             let mut conn = lease.connection().await?;
-            Ok::<_, Failure>(reconciler.reconcile(&mut conn, &id, Mode::default()).await)
+            Ok::<_, Failure>(reconciler.reconcile(&mut conn, &id, mode).await)
         }
         .await
         .unwrap_or_else(|e| reconciler.failed(&tenant, &e));
