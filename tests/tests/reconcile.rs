@@ -2,15 +2,22 @@
 //! and the real PostgreSQL: backfill, drift repair, guard rails, `--dry-run`, two reconciles at
 //! once, and the periodic schedule inside `run`.
 
+use avsync_shared::event::{Effect, EventTime};
 use avsync_shared::TenantId;
 use avsync_tests::fake_authvital::{FakeAuthVital, FakeMember, APPLICATION_ID, CLIENT_SECRET};
 use avsync_tests::support::{delete_topology, unique};
-use avsync_tests::worker_harness::{effect_of, settings, TestDatabases, TestWorker};
-use avsync_worker::apply::{self, Identity};
+use avsync_tests::worker_harness::{
+    effect_of, random_history, settings, TestDatabases, TestWorker,
+};
+use avsync_worker::apply::{self, Identity, Model};
+use avsync_worker::authvital::{MemberStatus, Membership, Role, User};
 use avsync_worker::metrics::{ReconcileMetrics, RunOutcome};
-use avsync_worker::reconcile::Mode;
+use avsync_worker::reconcile::{plan, Mode};
 use avsync_worker::reconcile_cli::{self, ReconcileArgs};
 use avsync_worker::settings::Settings;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use sqlx::{Connection as _, PgConnection};
 use std::time::Duration;
@@ -566,6 +573,118 @@ async fn the_schedule_skips_a_tenant_another_worker_just_reconciled() {
         .reconcile(&mut conn, &tenant, Mode::default())
         .await;
     assert_eq!(third.outcome, "applied", "{third}");
+    let _ = conn.close().await;
+    dbs.drop_all().await;
+}
+
+/// Random members of `users` users as a snapshot lists them: some absent, some invited or
+/// suspended, with or without a role of the application.
+fn random_snapshot(rng: &mut StdRng, users: usize) -> Vec<Membership> {
+    let listed: Vec<usize> = (0..users).filter(|_| rng.random_bool(0.7)).collect();
+    listed
+        .into_iter()
+        .map(|u| {
+            let status = [
+                MemberStatus::Active,
+                MemberStatus::Suspended,
+                MemberStatus::Invited,
+            ][rng.random_range(0..3)];
+            let roles = (0..rng.random_range(0..3))
+                .map(|r| Role {
+                    id: format!("role-{r}"),
+                    name: Some(format!("Role {r}")),
+                    slug: Some(["admin", "viewer"][r % 2].to_owned()),
+                    application_id: Some(
+                        [APPLICATION_ID, "another_app"][rng.random_range(0..2)].to_owned(),
+                    ),
+                })
+                .collect();
+            Membership {
+                id: format!("mem-{u}-{}", rng.random_range(0..2)),
+                status,
+                user: User {
+                    id: format!("user{u}"),
+                    email: [None, Some(String::new()), Some(format!("s{u}@x"))]
+                        [rng.random_range(0..3)]
+                    .clone(),
+                    given_name: Some(format!("Snap {}", rng.random_range(0..2))),
+                    family_name: None,
+                },
+                roles,
+            }
+        })
+        .collect()
+}
+
+/// Over real SQL, a few random cases: webhooks and snapshots (with instants among the events')
+/// arriving in random order end exactly where the model does (whose order-insensitivity the
+/// worker's property test shows), versions included.
+#[tokio::test]
+async fn random_webhooks_and_snapshots_in_random_order_match_the_model_in_sql() {
+    let dbs = TestDatabases::new("rcprop");
+    let mut conn = dbs.migrated(TENANT).await;
+    let tenant = TenantId::parse(TENANT).expect("tenant id");
+    const USERS_N: usize = 4;
+    for seed in 0..8u64 {
+        sqlx::query("TRUNCATE av_identities")
+            .execute(&mut conn)
+            .await
+            .expect("truncate");
+        let mut rng = StdRng::seed_from_u64(seed);
+        let bodies = random_history(seed, TENANT, USERS_N, 30);
+        let mut arrivals: Vec<Result<Effect, (EventTime, Vec<Membership>)>> =
+            bodies.iter().filter_map(|b| effect_of(b)).map(Ok).collect();
+        for _ in 0..3 {
+            let ms: i64 = rng.random_range(0..16);
+            let at = EventTime::from_micros((1_787_276_403_000 + ms) * 1_000).expect("time");
+            arrivals.push(Err((at, random_snapshot(&mut rng, USERS_N))));
+        }
+        arrivals.shuffle(&mut rng);
+
+        let mut model = Model::default();
+        for arrival in &arrivals {
+            match arrival {
+                Ok(effect) => {
+                    model.apply(effect);
+                    apply::apply(&mut conn, effect).await.expect("apply");
+                }
+                Err((at, members)) => {
+                    let expected = plan(
+                        &tenant,
+                        APPLICATION_ID,
+                        members,
+                        *at,
+                        model.stored_rows(),
+                        100,
+                    );
+                    for e in &expected.effects {
+                        model.apply_versioned(&e.sub, &e.version, &e.changes);
+                    }
+                    let stored = apply::load_tenant(&mut conn, TENANT).await.expect("load");
+                    let p = plan(&tenant, APPLICATION_ID, members, *at, stored, 100);
+                    assert_eq!(
+                        p.counts, expected.counts,
+                        "seed {seed}: the database and the model agree before"
+                    );
+                    apply::apply_versioned(&mut conn, &p.effects)
+                        .await
+                        .expect("apply snapshot");
+                }
+            }
+        }
+        assert_eq!(rows(&mut conn).await, model.identities(), "seed {seed}");
+        for row in model.identities() {
+            let stored: String =
+                sqlx::query_scalar("SELECT field_versions::text FROM av_identities WHERE id = $1")
+                    .bind(&row.id)
+                    .fetch_one(&mut conn)
+                    .await
+                    .expect("versions");
+            let stored: std::collections::BTreeMap<String, String> =
+                serde_json::from_str(&stored).expect("json");
+            assert_eq!(stored, model.versions(&row.id), "seed {seed}, {}", row.id);
+        }
+    }
     let _ = conn.close().await;
     dbs.drop_all().await;
 }
