@@ -651,7 +651,7 @@ async fn random_webhooks_and_snapshots_in_random_order_match_the_model_in_sql() 
                 Err((at, members)) => {
                     let expected = plan(
                         &tenant,
-                        APPLICATION_ID,
+                        Some(APPLICATION_ID),
                         members,
                         *at,
                         model.stored_rows(),
@@ -661,7 +661,7 @@ async fn random_webhooks_and_snapshots_in_random_order_match_the_model_in_sql() 
                         model.apply_versioned(&e.sub, &e.version, &e.changes);
                     }
                     let stored = apply::load_tenant(&mut conn, TENANT).await.expect("load");
-                    let p = plan(&tenant, APPLICATION_ID, members, *at, stored, 100);
+                    let p = plan(&tenant, Some(APPLICATION_ID), members, *at, stored, 100);
                     assert_eq!(
                         p.counts, expected.counts,
                         "seed {seed}: the database and the model agree before"
@@ -685,6 +685,56 @@ async fn random_webhooks_and_snapshots_in_random_order_match_the_model_in_sql() 
             assert_eq!(stored, model.versions(&row.id), "seed {seed}, {}", row.id);
         }
     }
+    let _ = conn.close().await;
+    dbs.drop_all().await;
+}
+
+#[tokio::test]
+async fn with_app_access_ignored_the_app_fields_stay_as_webhooks_set_them() {
+    let dbs = TestDatabases::new("rcnoapp");
+    let fake = FakeAuthVital::start().await;
+    let mut conn = dbs.migrated(TENANT).await;
+    rows_made_by_webhooks(&mut conn).await;
+    let before = rows(&mut conn).await;
+    fake.set_members(TENANT, drifted());
+    let settings = reconcile_settings(&dbs, &fake, &["--reconcile-app-access", "ignore"]);
+
+    let (result, reports) = reconcile(&settings, Some(TENANT), Flags::default()).await;
+    result.expect("reconcile");
+    assert_eq!(reports[0]["outcome"], "applied", "{}", reports[0]);
+    let after = rows(&mut conn).await;
+    for (old, new) in before.iter().zip(&after) {
+        assert_eq!(
+            (
+                old.has_app_access,
+                &old.app_role,
+                &old.app_role_id,
+                &old.app_role_name
+            ),
+            (
+                new.has_app_access,
+                &new.app_role,
+                &new.app_role_id,
+                &new.app_role_name
+            ),
+            "{}",
+            old.id
+        );
+    }
+    let statuses: Vec<Option<&str>> = after
+        .iter()
+        .map(|r| r.membership_status.as_deref())
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            Some("active"),
+            Some("left"),
+            Some("suspended"),
+            Some("active"),
+            Some("active")
+        ]
+    );
     let _ = conn.close().await;
     dbs.drop_all().await;
 }

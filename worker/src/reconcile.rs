@@ -155,10 +155,11 @@ fn joined_status(status: MemberStatus) -> Option<MembershipStatus> {
     }
 }
 
-/// What one listed member, whose membership has `status`, sets.
+/// What one listed member, whose membership has `status`, sets. The app fields are taken from
+/// the roles of `application_id`, or left untouched without one.
 fn member_changes(
     tenant: &TenantId,
-    application_id: &str,
+    application_id: Option<&str>,
     member: &Membership,
     status: MembershipStatus,
 ) -> Vec<Change> {
@@ -179,6 +180,9 @@ fn member_changes(
         changes.push(Change::MembershipId(id));
     }
     changes.push(Change::MembershipStatus(status));
+    let Some(application_id) = application_id else {
+        return changes;
+    };
     // One role per row: when a member holds several of the app's roles, the one with the
     // smallest slug (then id), so that repeated snapshots agree.
     let role = member
@@ -196,21 +200,24 @@ fn member_changes(
 }
 
 /// What a row of the tenant that the snapshot does not list gets.
-fn left_changes() -> Vec<Change> {
-    vec![
-        Change::MembershipStatus(MembershipStatus::Left),
-        Change::HasAppAccess(false),
-        Change::AppRole(None),
-        Change::AppRoleId(None),
-        Change::AppRoleName(None),
-    ]
+fn left_changes(app_fields: bool) -> Vec<Change> {
+    let mut changes = vec![Change::MembershipStatus(MembershipStatus::Left)];
+    if app_fields {
+        changes.extend([
+            Change::HasAppAccess(false),
+            Change::AppRole(None),
+            Change::AppRoleId(None),
+            Change::AppRoleName(None),
+        ]);
+    }
+    changes
 }
 
 /// The effects of a snapshot taken at `taken_at` on the tenant's `stored` rows, their predicted
 /// outcome (through [`Model`], the same rule the database applies) and the guard rails.
 pub fn plan(
     tenant: &TenantId,
-    application_id: &str,
+    application_id: Option<&str>,
     memberships: &[Membership],
     taken_at: EventTime,
     stored: Vec<Stored>,
@@ -238,7 +245,7 @@ pub fn plan(
             .map(|id| VersionedEffect {
                 sub: id.clone(),
                 version: version.clone(),
-                changes: left_changes(),
+                changes: left_changes(application_id.is_some()),
             }),
     );
 
@@ -292,7 +299,8 @@ pub fn plan(
     if listed.is_empty() && active_in_db > 0 {
         refusals.push(Refusal::EmptySnapshot { active_in_db });
     }
-    if !listed.is_empty()
+    if application_id.is_some()
+        && !listed.is_empty()
         && listed.values().all(|(m, _)| m.roles.is_empty())
         && with_app_role_in_db > 0
     {
@@ -401,7 +409,8 @@ impl fmt::Display for Report {
 /// Reads snapshots from AuthVital and folds them into tenant databases.
 pub struct Reconciler {
     pub api: AuthVital,
-    pub application_id: String,
+    /// Whose app access and roles a snapshot sets; None leaves the app fields to webhooks.
+    pub application_id: Option<String>,
     pub max_left_percent: u8,
     pub metrics: ReconcileMetrics,
 }
@@ -479,7 +488,7 @@ impl Reconciler {
         let stored = apply::load_tenant(&mut tx, tenant.as_str()).await?;
         let plan = plan(
             tenant,
-            &self.application_id,
+            self.application_id.as_deref(),
             &memberships,
             taken_at,
             stored,
@@ -582,7 +591,7 @@ mod tests {
             &[("viewer", "app"), ("admin", "app"), ("boss", "other")],
         );
         assert_eq!(
-            member_changes(&tenant(), "app", &m, MembershipStatus::Suspended),
+            member_changes(&tenant(), Some("app"), &m, MembershipStatus::Suspended),
             vec![
                 Change::TenantId(tenant()),
                 Change::Email(Some("u@x".into())),
@@ -596,7 +605,7 @@ mod tests {
         );
         let none = member_changes(
             &tenant(),
-            "app",
+            Some("app"),
             &member("u", MemberStatus::Active, &[("boss", "other")]),
             MembershipStatus::Active,
         );
@@ -611,6 +620,20 @@ mod tests {
     }
 
     #[test]
+    fn without_an_application_the_app_fields_are_left_to_webhooks() {
+        let m = member("u", MemberStatus::Active, &[("admin", "app")]);
+        for change in member_changes(&tenant(), None, &m, MembershipStatus::Active)
+            .into_iter()
+            .chain(left_changes(false))
+        {
+            assert!(!matches!(
+                change.field(),
+                Field::HasAppAccess | Field::AppRole | Field::AppRoleId | Field::AppRoleName
+            ));
+        }
+    }
+
+    #[test]
     fn backfill_creates_every_listed_member_but_the_invited() {
         let members = [
             member("a", MemberStatus::Active, &[("admin", "app")]),
@@ -619,7 +642,7 @@ mod tests {
         ];
         let p = plan(
             &tenant(),
-            "app",
+            Some("app"),
             &members,
             at("2026-08-21T01:00:00Z"),
             vec![],
@@ -659,7 +682,7 @@ mod tests {
         // One of five leaving is 20%: allowed.
         let p = plan(
             &tenant(),
-            "app",
+            Some("app"),
             &keep(&["a", "b", "c", "d"]),
             t,
             rows(),
@@ -668,7 +691,14 @@ mod tests {
         assert_eq!(p.counts.marked_left, 1);
         assert!(p.refusals.is_empty(), "{:?}", p.refusals);
         // Two of five is 40%.
-        let p = plan(&tenant(), "app", &keep(&["a", "b", "c"]), t, rows(), 20);
+        let p = plan(
+            &tenant(),
+            Some("app"),
+            &keep(&["a", "b", "c"]),
+            t,
+            rows(),
+            20,
+        );
         assert_eq!(
             p.refusals,
             vec![Refusal::TooManyLeft {
@@ -677,13 +707,13 @@ mod tests {
                 max_percent: 20
             }]
         );
-        let p = plan(&tenant(), "app", &[], t, rows(), 20);
+        let p = plan(&tenant(), Some("app"), &[], t, rows(), 20);
         assert_eq!(p.refusals, vec![Refusal::EmptySnapshot { active_in_db: 5 }]);
         let roleless: Vec<Membership> = ["a", "b", "c", "d", "e"]
             .iter()
             .map(|s| member(s, MemberStatus::Active, &[]))
             .collect();
-        let p = plan(&tenant(), "app", &roleless, t, rows(), 20);
+        let p = plan(&tenant(), Some("app"), &roleless, t, rows(), 20);
         assert_eq!(
             p.refusals,
             vec![Refusal::NoRoles {
@@ -693,7 +723,7 @@ mod tests {
         );
         // A snapshot older than every row's events changes nothing and refuses nothing.
         let old = at("2026-08-20T00:00:00Z");
-        let p = plan(&tenant(), "app", &[], old, rows(), 20);
+        let p = plan(&tenant(), Some("app"), &[], old, rows(), 20);
         assert_eq!(p.counts.marked_left, 0);
         assert_eq!(p.counts.unchanged, 5);
         assert_eq!(p.refusals, vec![Refusal::EmptySnapshot { active_in_db: 5 }]);
@@ -821,10 +851,10 @@ mod tests {
             for user in USERS {
                 let changes = match members.iter().find(|m| m.user.id == user) {
                     Some(m) => match joined_status(m.status) {
-                        Some(status) => member_changes(&tenant(), "app", m, status),
-                        None => left_changes(),
+                        Some(status) => member_changes(&tenant(), Some("app"), m, status),
+                        None => left_changes(true),
                     },
-                    None => left_changes(),
+                    None => left_changes(true),
                 };
                 for c in changes {
                     setters.push(((*at, 0, String::new()), user, c));
@@ -879,7 +909,7 @@ mod tests {
                 match arrival {
                     Arrival::Webhook(e) => model.apply(e),
                     Arrival::Snapshot((at, members)) => {
-                        let p = plan(&tenant(), "app", members, *at, model.stored_rows(), 100);
+                        let p = plan(&tenant(), Some("app"), members, *at, model.stored_rows(), 100);
                         for e in &p.effects {
                             model.apply_versioned(&e.sub, &e.version, &e.changes);
                         }

@@ -96,6 +96,11 @@ pub struct Settings {
     #[arg(long, env = "AVSYNC_RECONCILE_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
     pub reconcile_interval: Option<Duration>,
 
+    /// Where a reconcile takes `has_app_access` and `app_role*` from: `roles` (the member's roles
+    /// of AVSYNC_APPLICATION_ID), or `ignore` (left to webhooks; for an application without roles).
+    #[arg(long, env = "AVSYNC_RECONCILE_APP_ACCESS", value_name = "SOURCE", default_value = "roles", value_parser = ["roles", "ignore"])]
+    pub reconcile_app_access: String,
+
     /// A reconcile refuses (unless --force) a snapshot that turns more than this percentage of
     /// a tenant's active members to `left`.
     #[arg(long, env = "AVSYNC_RECONCILE_MAX_LEFT_PERCENT", value_name = "PERCENT", default_value_t = 20, value_parser = clap::value_parser!(u8).range(0..=100))]
@@ -158,8 +163,8 @@ impl Settings {
     }
 
     /// What a reconcile needs: AuthVital's URL, the machine client, and the application whose
-    /// access and roles it takes.
-    pub fn reconcile_settings(&self) -> Result<(ApiSettings, String), BadSetting> {
+    /// access and roles it takes (None with AVSYNC_RECONCILE_APP_ACCESS=ignore).
+    pub fn reconcile_settings(&self) -> Result<(ApiSettings, Option<String>), BadSetting> {
         let missing = |name| BadSetting::new(name, "is needed to reconcile (see the README)");
         let url = self
             .authvital_url
@@ -182,10 +187,14 @@ impl Settings {
             .authvital_client_secret
             .clone()
             .ok_or_else(|| missing("AVSYNC_AUTHVITAL_CLIENT_SECRET"))?;
-        let application_id = self
-            .application_id
-            .clone()
-            .ok_or_else(|| missing("AVSYNC_APPLICATION_ID"))?;
+        let application_id = match self.reconcile_app_access.as_str() {
+            "ignore" => None,
+            _ => Some(
+                self.application_id
+                    .clone()
+                    .ok_or_else(|| missing("AVSYNC_APPLICATION_ID"))?,
+            ),
+        };
         Ok((
             ApiSettings {
                 base_url: url.trim_end_matches('/').to_owned(),
@@ -281,9 +290,11 @@ mod tests {
         assert!(!format!("{s:?}").contains("hidden-secret"));
         let (api, app) = s.reconcile_settings().unwrap();
         assert_eq!(api.base_url, "https://auth.example.com");
-        assert_eq!(app, "app");
+        assert_eq!(app.as_deref(), Some("app"));
         let s = parse(&full[..8]).unwrap();
         assert_eq!(s.validate().unwrap_err().name, "AVSYNC_APPLICATION_ID");
+        let s = parse(&[&full[..8], &["--reconcile-app-access", "ignore"]].concat()).unwrap();
+        assert_eq!(s.reconcile_settings().unwrap().1, None);
         let mut bad_url = full;
         bad_url[3] = "auth.example.com";
         let s = parse(&bad_url).unwrap();
