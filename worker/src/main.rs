@@ -18,6 +18,9 @@ async fn main() -> ExitCode {
         }
         Command::Dlq(command) => avsync_worker::dlq::run(command, &cli.settings.common).await,
         Command::Reconcile(args) => {
+            if let Err(e) = cli.settings.reconcile_settings() {
+                exit_bad_setting(PROGRAM, &e.to_string());
+            }
             avsync_worker::reconcile_cli::run(&args, &cli.settings, &mut std::io::stdout()).await
         }
     };
