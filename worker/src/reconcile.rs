@@ -462,6 +462,7 @@ impl Reconciler {
                 tenant = tenant.as_str(),
                 "another reconcile of this tenant is running; skipped"
             );
+            tx.rollback().await?;
             return Ok((
                 Report::new(tenant.as_str(), RunOutcome::Busy),
                 RunOutcome::Busy,
@@ -477,6 +478,7 @@ impl Reconciler {
             .fetch_one(&mut *tx)
             .await?;
             if recent {
+                tx.rollback().await?;
                 let outcome = RunOutcome::NotDue;
                 return Ok((Report::new(tenant.as_str(), outcome), outcome));
             }
@@ -484,7 +486,14 @@ impl Reconciler {
         let sent = Utc::now() - CLOCK_SKEW;
         let taken_at = EventTime::from_micros(sent.timestamp_micros())
             .expect("the clock is within years 0000 to 9999");
-        let memberships = self.api.tenant_memberships(tenant.as_str()).await?;
+        let memberships = match self.api.tenant_memberships(tenant.as_str()).await {
+            Ok(memberships) => memberships,
+            Err(e) => {
+                // Now, not when the connection is next used: it may go back to a pool.
+                let _ = tx.rollback().await;
+                return Err(e.into());
+            }
+        };
         let stored = apply::load_tenant(&mut tx, tenant.as_str()).await?;
         let plan = plan(
             tenant,
