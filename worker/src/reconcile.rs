@@ -643,6 +643,29 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_report_names_the_rule_and_counts() {
+        let report = Report {
+            refusals: vec![Refusal::TooManyLeft {
+                flipping: 3,
+                active_in_db: 5,
+                max_percent: 20,
+            }],
+            ..Report::new("t1", RunOutcome::Refused)
+        };
+        let text = report.to_string();
+        assert!(text.starts_with("tenant t1: refused: 0 listed"), "{text}");
+        assert!(
+            text.contains("too many left: 3 of 5 active members"),
+            "{text}"
+        );
+        assert!(text.contains("--force"), "{text}");
+        assert!(!report.ok());
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["refusals"][0]["rule"], "too_many_left");
+        assert!(Report::new("t1", RunOutcome::Busy).ok());
+    }
+
+    #[test]
     fn backfill_creates_every_listed_member_but_the_invited() {
         let members = [
             member("a", MemberStatus::Active, &[("admin", "app")]),
