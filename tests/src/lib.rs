@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod demo;
+pub mod fake_authvital;
 pub mod faults;
 pub mod ingress_harness;
 pub mod processes;

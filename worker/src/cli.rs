@@ -1,7 +1,8 @@
-//! The `avsync-worker` command line: consume (the default), `migrate`, `dlq`.
+//! The `avsync-worker` command line: consume (the default), `migrate`, `dlq`, `reconcile`.
 
 use crate::dlq::DlqCommand;
 use crate::migrate::MigrateArgs;
+use crate::reconcile_cli::ReconcileArgs;
 use crate::settings::Settings;
 use clap::{Parser, Subcommand};
 
@@ -28,6 +29,8 @@ pub enum Command {
     /// Inspect, replay or purge dead letters.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Read tenants' members from AuthVital's integration API and fold them into their databases.
+    Reconcile(ReconcileArgs),
 }
 
 #[cfg(test)]
@@ -62,5 +65,19 @@ mod tests {
             parse(&["dlq", "list", "--json"]).unwrap().command,
             Some(Command::Dlq(DlqCommand::List(_)))
         ));
+        assert!(matches!(
+            parse(&["reconcile", "--all", "--dry-run", "--json", "--force"])
+                .unwrap()
+                .command,
+            Some(Command::Reconcile(ReconcileArgs {
+                all: true,
+                dry_run: true,
+                json: true,
+                force: true,
+                ..
+            }))
+        ));
+        assert!(parse(&["reconcile"]).is_err());
+        assert!(parse(&["reconcile", "--all", "--tenant", "t"]).is_err());
     }
 }

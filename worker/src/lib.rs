@@ -5,6 +5,7 @@
 //! `apply` (the event rules) → ack. `failure` decides what a failure means.
 
 pub mod apply;
+pub mod authvital;
 pub mod batch;
 pub mod cli;
 pub mod consume;
@@ -14,6 +15,8 @@ pub mod failure;
 pub mod metrics;
 pub mod migrate;
 pub mod pools;
+pub mod reconcile;
+pub mod reconcile_cli;
 pub mod retry;
 pub mod settings;
 pub mod tenants;
@@ -137,6 +140,14 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         }
         .run(shutdown.clone()),
     );
+    let reconcile = settings.reconcile_interval.map(|interval| {
+        tokio::spawn(reconcile_cli::schedule(
+            worker.clone(),
+            settings.clone(),
+            interval,
+            shutdown.clone(),
+        ))
+    });
     let mut consumer = tokio::spawn(consume::run(worker.clone(), shutdown.clone()));
     let stopping = worker.clone();
     let handle = tokio::spawn(async move {
@@ -155,6 +166,11 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
             }
         }
         depth.await.context("queue depth poller panicked")?;
+        if let Some(reconcile) = reconcile {
+            if let Err(e) = reconcile.await.context("reconcile schedule panicked")? {
+                tracing::warn!(error = %format!("{e:#}"), "reconcile schedule stopped");
+            }
+        }
         stopping.pools.close_all().await;
         stopping.resolver.close().await;
         admin_server

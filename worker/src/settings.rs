@@ -1,5 +1,6 @@
 //! Every worker setting: a flag with an environment fallback; `--help` lists them with defaults.
 
+use crate::authvital::{ApiSettings, ClientSecret};
 use avsync_shared::config::{parse_duration, BadSetting, CommonArgs};
 use avsync_shared::topology::BROKER_DELIVERY_LIMIT;
 use clap::builder::BoolishValueParser;
@@ -63,6 +64,47 @@ pub struct Settings {
     /// least one each); also the number of messages applied at once.
     #[arg(long, env = "AVSYNC_PREFETCH", value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u16).range(1..=10_000))]
     pub prefetch: u16,
+
+    /// AuthVital's base URL (e.g. https://auth.example.com), for `reconcile`.
+    #[arg(long, env = "AVSYNC_AUTHVITAL_URL", value_name = "URL")]
+    pub authvital_url: Option<String>,
+
+    /// Client id of the AuthVital machine client (scope integration:read), for `reconcile`.
+    #[arg(long, env = "AVSYNC_AUTHVITAL_CLIENT_ID", value_name = "ID")]
+    pub authvital_client_id: Option<String>,
+
+    /// Secret of the AuthVital machine client; never printed.
+    #[arg(
+        long,
+        env = "AVSYNC_AUTHVITAL_CLIENT_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub authvital_client_secret: Option<ClientSecret>,
+
+    /// Longest wait for one answer of AuthVital's API (connect included).
+    #[arg(long, env = "AVSYNC_AUTHVITAL_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub authvital_timeout: Duration,
+
+    /// Most requests a minute this process sends to AuthVital's API (AuthVital allows 100 a
+    /// minute per endpoint and client address).
+    #[arg(long, env = "AVSYNC_AUTHVITAL_REQUESTS_PER_MINUTE", value_name = "N", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=60_000))]
+    pub authvital_requests_per_minute: u32,
+
+    /// When set, `run` also reconciles every tenant this often (jittered), one worker per
+    /// tenant at a time.
+    #[arg(long, env = "AVSYNC_RECONCILE_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
+    pub reconcile_interval: Option<Duration>,
+
+    /// Where a reconcile takes `has_app_access` and `app_role*` from: `roles` (the member's roles
+    /// of AVSYNC_APPLICATION_ID), or `ignore` (left to webhooks; for an application without roles).
+    #[arg(long, env = "AVSYNC_RECONCILE_APP_ACCESS", value_name = "SOURCE", default_value = "roles", value_parser = ["roles", "ignore"])]
+    pub reconcile_app_access: String,
+
+    /// A reconcile refuses (unless --force) a snapshot that turns more than this percentage of
+    /// a tenant's active members to `left`.
+    #[arg(long, env = "AVSYNC_RECONCILE_MAX_LEFT_PERCENT", value_name = "PERCENT", default_value_t = 20, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub reconcile_max_left_percent: u8,
 }
 
 /// The retry ladder: at least one delay, each above zero.
@@ -102,7 +144,67 @@ impl Settings {
                 "is empty; unset it to accept every application",
             ));
         }
+        if let Some(interval) = self.reconcile_interval {
+            if interval.is_zero() {
+                return Err(BadSetting::new(
+                    "AVSYNC_RECONCILE_INTERVAL",
+                    "must be above zero; unset it to reconcile only on command",
+                ));
+            }
+            self.reconcile_settings()?;
+        }
+        if self.authvital_timeout.is_zero() {
+            return Err(BadSetting::new(
+                "AVSYNC_AUTHVITAL_TIMEOUT",
+                "must be above zero",
+            ));
+        }
         Ok(())
+    }
+
+    /// What a reconcile needs: AuthVital's URL, the machine client, and the application whose
+    /// access and roles it takes (None with AVSYNC_RECONCILE_APP_ACCESS=ignore).
+    pub fn reconcile_settings(&self) -> Result<(ApiSettings, Option<String>), BadSetting> {
+        let missing = |name| BadSetting::new(name, "is needed to reconcile (see the README)");
+        let url = self
+            .authvital_url
+            .as_deref()
+            .ok_or_else(|| missing("AVSYNC_AUTHVITAL_URL"))?;
+        let url_ok = (url.starts_with("https://") || url.starts_with("http://"))
+            && url.parse::<reqwest::Url>().is_ok();
+        if !url_ok {
+            return Err(BadSetting::new(
+                "AVSYNC_AUTHVITAL_URL",
+                "is not an http(s) URL like https://auth.example.com",
+            ));
+        }
+        let client_id = self
+            .authvital_client_id
+            .clone()
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| missing("AVSYNC_AUTHVITAL_CLIENT_ID"))?;
+        let client_secret = self
+            .authvital_client_secret
+            .clone()
+            .ok_or_else(|| missing("AVSYNC_AUTHVITAL_CLIENT_SECRET"))?;
+        let application_id = match self.reconcile_app_access.as_str() {
+            "ignore" => None,
+            _ => Some(
+                self.application_id
+                    .clone()
+                    .ok_or_else(|| missing("AVSYNC_APPLICATION_ID"))?,
+            ),
+        };
+        Ok((
+            ApiSettings {
+                base_url: url.trim_end_matches('/').to_owned(),
+                client_id,
+                client_secret,
+                timeout: self.authvital_timeout,
+                requests_per_minute: self.authvital_requests_per_minute,
+            },
+            application_id,
+        ))
     }
 }
 
@@ -165,5 +267,39 @@ mod tests {
         assert_eq!(s.validate().unwrap_err().name, "AVSYNC_TENANT_REGISTRY_URL");
         let s = parse(&["--partitions", "0"]).unwrap();
         assert_eq!(s.validate().unwrap_err().name, "AVSYNC_PARTITIONS");
+    }
+
+    #[test]
+    fn a_reconcile_schedule_needs_authvital_and_never_shows_the_secret() {
+        let s = parse(&["--reconcile-interval", "1h"]).unwrap();
+        assert_eq!(s.validate().unwrap_err().name, "AVSYNC_AUTHVITAL_URL");
+        let full = [
+            "--reconcile-interval",
+            "1h",
+            "--authvital-url",
+            "https://auth.example.com/",
+            "--authvital-client-id",
+            "c",
+            "--authvital-client-secret",
+            "hidden-secret",
+            "--application-id",
+            "app",
+        ];
+        let s = parse(&full).unwrap();
+        s.validate().unwrap();
+        assert!(!format!("{s:?}").contains("hidden-secret"));
+        let (api, app) = s.reconcile_settings().unwrap();
+        assert_eq!(api.base_url, "https://auth.example.com");
+        assert_eq!(app.as_deref(), Some("app"));
+        let s = parse(&full[..8]).unwrap();
+        assert_eq!(s.validate().unwrap_err().name, "AVSYNC_APPLICATION_ID");
+        let s = parse(&[&full[..8], &["--reconcile-app-access", "ignore"]].concat()).unwrap();
+        assert_eq!(s.reconcile_settings().unwrap().1, None);
+        let mut bad_url = full;
+        bad_url[3] = "auth.example.com";
+        let s = parse(&bad_url).unwrap();
+        assert_eq!(s.validate().unwrap_err().name, "AVSYNC_AUTHVITAL_URL");
+        assert!(parse(&["--reconcile-max-left-percent", "101"]).is_err());
+        assert_eq!(parse(&[]).unwrap().reconcile_max_left_percent, 20);
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 /// PostgreSQL's NAMEDATALEN - 1: longer identifiers are silently cut.
 pub const MAX_DATABASE_NAME_BYTES: usize = 63;
 
-const PLACEHOLDER: &str = "{tenant_id}";
+pub const PLACEHOLDER: &str = "{tenant_id}";
 const FOUND_TTL: Duration = Duration::from_secs(30);
 /// The longest an unknown tenant is remembered; a consuming worker remembers it for less, so
 /// that a retried event always asks the registry again (see [`Resolver::unknown_for`]).
