@@ -377,7 +377,14 @@ async fn consume_on(
         };
         match next {
             Some((partition, Ok(delivery))) => {
-                let Ok(permit) = bound.clone().acquire_owned().await else {
+                let permit = tokio::select! {
+                    permit = bound.clone().acquire_owned() => permit,
+                    () = &mut deliveries.lost => {
+                        outcome = Err(SessionError::ChannelLost);
+                        break;
+                    }
+                };
+                let Ok(permit) = permit else {
                     break;
                 };
                 gate.received(partition);
