@@ -16,6 +16,7 @@ use crate::metrics::{Metrics, Outcome};
 use crate::pools::Pools;
 use crate::retry::{self, History, NextStep, Retry, RetryPolicy};
 use crate::tenants::Resolver;
+use avsync_shared::broker::FailureLog;
 use avsync_shared::event::{type_label, Effect};
 use avsync_shared::topology::Topology;
 use avsync_shared::{Envelope, TenantId};
@@ -97,6 +98,7 @@ fn backoff() -> impl Iterator<Item = Duration> {
 /// every message already received, and returns.
 pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
     let mut delays = backoff();
+    let mut failures = FailureLog::default();
     while !shutdown.is_cancelled() {
         let mut consumed = false;
         let result = session(&worker, &shutdown, &mut consumed).await;
@@ -106,6 +108,7 @@ pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
             Err(e) => {
                 if consumed {
                     delays = backoff();
+                    failures.connected();
                 }
                 let delay = delays.next().unwrap_or(MAX_RECONNECT);
                 match &e {
@@ -114,6 +117,7 @@ pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
                         topology = worker.topology.prefix(),
                         "{e}"
                     ),
+                    SessionError::Broker(e) => failures.failed("not consuming", e, delay),
                     _ => tracing::warn!(retry_in = ?delay, "not consuming: {e}"),
                 }
                 tokio::select! {
