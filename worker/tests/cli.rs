@@ -281,20 +281,6 @@ impl Started {
 }
 
 #[test]
-fn a_normal_start_logs_no_error() {
-    let mut worker = Started::spawn(&[]);
-    worker.wait_for(1, |l| l.contains("consuming"));
-    let logs = worker.stop();
-    for line in &logs {
-        assert!(
-            !line.contains("ERROR") && !line.contains("lapin"),
-            "{}",
-            logs.join("\n")
-        );
-    }
-}
-
-#[test]
 fn a_refused_broker_login_is_said_once_naming_the_setting() {
     let url = "amqp://guest:hunter2-wrong@127.0.0.1:5672/%2f";
     // Repeats are logged at debug: seeing three shows the worker retried twice without saying
