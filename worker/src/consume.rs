@@ -135,7 +135,8 @@ fn per_queue_prefetch(prefetch: u16, partitions: u16) -> u16 {
 }
 
 async fn check_partitions(conn: &Connection, topology: &Topology) -> Result<(), SessionError> {
-    // A passive declare of a missing queue closes its channel: use a throwaway one.
+    // A passive declare of a missing queue closes its channel: use a throwaway one. lapin logs
+    // that expected close at ERROR; `telemetry::DEFAULT_FILTER` keeps lapin's own lines out.
     let probe = conn.create_channel().await?;
     let beyond = topology.partition_queue(topology.partitions());
     let found = probe
