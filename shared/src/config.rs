@@ -156,7 +156,7 @@ fn bad_value(command: &Command, e: &clap::Error) -> Option<String> {
     let reason = rendered
         .lines()
         .map(str::trim)
-        .take_while(|line| !line.starts_with("For more information"))
+        .take_while(|line| !line.starts_with("Usage:") && !line.starts_with("For more information"))
         .filter(|line| !line.is_empty())
         .collect::<Vec<_>>()
         .join(" ");
@@ -229,6 +229,61 @@ mod tests {
             common(DEFAULT_AMQP_URL, "a", 0).check().unwrap_err().name,
             "AVSYNC_PARTITIONS"
         );
+    }
+
+    #[derive(Parser, Debug)]
+    struct Probe {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[arg(long, global = true, env = "AVSYNC_PROBE_N", value_parser = number_from_to(5u32, 49))]
+        n: Option<u32>,
+        #[command(subcommand)]
+        command: Option<ProbeCommand>,
+    }
+
+    #[derive(clap::Subcommand, Debug)]
+    enum ProbeCommand {
+        Sub {
+            #[arg(long)]
+            limit: Option<u32>,
+        },
+    }
+
+    fn refusal(args: &[&str]) -> Option<String> {
+        let e = Probe::try_parse_from(std::iter::once("probe").chain(args.iter().copied()))
+            .unwrap_err();
+        bad_value(&<Probe as clap::CommandFactory>::command(), &e)
+    }
+
+    #[test]
+    fn a_refused_value_names_its_variable_and_flag_on_one_line() {
+        for args in [&["--n", "50"][..], &["sub", "--n", "4"], &["--n", "x"]] {
+            let line = refusal(args).expect("a value error");
+            assert!(
+                line.starts_with("bad setting AVSYNC_PROBE_N (--n): invalid value '"),
+                "{line}"
+            );
+            assert!(
+                line.ends_with("must be a whole number from 5 to 49"),
+                "{line}"
+            );
+        }
+        let line = refusal(&["--log-format", "xml"]).expect("a value error");
+        assert_eq!(
+            line,
+            "bad setting AVSYNC_LOG_FORMAT (--log-format): invalid value 'xml' [possible values: text, json]"
+        );
+        let line = refusal(&["sub", "--limit", "x"]).expect("a value error");
+        assert!(
+            line.starts_with("bad setting --limit: invalid value 'x'"),
+            "{line}"
+        );
+        assert_eq!(
+            refusal(&["--nope"]),
+            None,
+            "a wrong command line is clap's to print"
+        );
+        assert_eq!(refusal(&["sub", "extra"]), None);
     }
 
     #[test]
