@@ -2,6 +2,7 @@
 //! request. A request gets its 202 only after the broker confirmed its own message.
 
 use crate::metrics::Metrics;
+use avsync_shared::broker::FailureLog;
 use avsync_shared::topology::{EVENT_TYPE_HEADER, TENANT_HEADER};
 use avsync_shared::{Envelope, Topology};
 use backon::{ExponentialBuilder, Retryable};
@@ -211,12 +212,13 @@ async fn supervise(inner: Arc<Inner>, amqp_url: String, stop: CancellationToken)
         .with_max_delay(Duration::from_secs(5))
         .with_jitter()
         .without_max_times();
+    let mut failures = FailureLog::default();
     loop {
         let connect = (|| connect(&amqp_url, &inner.topology))
             .retry(backoff)
             .sleep(tokio::time::sleep)
             .notify(|e: &lapin::Error, wait: Duration| {
-                tracing::warn!(error = %e, retry_in = ?wait, "cannot reach the broker");
+                failures.failed("cannot reach the broker", e, wait);
             });
         let link = tokio::select! {
             _ = stop.cancelled() => return,
@@ -228,6 +230,7 @@ async fn supervise(inner: Arc<Inner>, amqp_url: String, stop: CancellationToken)
                 }
             },
         };
+        failures.connected();
         inner.set(Some(link.clone()));
         tracing::info!(
             topology = inner.topology.prefix(),

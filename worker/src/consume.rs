@@ -16,6 +16,7 @@ use crate::metrics::{Metrics, Outcome};
 use crate::pools::Pools;
 use crate::retry::{self, History, NextStep, Retry, RetryPolicy};
 use crate::tenants::Resolver;
+use avsync_shared::broker::FailureLog;
 use avsync_shared::event::{type_label, Effect};
 use avsync_shared::topology::Topology;
 use avsync_shared::{Envelope, TenantId};
@@ -114,6 +115,7 @@ fn backoff() -> impl Iterator<Item = Duration> {
 /// every message already received, and returns.
 pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
     let mut delays = backoff();
+    let mut failures = FailureLog::default();
     while !shutdown.is_cancelled() {
         let mut consumed = false;
         let result = session(&worker, &shutdown, &mut consumed).await;
@@ -123,6 +125,7 @@ pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
             Err(e) => {
                 if consumed {
                     delays = backoff();
+                    failures.connected();
                 }
                 let delay = delays.next().unwrap_or(MAX_RECONNECT);
                 match &e {
@@ -131,6 +134,7 @@ pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
                         topology = worker.topology.prefix(),
                         "{e}"
                     ),
+                    SessionError::Broker(e) => failures.failed("not consuming", e, delay),
                     _ => tracing::warn!(retry_in = ?delay, "not consuming: {e}"),
                 }
                 tokio::select! {
@@ -148,7 +152,8 @@ fn per_queue_prefetch(prefetch: u16, partitions: u16) -> u16 {
 }
 
 async fn check_partitions(conn: &Connection, topology: &Topology) -> Result<(), SessionError> {
-    // A passive declare of a missing queue closes its channel: use a throwaway one.
+    // A passive declare of a missing queue closes its channel: use a throwaway one. lapin logs
+    // that expected close at ERROR; `telemetry::DEFAULT_FILTER` keeps lapin's own lines out.
     let probe = conn.create_channel().await?;
     let beyond = topology.partition_queue(topology.partitions());
     let found = probe

@@ -1,11 +1,15 @@
 //! Every worker setting: a flag with an environment fallback; `--help` lists them with defaults.
 
 use crate::authvital::{ApiSettings, ClientSecret};
-use avsync_shared::config::{parse_duration, BadSetting, CommonArgs};
+use avsync_shared::config::{number_from_to, parse_duration, BadSetting, CommonArgs};
 use avsync_shared::topology::BROKER_DELIVERY_LIMIT;
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args};
 use std::time::Duration;
+
+/// The most deliveries `AVSYNC_POISON_DELIVERIES` may allow: one fewer than the broker's own
+/// limit, so that the worker, not the broker, sees a poison message first.
+const POISON_DELIVERIES_MAX: u32 = BROKER_DELIVERY_LIMIT as u32 - 1;
 
 pub const DEFAULT_TENANT_DATABASE_URL: &str =
     "postgres://postgres@127.0.0.1:5432/tenant_{tenant_id}";
@@ -17,18 +21,19 @@ pub struct Settings {
 
     /// When set, events of other AuthVital applications (or of none) are acknowledged and
     /// counted `ignored`.
-    #[arg(long, env = "AVSYNC_APPLICATION_ID", value_name = "ID")]
+    #[arg(long, global = true, env = "AVSYNC_APPLICATION_ID", value_name = "ID")]
     pub application_id: Option<String>,
 
     /// Tenant database URL template; `{tenant_id}` is replaced by the tenant id as is. Without
     /// `{tenant_id}`, every tenant shares one database.
-    #[arg(long, env = "AVSYNC_TENANT_DATABASE_URL", value_name = "URL", default_value = DEFAULT_TENANT_DATABASE_URL, hide_env_values = true)]
+    #[arg(long, global = true, env = "AVSYNC_TENANT_DATABASE_URL", value_name = "URL", default_value = DEFAULT_TENANT_DATABASE_URL, hide_env_values = true)]
     pub tenant_database_url: String,
 
     /// When set, tenants are looked up in table `avsync_tenants` of this database instead of
     /// the template.
     #[arg(
         long,
+        global = true,
         env = "AVSYNC_TENANT_REGISTRY_URL",
         value_name = "URL",
         hide_env_values = true
@@ -36,46 +41,48 @@ pub struct Settings {
     pub tenant_registry_url: Option<String>,
 
     /// Apply pending migrations to a tenant database the first time this worker opens it.
-    #[arg(long, env = "AVSYNC_AUTO_MIGRATE", value_name = "BOOL", default_value_t = true, action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    #[arg(long, global = true, env = "AVSYNC_AUTO_MIGRATE", value_name = "BOOL", default_value_t = true, action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub auto_migrate: bool,
 
     /// Create a missing tenant database instead of waiting for it to be provisioned.
-    #[arg(long, env = "AVSYNC_CREATE_TENANT_DATABASES", value_name = "BOOL", default_value_t = false, action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    #[arg(long, global = true, env = "AVSYNC_CREATE_TENANT_DATABASES", value_name = "BOOL", default_value_t = false, action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub create_tenant_databases: bool,
 
     /// Most tenant pools this worker keeps open; the least recently used idle one is closed first.
-    #[arg(long, env = "AVSYNC_TENANT_POOL_CAPACITY", value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    #[arg(long, global = true, env = "AVSYNC_TENANT_POOL_CAPACITY", value_name = "N", default_value_t = 256, value_parser = number_from_to(1u32, 100_000))]
     pub tenant_pool_capacity: u32,
 
     /// Most connections in one tenant's pool.
-    #[arg(long, env = "AVSYNC_TENANT_POOL_SIZE", value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    #[arg(long, global = true, env = "AVSYNC_TENANT_POOL_SIZE", value_name = "N", default_value_t = 4, value_parser = number_from_to(1u32, 1_000))]
     pub tenant_pool_size: u32,
 
     /// Wait before each retry of a transient failure (comma-separated durations); after the
     /// last, the message is dead-lettered.
-    #[arg(long, env = "AVSYNC_RETRY_DELAYS", value_name = "DURATIONS", default_value = "1s,5s,30s,2m,10m,1h", value_parser = parse_retry_delays)]
+    #[arg(long, global = true, env = "AVSYNC_RETRY_DELAYS", value_name = "DURATIONS", default_value = "1s,5s,30s,2m,10m,1h", value_parser = parse_retry_delays)]
     pub retry_delays: RetryDelays,
 
-    /// A message delivered this many times without being settled is dead-lettered as `poison`.
-    #[arg(long, env = "AVSYNC_POISON_DELIVERIES", value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(5..BROKER_DELIVERY_LIMIT))]
+    /// A message delivered this many times without being settled is dead-lettered as `poison`:
+    /// 5 to 49, below the partition queues' fixed delivery limit of 50.
+    #[arg(long, global = true, env = "AVSYNC_POISON_DELIVERIES", value_name = "N", default_value_t = 10, value_parser = number_from_to(5, POISON_DELIVERIES_MAX))]
     pub poison_deliveries: u32,
 
     /// Unacknowledged messages this worker holds, split evenly over the partition queues (at
     /// least one each); also the number of messages applied at once.
-    #[arg(long, env = "AVSYNC_PREFETCH", value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+    #[arg(long, global = true, env = "AVSYNC_PREFETCH", value_name = "N", default_value_t = 4096, value_parser = number_from_to(1u16, 10_000))]
     pub prefetch: u16,
 
     /// AuthVital's base URL (e.g. https://auth.example.com), for `reconcile`.
-    #[arg(long, env = "AVSYNC_AUTHVITAL_URL", value_name = "URL")]
+    #[arg(long, global = true, env = "AVSYNC_AUTHVITAL_URL", value_name = "URL")]
     pub authvital_url: Option<String>,
 
     /// Client id of the AuthVital machine client (scope integration:read), for `reconcile`.
-    #[arg(long, env = "AVSYNC_AUTHVITAL_CLIENT_ID", value_name = "ID")]
+    #[arg(long, global = true, env = "AVSYNC_AUTHVITAL_CLIENT_ID", value_name = "ID")]
     pub authvital_client_id: Option<String>,
 
     /// Secret of the AuthVital machine client; never printed.
     #[arg(
         long,
+        global = true,
         env = "AVSYNC_AUTHVITAL_CLIENT_SECRET",
         value_name = "SECRET",
         hide_env_values = true
@@ -83,27 +90,27 @@ pub struct Settings {
     pub authvital_client_secret: Option<ClientSecret>,
 
     /// Longest wait for one answer of AuthVital's API (connect included).
-    #[arg(long, env = "AVSYNC_AUTHVITAL_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "AVSYNC_AUTHVITAL_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub authvital_timeout: Duration,
 
     /// Most requests a minute this process sends to AuthVital's API (AuthVital allows 100 a
     /// minute per endpoint and client address).
-    #[arg(long, env = "AVSYNC_AUTHVITAL_REQUESTS_PER_MINUTE", value_name = "N", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=60_000))]
+    #[arg(long, global = true, env = "AVSYNC_AUTHVITAL_REQUESTS_PER_MINUTE", value_name = "N", default_value_t = 60, value_parser = number_from_to(1u32, 60_000))]
     pub authvital_requests_per_minute: u32,
 
     /// When set, `run` also reconciles every tenant this often (jittered), one worker per
     /// tenant at a time.
-    #[arg(long, env = "AVSYNC_RECONCILE_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "AVSYNC_RECONCILE_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
     pub reconcile_interval: Option<Duration>,
 
     /// Where a reconcile takes `has_app_access` and `app_role*` from: `roles` (the member's roles
     /// of AVSYNC_APPLICATION_ID), or `ignore` (left to webhooks; for an application without roles).
-    #[arg(long, env = "AVSYNC_RECONCILE_APP_ACCESS", value_name = "SOURCE", default_value = "roles", value_parser = ["roles", "ignore"])]
+    #[arg(long, global = true, env = "AVSYNC_RECONCILE_APP_ACCESS", value_name = "SOURCE", default_value = "roles", value_parser = ["roles", "ignore"])]
     pub reconcile_app_access: String,
 
     /// A reconcile refuses (unless --force) a snapshot that turns more than this percentage of
     /// a tenant's active members to `left`.
-    #[arg(long, env = "AVSYNC_RECONCILE_MAX_LEFT_PERCENT", value_name = "PERCENT", default_value_t = 20, value_parser = clap::value_parser!(u8).range(0..=100))]
+    #[arg(long, global = true, env = "AVSYNC_RECONCILE_MAX_LEFT_PERCENT", value_name = "PERCENT", default_value_t = 20, value_parser = number_from_to(0u8, 100))]
     pub reconcile_max_left_percent: u8,
 }
 

@@ -95,11 +95,19 @@ impl TenantDb {
     }
 }
 
-/// Whether `url` is a usable PostgreSQL URL naming a database. The reason never repeats the URL.
+/// Whether `url` is a usable PostgreSQL URL naming a database, said for the setting that holds
+/// it (the failure's own text is for dead letters). The reason never repeats the URL.
 pub fn check_url(url: &str) -> Result<(), String> {
-    TenantDb::from_url(url)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    match TenantDb::from_url(url) {
+        Ok(_) => Ok(()),
+        Err(Failure::BadDatabaseUrl(reason)) => Err(format!(
+            "is not a usable PostgreSQL URL: {reason} (not shown: it may hold a password)"
+        )),
+        Err(Failure::DatabaseNameTooLong { len, .. }) => Err(format!(
+            "names a database of {len} bytes, over PostgreSQL's {MAX_DATABASE_NAME_BYTES}-byte limit"
+        )),
+        Err(other) => Err(other.to_string()),
+    }
 }
 
 /// Whether the template gives a usable URL for a tenant. Lengths are checked per tenant.
