@@ -9,7 +9,7 @@ use avsync_worker::apply::{self, Identity, Model};
 use avsync_worker::settings::Settings;
 use avsync_worker::Running;
 use clap::Parser;
-use lapin::options::{BasicAckOptions, BasicGetOptions, ConfirmSelectOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel};
 use rand::rngs::StdRng;
@@ -270,18 +270,31 @@ pub async fn publish(ch: &Channel, topology: &Topology, body: &[u8]) {
         ShortString::from(EVENT_TYPE_HEADER),
         AMQPValue::LongString(LongString::from(event_type.as_str())),
     );
-    avsync_worker::dlq::publish_confirmed(
-        ch,
-        &topology.events_exchange(),
-        &Topology::routing_key(partition),
-        body,
-        BasicProperties::default()
-            .with_message_id(id.as_str().into())
-            .with_delivery_mode(2)
-            .with_headers(FieldTable::from(headers)),
-    )
-    .await
-    .expect("publish confirmed");
+    // Not the worker's one-at-a-time publish: a partition is always routable, so nothing can be
+    // returned, and the tests publish thousands of events with their confirms pipelined.
+    let confirmation = ch
+        .basic_publish(
+            topology.events_exchange().as_str().into(),
+            Topology::routing_key(partition).as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            BasicProperties::default()
+                .with_message_id(id.as_str().into())
+                .with_delivery_mode(2)
+                .with_headers(FieldTable::from(headers)),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirmation.is_ack(), "the broker confirmed {id}");
+    assert!(
+        confirmation.take_message().is_none(),
+        "{id} reached its partition"
+    );
 }
 
 /// One dead letter as the worker wrote it: message id, error class and text, body.

@@ -110,6 +110,12 @@ pub fn carried_headers(
 
 /// Publishes `body` with `properties` and waits for the broker's confirm. The channel must be in
 /// confirm mode.
+///
+/// One publish at a time, confirm included: lapin hands a message the broker returned to
+/// whichever confirm completes next, not to the publish it belongs to, so with several publishes
+/// outstanding on one channel an unroutable retry or dead letter could be taken as confirmed and
+/// its original acked away (`tests/tests/publish_confirms.rs` shows it). Retries and dead letters
+/// are the rare path; correctness costs them a broker round trip each.
 pub async fn publish_confirmed(
     channel: &Channel,
     exchange: &str,
@@ -117,6 +123,9 @@ pub async fn publish_confirmed(
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<(), RepublishError> {
+    // One lock for the process: a worker publishes on one channel per session.
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _alone = ONE_AT_A_TIME.lock().await;
     let confirmation = channel
         .basic_publish(
             exchange.into(),

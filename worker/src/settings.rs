@@ -76,7 +76,12 @@ pub struct Settings {
     pub authvital_url: Option<String>,
 
     /// Client id of the AuthVital machine client (scope integration:read), for `reconcile`.
-    #[arg(long, global = true, env = "AVSYNC_AUTHVITAL_CLIENT_ID", value_name = "ID")]
+    #[arg(
+        long,
+        global = true,
+        env = "AVSYNC_AUTHVITAL_CLIENT_ID",
+        value_name = "ID"
+    )]
     pub authvital_client_id: Option<String>,
 
     /// Secret of the AuthVital machine client; never printed.
