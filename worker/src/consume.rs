@@ -57,10 +57,23 @@ const LIVENESS_CHECK: Duration = Duration::from_millis(500);
 /// After the broker went away, the longest wait for in-flight work before it is abandoned:
 /// what was not acked comes back from the broker anyway.
 const ABANDON_AFTER: Duration = Duration::from_secs(30);
-/// Bound on closing a channel or the connection, which the broker may never answer.
+/// Bound on closing a channel or the connection of a session whose broker went away, which may
+/// never answer. A session that stops because the worker stops waits for the answers instead:
+/// they tell that every ack sent before reached the broker.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// On shutdown, the longest wait for the broker to use up its credit before cancelling.
-const QUIESCE: Duration = Duration::from_millis(250);
+
+/// How long to wait for the broker to answer a close.
+fn close_bound<T, E>(outcome: &Result<T, E>) -> Duration {
+    if outcome.is_err() {
+        CLOSE_TIMEOUT
+    } else {
+        Duration::MAX
+    }
+}
+/// On shutdown, the longest wait for the broker to use up its credit before cancelling: a
+/// delivery still under way when the cancel is confirmed is dropped by lapin and handed back, and
+/// on a loaded machine the broker takes more than a moment to send what it may.
+const QUIESCE: Duration = Duration::from_secs(2);
 /// A tenant's events are applied together, up to this many in one statement: larger batches
 /// gain little once a commit's cost is shared by a few hundred rows.
 const MAX_BATCH: usize = 250;
@@ -193,7 +206,11 @@ async fn session(
     .await
     .map_err(|_| SessionError::SetupTimeout(SETUP_TIMEOUT))??;
     let result = consume_on(&conn, worker, shutdown, consumed).await;
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "worker stopping".into())).await;
+    let _ = tokio::time::timeout(
+        close_bound(&result),
+        conn.close(200, "worker stopping".into()),
+    )
+    .await;
     result
 }
 
@@ -459,8 +476,11 @@ async fn consume_on(
     // before, so once these return, every ack above has reached it; closing the connection
     // straight away could drop acks still queued and hand applied messages back.
     for channel in [consume, publish, setup] {
-        let _ =
-            tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "worker stopping".into())).await;
+        let _ = tokio::time::timeout(
+            close_bound(&outcome),
+            channel.close(200, "worker stopping".into()),
+        )
+        .await;
     }
     outcome
 }
