@@ -225,10 +225,6 @@ impl Tenants {
         }
     }
 
-    pub fn bound(&self) -> usize {
-        self.inner.bound
-    }
-
     /// Decides about a newly received message of `tenant`. `calm` is false while PostgreSQL is
     /// unreachable altogether: then every tenant is stalled and the worker holds what it has.
     /// A held message keeps its place until its guard is dropped.
