@@ -148,11 +148,18 @@ struct TestRole {
 
 impl TestRole {
     async fn create(name: &str) -> Self {
+        Self::limited(name, -1).await
+    }
+
+    /// A role that PostgreSQL lets hold at most `limit` sessions (-1: no limit).
+    async fn limited(name: &str, limit: i32) -> Self {
         let mut admin = support::pg_admin().await;
-        sqlx::query(&format!("CREATE ROLE \"{name}\" LOGIN"))
-            .execute(&mut admin)
-            .await
-            .expect("create role");
+        sqlx::query(&format!(
+            "CREATE ROLE \"{name}\" LOGIN CONNECTION LIMIT {limit}"
+        ))
+        .execute(&mut admin)
+        .await
+        .expect("create role");
         let _ = admin.close().await;
         Self {
             name: name.to_owned(),
@@ -262,6 +269,78 @@ async fn a_refused_connection_is_backpressure() {
         Duration::from_secs(60),
     )
     .await;
+    assert_eq!(total(&worker, Outcome::Retried), 0);
+    assert_eq!(total(&worker, Outcome::DeadLettered), 0);
+    assert_eq!(queue_depth(&ch, &topology.dead_queue()).await, Some(0));
+    worker.stop().await;
+    drop(dbs);
+    drop(role);
+    support::delete_topology(&prefix, PARTITIONS, &["200ms", "400ms"]).await;
+}
+
+/// A server that refuses connections for lack of slots (here the role's own CONNECTION LIMIT of
+/// 3, below the worker's budget of 20): the worker lowers its budget and its work waits; every
+/// event is applied, nothing is retried or dead-lettered.
+#[tokio::test]
+async fn a_server_out_of_slots_is_backpressure() {
+    const PARTITIONS: u16 = 2;
+    const TENANTS: usize = 10;
+    let prefix = support::unique("wsrv");
+    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS);
+    let topology = Topology::new(&prefix, PARTITIONS).unwrap();
+    let role = TestRole::limited(&format!("{prefix}_role"), 3).await;
+    let dbs = TestDatabases::new("wsrv");
+    let tenants: Vec<String> = (0..TENANTS).map(|i| format!("t{i}")).collect();
+    for tenant in &tenants {
+        role.database(&dbs.name(tenant), -1).await;
+    }
+    let template = format!(
+        "postgres://{}@127.0.0.1:5432/{}_{{tenant_id}}",
+        role.name,
+        dbs.prefix()
+    );
+    let worker = TestWorker::start(settings(
+        &prefix,
+        PARTITIONS,
+        &dbs,
+        &[
+            "--tenant-database-url",
+            &template,
+            "--create-tenant-databases",
+            "false",
+            "--max-connections",
+            "20",
+            "--retry-delays",
+            "200ms,400ms",
+        ],
+    ))
+    .await;
+    let (_conn, ch) = publisher(&topology).await;
+    let histories: Vec<Vec<Vec<u8>>> = tenants
+        .iter()
+        .enumerate()
+        .map(|(i, t)| random_history(500 + i as u64, t, 3, 20))
+        .collect();
+    let all: Vec<Vec<u8>> = histories.iter().flatten().cloned().collect();
+    publish_all(&ch, &topology, &shuffled_with_duplicates(51, &all, 20)).await;
+    for (tenant, history) in tenants.iter().zip(&histories) {
+        dbs.wait_for_rows(
+            tenant,
+            &model_of(history).identities(),
+            Duration::from_secs(60),
+        )
+        .await;
+    }
+    let metrics = worker.running().metrics();
+    assert!(
+        metrics
+            .tenant_pools
+            .refusals
+            .with_label_values(&["server"])
+            .get()
+            > 0,
+        "the role's limit was reached"
+    );
     assert_eq!(total(&worker, Outcome::Retried), 0);
     assert_eq!(total(&worker, Outcome::DeadLettered), 0);
     assert_eq!(queue_depth(&ch, &topology.dead_queue()).await, Some(0));
