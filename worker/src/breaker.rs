@@ -21,6 +21,8 @@ use tokio::time::Instant;
 pub const STALL: Duration = Duration::from_secs(1);
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// A tenant that committed within this long likely still has an open session: it is warm.
+pub const WARM: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Circuit {
@@ -178,6 +180,9 @@ struct Entry {
 struct Inner {
     bound: usize,
     tenants: Mutex<HashMap<TenantId, Entry>>,
+    /// When each tenant last committed, for those that did within [`WARM`] (older ones are
+    /// pruned from time to time).
+    commits: Mutex<Commits>,
     marked_slow: IntCounter,
     slow_now: IntGauge,
 }
@@ -205,6 +210,30 @@ impl Inner {
     }
 }
 
+#[derive(Default)]
+struct Commits {
+    last: HashMap<TenantId, Instant>,
+    since_prune: usize,
+}
+
+impl Commits {
+    fn record(&mut self, tenant: &TenantId, now: Instant) {
+        self.last.insert(tenant.clone(), now);
+        self.since_prune += 1;
+        if self.since_prune >= self.last.len().max(1024) {
+            self.since_prune = 0;
+            self.last
+                .retain(|_, at| now.saturating_duration_since(*at) < WARM);
+        }
+    }
+
+    fn is_warm(&self, tenant: &TenantId, now: Instant) -> bool {
+        self.last
+            .get(tenant)
+            .is_some_and(|at| now.saturating_duration_since(*at) < WARM)
+    }
+}
+
 /// Every tenant's standing in this worker.
 #[derive(Clone)]
 pub struct Tenants {
@@ -219,6 +248,7 @@ impl Tenants {
             inner: Arc::new(Inner {
                 bound: bound.max(1),
                 tenants: Mutex::new(HashMap::new()),
+                commits: Mutex::new(Commits::default()),
                 marked_slow,
                 slow_now,
             }),
@@ -252,7 +282,26 @@ impl Tenants {
     }
 
     pub fn committed(&self, tenant: &TenantId) {
-        self.inner.with(tenant, |e, now| e.standing.committed(now));
+        let now = self.inner.with(tenant, |e, now| {
+            e.standing.committed(now);
+            now
+        });
+        self.inner
+            .commits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(tenant, now);
+    }
+
+    /// Whether `tenant` has committed nothing within [`WARM`], so its next batch likely opens
+    /// a session.
+    pub fn is_cold(&self, tenant: &TenantId) -> bool {
+        !self
+            .inner
+            .commits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_warm(tenant, Instant::now())
     }
 
     /// Marks `tenant` slow; its batches waiting for a connection are told to give up.
@@ -407,6 +456,21 @@ mod tests {
         );
     }
 
+    #[test]
+    fn warmth_fades_and_old_commits_are_pruned() {
+        let t0 = Instant::now();
+        let mut c = Commits::default();
+        let a = TenantId::parse("a").unwrap();
+        c.record(&a, t0);
+        assert!(c.is_warm(&a, t0 + WARM / 2));
+        assert!(!c.is_warm(&a, t0 + WARM));
+        for i in 0..2000 {
+            c.record(&TenantId::parse(&format!("t{i}")).unwrap(), t0 + WARM * 2);
+        }
+        assert!(!c.last.contains_key(&a), "pruned");
+        assert!(c.last.len() <= 2000);
+    }
+
     #[tokio::test]
     async fn guards_count_and_forget_a_well_tenant() {
         let tenants = Tenants::new(
@@ -421,6 +485,9 @@ mod tests {
         assert_eq!(tenants.inner.tenants.lock().unwrap()[&t].standing.held, 2);
         drop((a, b));
         assert!(tenants.inner.tenants.lock().unwrap().is_empty());
+        assert!(tenants.is_cold(&t));
+        tenants.committed(&t);
+        assert!(!tenants.is_cold(&t));
         tenants.mark_slow(&t);
         assert!(tenants.is_slow(&t));
         let open = tenants.open_for(&t);

@@ -57,6 +57,9 @@ const MAX_BATCH: usize = 250;
 /// Longest an event waits for others of its tenant: a few milliseconds add little to the lag and
 /// let busy tenants fill their batches.
 const LINGER: Duration = Duration::from_millis(5);
+/// The same for a cold tenant (see `breaker::WARM`), whose batch likely opens a session: one
+/// open then serves more of its events.
+const COLD_LINGER: Duration = Duration::from_millis(100);
 
 /// Everything a consuming worker shares between its tasks.
 pub struct Worker {
@@ -252,6 +255,7 @@ async fn consume_on(
     let mut batcher = Batcher::new(Limits {
         max_events: MAX_BATCH,
         linger: LINGER,
+        cold_linger: COLD_LINGER,
     });
     let mut tasks = JoinSet::new();
     let mut outcome = Ok(());
@@ -362,7 +366,10 @@ async fn consume_on(
                         };
                         let stalled = gate.holds(partition) >= usize::from(per_queue);
                         let now = tokio::time::Instant::now();
-                        if let Some(batch) = batcher.push(&tenant, partition, item, now, stalled) {
+                        let cold = worker.tenants.is_cold(&tenant);
+                        if let Some(batch) =
+                            batcher.push(&tenant, partition, item, now, stalled, cold)
+                        {
                             flush(&mut tasks, vec![batch], worker, &publish, &gate);
                         }
                     }
