@@ -603,9 +603,10 @@ async fn connect_once(options: &PgConnectOptions, database: &str) -> Result<PgCo
 }
 
 /// A connection to the tenant database, creating the database first when it is missing and
-/// `create` allows it.
+/// `create` allows it; tagged like every tenant session, without the session timeouts.
 pub async fn connect(db: &TenantDb, create: bool) -> Result<PgConnection, Failure> {
-    open_session(db, db.options(), create).await
+    let tagged = db.options().clone().application_name(APPLICATION_NAME);
+    open_session(db, &tagged, create).await
 }
 
 /// As [`connect`], with `options` (the tenant's, tagged) for the session and for the
