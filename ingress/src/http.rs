@@ -501,6 +501,16 @@ mod tests {
         }
     }
 
+    #[test]
+    fn too_many_pending_publishes_is_a_503_to_retry_in_five_seconds() {
+        let error = IngressError::from(PublishError::Overloaded(512));
+        assert_eq!(error.code(), "overloaded");
+        assert!(error.to_string().contains("AVSYNC_MAX_PENDING_PUBLISHES"));
+        let response = error.into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "5");
+    }
+
     /// JSON-looking text: mostly the characters JSON is made of, so that valid and nearly
     /// valid documents both come up often.
     fn jsonish() -> impl Strategy<Value = Vec<u8>> {

@@ -1,8 +1,9 @@
 //! AuthVital's own RSA keys, from its JWKS (`AVSYNC_JWKS_URL`), for `X-AuthVital-Key-Id`
 //! signatures: RSASSA-PKCS1-v1_5 with SHA-256.
 //!
-//! - The set is fetched at start, retried with backoff until it loads, and refreshed hourly, so
-//!   a key withdrawn by AuthVital stops verifying.
+//! - The set is fetched at start, retried with backoff until it loads, and refreshed every
+//!   `AVSYNC_JWKS_REFRESH_INTERVAL` (5 min by default): AuthVital revokes a key by removing it
+//!   from its JWKS, and a removed key stops verifying at the next refresh.
 //! - An unknown key id triggers one refetch: concurrent requests for new ids wait for the same
 //!   fetch (single flight), and such refetches are at least [`REFETCH_INTERVAL`] apart, so
 //!   forged key ids cannot turn the ingress into a load generator against AuthVital.
@@ -27,8 +28,6 @@ use tokio_util::sync::CancellationToken;
 pub const REFETCH_INTERVAL: Duration = Duration::from_secs(30);
 /// Longest a fetch may take, so an unknown key id is answered promptly even when the JWKS hangs.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often a loaded set is refreshed (AuthVital serves it with `max-age=3600`).
-pub const REFRESH_INTERVAL: Duration = Duration::from_secs(3600);
 /// A key set is a few kilobytes; anything this large is not one.
 const MAX_JWKS_BYTES: usize = 1 << 20;
 
@@ -170,8 +169,12 @@ impl Jwks {
     }
 
     /// Loads the set in the background, retrying with backoff until it loads, then refreshes
-    /// it every [`REFRESH_INTERVAL`] until `stop`.
-    pub fn keep_fresh(self: &Arc<Self>, stop: CancellationToken) -> JoinHandle<()> {
+    /// it every `refresh_interval` until `stop`.
+    pub fn keep_fresh(
+        self: &Arc<Self>,
+        refresh_interval: Duration,
+        stop: CancellationToken,
+    ) -> JoinHandle<()> {
         let jwks = self.clone();
         tokio::spawn(async move {
             let backoff = ExponentialBuilder::default()
@@ -192,7 +195,7 @@ impl Jwks {
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(REFRESH_INTERVAL) => {
+                    _ = tokio::time::sleep(refresh_interval) => {
                         if let Err(e) = jwks.fetch().await {
                             tracing::warn!(error = %e, "JWKS refresh failed; keeping the last good key set");
                         }

@@ -8,6 +8,7 @@ pub mod http;
 pub mod jwks;
 pub mod metrics;
 pub mod publish;
+pub mod server;
 pub mod settings;
 pub mod verify;
 
@@ -15,6 +16,7 @@ use crate::http::AppState;
 use crate::jwks::Jwks;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
+use crate::server::Limits;
 use crate::settings::Settings;
 use crate::verify::{Clock, RsaKeys, SystemClock, Verifier};
 use anyhow::Context as _;
@@ -76,17 +78,18 @@ pub async fn start_tuned(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
     let checked = settings.check()?;
+    server::reserve_descriptors(settings.max_http_connections)?;
     let registry = admin::new_registry();
     let metrics = Metrics::register(&registry).context("registering metrics")?;
 
     let public = TcpListener::bind(settings.listen)
         .await
-        .with_context(|| format!("binding AVSYNC_LISTEN {}", settings.listen))?;
+        .with_context(|| format!("cannot listen on AVSYNC_LISTEN={}", settings.listen))?;
     let private = TcpListener::bind(settings.common.metrics_listen)
         .await
         .with_context(|| {
             format!(
-                "binding AVSYNC_METRICS_LISTEN {}",
+                "cannot listen on AVSYNC_METRICS_LISTEN={}",
                 settings.common.metrics_listen
             )
         })?;
@@ -100,6 +103,7 @@ pub async fn start_tuned(
         settings.common.amqp_url.clone(),
         checked.topology.clone(),
         settings.publish_timeout,
+        settings.max_pending_publishes,
         metrics.clone(),
         publisher_stop.clone(),
     );
@@ -110,7 +114,9 @@ pub async fn start_tuned(
         )),
         None => None,
     };
-    let jwks_task = jwks.as_ref().map(|j| j.keep_fresh(publisher_stop.clone()));
+    let jwks_task = jwks
+        .as_ref()
+        .map(|j| j.keep_fresh(settings.jwks_refresh_interval, publisher_stop.clone()));
     // With secrets configured, HMAC requests can be verified before the JWKS loads.
     let needs_jwks = checked.hmac.is_empty();
     let tolerance = i64::try_from(settings.timestamp_tolerance_secs).unwrap_or(i64::MAX);
@@ -126,6 +132,7 @@ pub async fn start_tuned(
         ready_publisher.is_ready() && (!needs_jwks || jwks.as_ref().is_some_and(|j| j.has_keys()))
     });
     metrics::register_ready(&registry, ready.clone()).context("registering metrics")?;
+    let connection_metrics = metrics.connections();
     let app = http::router(AppState {
         verifier,
         publisher,
@@ -134,6 +141,16 @@ pub async fn start_tuned(
         body_read_timeout: tuning.body_read_timeout,
     });
     let admin_app = admin::router(registry, ready);
+    let public_limits = Limits {
+        header_read_timeout: settings.header_read_timeout,
+        max_connections: settings.max_http_connections,
+        max_headers: settings.max_headers,
+        max_header_bytes: settings.max_header_bytes,
+    };
+    let admin_limits = Limits {
+        max_connections: server::ADMIN_MAX_CONNECTIONS,
+        ..public_limits
+    };
 
     tracing::info!(
         %addr,
@@ -143,18 +160,21 @@ pub async fn start_tuned(
         "ingress listening"
     );
     let handle = tokio::spawn(async move {
-        let public_done =
-            axum::serve(public, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let admin_done = axum::serve(private, admin_app)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let (public_result, admin_result) = tokio::join!(public_done, admin_done);
+        tokio::join!(
+            server::serve(
+                public,
+                app,
+                public_limits,
+                Some(connection_metrics),
+                shutdown.clone()
+            ),
+            server::serve(private, admin_app, admin_limits, None, shutdown),
+        );
         publisher_stop.cancel();
         supervisor.handle.await.context("broker supervisor task")?;
         if let Some(task) = jwks_task {
             task.await.context("JWKS task")?;
         }
-        public_result.context("public listener")?;
-        admin_result.context("metrics listener")?;
         tracing::info!("ingress stopped");
         Ok(())
     });

@@ -20,7 +20,8 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "ingress failed");
+            // One line, as the worker prints it: a port in use names its setting.
+            eprintln!("{PROGRAM}: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -1,11 +1,12 @@
 //! The ingress's Prometheus series. Each instance has its own registry (tests run many in one
 //! process), and every labelled series exists from start so dashboards never see a gap.
 
+use crate::server::ConnectionMetrics;
 use crate::verify::SignatureFailure;
 use avsync_shared::admin::{ReadyCheck, LATENCY_BUCKETS};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// The `outcome` label of `avsync_ingress_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +60,9 @@ pub struct Metrics {
     publish_seconds: Histogram,
     signature_failures: IntCounterVec,
     jwks_fetches: IntCounterVec,
+    connections_open: IntGauge,
+    connections_refused: IntCounter,
+    pending_publishes: IntGauge,
 }
 
 impl Metrics {
@@ -91,6 +95,21 @@ impl Metrics {
             ),
             &["outcome"],
         )?;
+        let connections_open = IntGauge::new(
+            "avsync_ingress_connections_open",
+            "Open connections on the public listener",
+        )?;
+        let connections_refused = IntCounter::new(
+            "avsync_ingress_connections_refused_total",
+            "Connections to the public listener closed at once because AVSYNC_MAX_HTTP_CONNECTIONS were open",
+        )?;
+        let pending_publishes = IntGauge::new(
+            "avsync_ingress_pending_publishes",
+            "Webhooks waiting for the broker's confirm (at most AVSYNC_MAX_PENDING_PUBLISHES)",
+        )?;
+        registry.register(Box::new(pending_publishes.clone()))?;
+        registry.register(Box::new(connections_open.clone()))?;
+        registry.register(Box::new(connections_refused.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(publish_seconds.clone()))?;
         registry.register(Box::new(signature_failures.clone()))?;
@@ -109,7 +128,24 @@ impl Metrics {
             publish_seconds,
             signature_failures,
             jwks_fetches,
+            connections_open,
+            connections_refused,
+            pending_publishes,
         })
+    }
+
+    /// Counts one webhook waiting for its confirm until the returned guard is dropped.
+    pub fn pending_publish(&self) -> PendingPublish {
+        self.pending_publishes.inc();
+        PendingPublish(self.pending_publishes.clone())
+    }
+
+    /// What the public listener reports about its connections.
+    pub fn connections(&self) -> ConnectionMetrics {
+        ConnectionMetrics {
+            open: self.connections_open.clone(),
+            refused: self.connections_refused.clone(),
+        }
     }
 
     pub fn request(&self, outcome: Outcome) {
@@ -130,6 +166,15 @@ impl Metrics {
         self.jwks_fetches
             .with_label_values(&[outcome.label()])
             .inc();
+    }
+}
+
+/// One webhook counted in `avsync_ingress_pending_publishes`, until dropped.
+pub struct PendingPublish(IntGauge);
+
+impl Drop for PendingPublish {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -192,6 +237,9 @@ mod tests {
             assert!(text.contains(&line), "{line}");
         }
         assert!(text.contains("avsync_ingress_publish_seconds_bucket{le=\"0.001\"} 0"));
+        assert!(text.contains("\navsync_ingress_connections_open 0\n"));
+        assert!(text.contains("\navsync_ingress_pending_publishes 0\n"));
+        assert!(text.contains("\navsync_ingress_connections_refused_total 0\n"));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! request. A request gets its 202 only after the broker confirmed its own message.
 
 use crate::metrics::Metrics;
+use avsync_shared::broker::FailureLog;
 use avsync_shared::topology::{EVENT_TYPE_HEADER, TENANT_HEADER};
 use avsync_shared::{Envelope, Topology};
 use backon::{ExponentialBuilder, Retryable};
@@ -10,7 +11,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::{Mutex, Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +36,10 @@ pub enum PublishError {
     Unconfirmed,
     #[error("broker error: {0}")]
     Broker(#[from] lapin::Error),
+    #[error(
+        "{0} webhooks are already waiting for the broker's confirm (AVSYNC_MAX_PENDING_PUBLISHES)"
+    )]
+    Overloaded(usize),
 }
 
 impl PublishError {
@@ -44,6 +49,7 @@ impl PublishError {
             Self::NotConnected | Self::Broker(_) => "broker_unavailable",
             Self::Timeout(_) => "publish_timeout",
             Self::Nacked | Self::Unroutable | Self::Unconfirmed => "publish_rejected",
+            Self::Overloaded(_) => "overloaded",
         }
     }
 }
@@ -72,6 +78,10 @@ struct Inner {
     /// awaited outside it, so they stay pipelined.
     send: Mutex<()>,
     redeclare: Notify,
+    /// One permit per webhook waiting for its confirm, so that a slow broker makes the ingress
+    /// answer 503 instead of holding ever more bodies.
+    pending: Semaphore,
+    max_pending: usize,
 }
 
 impl Inner {
@@ -106,6 +116,7 @@ impl Publisher {
         amqp_url: String,
         topology: Topology,
         timeout: Duration,
+        max_pending: usize,
         metrics: Metrics,
         stop: CancellationToken,
     ) -> (Self, Supervisor) {
@@ -116,6 +127,8 @@ impl Publisher {
             link: RwLock::new(None),
             send: Mutex::new(()),
             redeclare: Notify::new(),
+            pending: Semaphore::new(max_pending),
+            max_pending,
         });
         let handle = tokio::spawn(supervise(inner.clone(), amqp_url, stop));
         (Self { inner }, Supervisor { handle })
@@ -127,8 +140,12 @@ impl Publisher {
     }
 
     /// Publishes the body verbatim to the tenant's partition and waits for this message's
-    /// confirm, at most the publish timeout.
+    /// confirm, at most the publish timeout; refuses at once while `max_pending` others wait.
     pub async fn publish(&self, envelope: &Envelope, body: &[u8]) -> Result<(), PublishError> {
+        let Ok(_pending) = self.inner.pending.try_acquire() else {
+            return Err(PublishError::Overloaded(self.inner.max_pending));
+        };
+        let _counted = self.inner.metrics.pending_publish();
         let started = Instant::now();
         let result =
             tokio::time::timeout(self.inner.timeout, self.publish_confirmed(envelope, body))
@@ -195,12 +212,13 @@ async fn supervise(inner: Arc<Inner>, amqp_url: String, stop: CancellationToken)
         .with_max_delay(Duration::from_secs(5))
         .with_jitter()
         .without_max_times();
+    let mut failures = FailureLog::default();
     loop {
         let connect = (|| connect(&amqp_url, &inner.topology))
             .retry(backoff)
             .sleep(tokio::time::sleep)
             .notify(|e: &lapin::Error, wait: Duration| {
-                tracing::warn!(error = %e, retry_in = ?wait, "cannot reach the broker");
+                failures.failed("cannot reach the broker", e, wait);
             });
         let link = tokio::select! {
             _ = stop.cancelled() => return,
@@ -212,6 +230,7 @@ async fn supervise(inner: Arc<Inner>, amqp_url: String, stop: CancellationToken)
                 }
             },
         };
+        failures.connected();
         inner.set(Some(link.clone()));
         tracing::info!(
             topology = inner.topology.prefix(),

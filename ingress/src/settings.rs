@@ -60,7 +60,57 @@ pub struct Settings {
     /// Longest wait for the broker's confirm before answering 503 (e.g. 500ms, 10s).
     #[arg(long, env = "AVSYNC_PUBLISH_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub publish_timeout: Duration,
+
+    /// Most webhooks waiting for the broker's confirm at once; beyond it 503 `overloaded`.
+    #[arg(
+        long,
+        env = "AVSYNC_MAX_PENDING_PUBLISHES",
+        value_name = "COUNT",
+        default_value_t = 256
+    )]
+    pub max_pending_publishes: usize,
+
+    /// Time for a request line and its headers to arrive, from the connection's start or from
+    /// the previous answer on a keep-alive connection (so also the idle timeout).
+    #[arg(long, env = "AVSYNC_HEADER_READ_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Most open connections on AVSYNC_LISTEN; more are closed as soon as they are accepted.
+    #[arg(
+        long,
+        env = "AVSYNC_MAX_HTTP_CONNECTIONS",
+        value_name = "COUNT",
+        default_value_t = 512
+    )]
+    pub max_http_connections: usize,
+
+    /// Most headers in one request; more get 431.
+    #[arg(
+        long,
+        env = "AVSYNC_MAX_HEADERS",
+        value_name = "COUNT",
+        default_value_t = 64
+    )]
+    pub max_headers: usize,
+
+    /// Most bytes of a request line and its headers together; more get 431.
+    #[arg(
+        long,
+        env = "AVSYNC_MAX_HEADER_BYTES",
+        value_name = "BYTES",
+        default_value_t = 16_384
+    )]
+    pub max_header_bytes: usize,
+
+    /// How often the JWKS is fetched again, so that a key AuthVital withdrew stops verifying.
+    #[arg(long, env = "AVSYNC_JWKS_REFRESH_INTERVAL", value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub jwks_refresh_interval: Duration,
 }
+
+/// Beyond this many connections or pending publishes a bound protects nothing.
+const MAX_COUNT: usize = 1_000_000;
+/// hyper reads headers into a buffer of at least 8 KiB and at most this.
+const MAX_HEADER_BYTES: usize = 1 << 20;
 
 /// A setting's raw text that must never be printed: its `Debug` is redacted.
 #[derive(Clone, PartialEq, Eq)]
@@ -136,6 +186,42 @@ impl Settings {
                 "AVSYNC_PUBLISH_TIMEOUT",
                 "must be longer than 0ms",
             ));
+        }
+        for (name, value, least, most) in [
+            (
+                "AVSYNC_MAX_PENDING_PUBLISHES",
+                self.max_pending_publishes,
+                1,
+                MAX_COUNT,
+            ),
+            (
+                "AVSYNC_MAX_HTTP_CONNECTIONS",
+                self.max_http_connections,
+                1,
+                MAX_COUNT,
+            ),
+            ("AVSYNC_MAX_HEADERS", self.max_headers, 8, 1024),
+            (
+                "AVSYNC_MAX_HEADER_BYTES",
+                self.max_header_bytes,
+                1024,
+                MAX_HEADER_BYTES,
+            ),
+        ] {
+            if !(least..=most).contains(&value) {
+                return Err(BadSetting::new(
+                    name,
+                    format!("must be from {least} to {most}"),
+                ));
+            }
+        }
+        for (name, value) in [
+            ("AVSYNC_HEADER_READ_TIMEOUT", self.header_read_timeout),
+            ("AVSYNC_JWKS_REFRESH_INTERVAL", self.jwks_refresh_interval),
+        ] {
+            if value.is_zero() {
+                return Err(BadSetting::new(name, "must be longer than 0ms"));
+            }
         }
         if i64::try_from(self.timestamp_tolerance_secs).is_err() {
             return Err(BadSetting::new(
@@ -294,6 +380,24 @@ mod tests {
             bad(&["--jwks-url", "ftp://host/jwks.json"]),
             "AVSYNC_JWKS_URL"
         );
+        for (flag, value, name) in [
+            (
+                "--max-pending-publishes",
+                "0",
+                "AVSYNC_MAX_PENDING_PUBLISHES",
+            ),
+            ("--max-http-connections", "0", "AVSYNC_MAX_HTTP_CONNECTIONS"),
+            ("--max-headers", "2", "AVSYNC_MAX_HEADERS"),
+            ("--max-header-bytes", "100", "AVSYNC_MAX_HEADER_BYTES"),
+            ("--header-read-timeout", "0s", "AVSYNC_HEADER_READ_TIMEOUT"),
+            (
+                "--jwks-refresh-interval",
+                "0m",
+                "AVSYNC_JWKS_REFRESH_INTERVAL",
+            ),
+        ] {
+            assert_eq!(bad(&["--hmac-secrets", "k=v", flag, value]), name);
+        }
         assert!(Settings::try_parse_from(["x", "--publish-timeout", "10"]).is_err());
     }
 
@@ -333,6 +437,12 @@ mod tests {
         assert_eq!(s.timestamp_tolerance_secs, 300);
         assert_eq!(s.max_body_bytes, 262_144);
         assert_eq!(s.publish_timeout, Duration::from_secs(10));
+        assert_eq!(s.max_pending_publishes, 256);
+        assert_eq!(s.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(s.max_http_connections, 512);
+        assert_eq!(s.max_headers, 64);
+        assert_eq!(s.max_header_bytes, 16_384);
+        assert_eq!(s.jwks_refresh_interval, Duration::from_secs(300));
     }
 
     #[test]
@@ -349,6 +459,12 @@ mod tests {
             "AVSYNC_TIMESTAMP_TOLERANCE_SECS",
             "AVSYNC_MAX_BODY_BYTES",
             "AVSYNC_PUBLISH_TIMEOUT",
+            "AVSYNC_MAX_PENDING_PUBLISHES",
+            "AVSYNC_HEADER_READ_TIMEOUT",
+            "AVSYNC_MAX_HTTP_CONNECTIONS",
+            "AVSYNC_MAX_HEADERS",
+            "AVSYNC_MAX_HEADER_BYTES",
+            "AVSYNC_JWKS_REFRESH_INTERVAL",
         ] {
             assert!(help.contains(name), "--help lacks {name}");
         }
@@ -358,6 +474,11 @@ mod tests {
             "[default: 300]",
             "262144",
             "[default: 10s]",
+            "[default: 256]",
+            "[default: 512]",
+            "[default: 64]",
+            "[default: 16384]",
+            "[default: 5m]",
         ] {
             assert!(help.contains(default), "--help lacks {default}");
         }

@@ -28,6 +28,9 @@ pub const WEBHOOK_ID: &str = "webhook-id";
 pub const WEBHOOK_TIMESTAMP: &str = "webhook-timestamp";
 pub const WEBHOOK_SIGNATURE: &str = "webhook-signature";
 
+/// Unix seconds stay within 11 digits until the year 5138.
+const MAX_TIMESTAMP_DIGITS: usize = 11;
+
 /// Senders pad their base64; hand-made test tools often do not. Both decode the same.
 const LENIENT_BASE64: GeneralPurpose = GeneralPurpose::new(
     &base64::alphabet::STANDARD,
@@ -323,12 +326,17 @@ impl Verifier {
             .ok_or(SignatureFailure::Mismatch)
     }
 
-    /// `|now - ts| <= tolerance` passes, in either direction.
+    /// `|now - ts| <= tolerance` passes, in either direction. Checked before any signature
+    /// work, and only `^[0-9]{1,11}$` is a timestamp: AuthVital signs its JWTs with the same
+    /// JWKS keys over `<header>.<payload>`, so a verifier that took any text as the timestamp
+    /// would accept a JWT's header as timestamp and its payload as body.
     fn check_timestamp(&self, timestamp: &str) -> Result<(), SignatureFailure> {
-        if timestamp.is_empty() || !timestamp.bytes().all(|b| b.is_ascii_digit()) {
+        if !(1..=MAX_TIMESTAMP_DIGITS).contains(&timestamp.len())
+            || !timestamp.bytes().all(|b| b.is_ascii_digit())
+        {
             return Err(SignatureFailure::Malformed);
         }
-        let ts: i64 = timestamp.parse().map_err(|_| SignatureFailure::Stale)?;
+        let ts: i64 = timestamp.parse().map_err(|_| SignatureFailure::Malformed)?;
         let distance = i128::from(self.clock.now_unix()) - i128::from(ts);
         if distance.abs() <= i128::from(self.tolerance_secs) {
             Ok(())
@@ -552,7 +560,21 @@ mod tests {
                     (AUTHVITAL_TIMESTAMP, "99999999999999999999"),
                     (AUTHVITAL_SIGNATURE, "AAAA"),
                 ],
+                SignatureFailure::Malformed,
+            ),
+            (
+                &[
+                    (AUTHVITAL_TIMESTAMP, "99999999999"),
+                    (AUTHVITAL_SIGNATURE, "AAAA"),
+                ],
                 SignatureFailure::Stale,
+            ),
+            (
+                &[
+                    (AUTHVITAL_TIMESTAMP, "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsxIn0"),
+                    (AUTHVITAL_SIGNATURE, "AAAA"),
+                ],
+                SignatureFailure::Malformed,
             ),
             (
                 &[(WEBHOOK_ID, "m"), (WEBHOOK_TIMESTAMP, &now)],

@@ -168,3 +168,70 @@ async fn serves_healthz_without_a_broker_and_exits_cleanly_on_sigterm() {
     let logs: Vec<String> = lines_rx.try_iter().collect();
     assert!(logs.iter().all(|l| !l.contains("topsecret")), "{logs:?}");
 }
+
+#[test]
+fn a_bad_value_names_the_variable_and_the_flag() {
+    let out = ingress()
+        .env("AVSYNC_HMAC_SECRETS", "k=v")
+        .env("AVSYNC_MAX_BODY_BYTES", "many")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("AVSYNC_MAX_BODY_BYTES (--max-body-bytes)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_refused_broker_login_is_said_once_naming_the_setting() {
+    // Repeats are logged at debug: three of them show the ingress retried without saying it
+    // again at ERROR.
+    let mut child = ingress()
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .env("AVSYNC_HMAC_SECRETS", "k1=topsecret-value")
+        .env(
+            "AVSYNC_AMQP_URL",
+            "amqp://guest:hunter2-wrong@127.0.0.1:5672/%2f",
+        )
+        .env("RUST_LOG", "info,lapin=off,avsync_shared::broker=debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while seen
+        .iter()
+        .filter(|l: &&String| l.contains("AVSYNC_AMQP_URL"))
+        .count()
+        < 3
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines_rx.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("three refused logins not seen:\n{}", seen.join("\n")),
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let all = seen.join("\n");
+    let errors: Vec<_> = seen.iter().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "{all}");
+    assert!(
+        errors[0].contains("user name or password in AVSYNC_AMQP_URL"),
+        "{all}"
+    );
+    assert!(!all.contains("hunter2"), "the password was printed: {all}");
+}

@@ -2,8 +2,9 @@
 //! setting.
 
 use crate::topology::{Topology, TopologyError};
+use clap::builder::TypedValueParser;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
-use clap::{Args, Parser};
+use clap::{Arg, Args, Command, Parser};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -33,12 +34,13 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
     /// The RabbitMQ broker.
-    #[arg(long, env = "AVSYNC_AMQP_URL", value_name = "URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
+    #[arg(long, global = true, env = "AVSYNC_AMQP_URL", value_name = "URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
     pub amqp_url: String,
 
     /// Prefix of every exchange and queue name.
     #[arg(
         long,
+        global = true,
         env = "AVSYNC_TOPOLOGY",
         value_name = "PREFIX",
         default_value = "avsync"
@@ -48,6 +50,7 @@ pub struct CommonArgs {
     /// Number of partition queues; ingress and workers of one topology must agree.
     #[arg(
         long,
+        global = true,
         env = "AVSYNC_PARTITIONS",
         value_name = "N",
         default_value_t = 16
@@ -57,6 +60,7 @@ pub struct CommonArgs {
     /// The private listener: /metrics, /healthz, /readyz.
     #[arg(
         long,
+        global = true,
         env = "AVSYNC_METRICS_LISTEN",
         value_name = "ADDR",
         default_value = "0.0.0.0:9090"
@@ -64,7 +68,7 @@ pub struct CommonArgs {
     pub metrics_listen: SocketAddr,
 
     /// Log format: `text` or `json`.
-    #[arg(long, env = "AVSYNC_LOG_FORMAT", value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    #[arg(long, global = true, env = "AVSYNC_LOG_FORMAT", value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
 }
 
@@ -110,15 +114,17 @@ impl BadSetting {
     }
 }
 
-/// Parses flags and environment. `--help` and `--version` print as usual; any error becomes one
-/// line on stderr that names the setting, and the process exits with status 2.
+/// Parses flags and environment. `--help` and `--version` print as usual, and so does a wrong
+/// command line (a missing or unknown argument: clap's whole message, with the usage). A value
+/// that does not parse becomes one line on stderr naming its environment variable and flag, as
+/// [`BadSetting`] does; the process exits with status 2.
 pub fn parse_or_exit<T: Parser>(program: &str) -> T {
     match T::try_parse() {
         Ok(parsed) => parsed,
-        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
-            e.exit()
-        }
-        Err(e) => exit_bad_setting(program, &one_line(&e)),
+        Err(e) => match bad_value(&T::command(), &e) {
+            Some(line) => exit_bad_setting(program, &line),
+            None => e.exit(),
+        },
     }
 }
 
@@ -127,22 +133,62 @@ pub fn exit_bad_setting(program: &str, message: &str) -> ! {
     std::process::exit(2)
 }
 
-fn one_line(e: &clap::Error) -> String {
-    let arg = match e.get(ContextKind::InvalidArg) {
-        Some(ContextValue::String(s)) => s.clone(),
-        _ => String::new(),
+/// The one line for a value clap refused, or `None` when `e` is not about a value.
+fn bad_value(command: &Command, e: &clap::Error) -> Option<String> {
+    if !matches!(
+        e.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation | ErrorKind::InvalidUtf8
+    ) {
+        return None;
+    }
+    let Some(ContextValue::String(shown)) = e.get(ContextKind::InvalidArg) else {
+        return None;
     };
+    // clap shows the argument as `--flag <VALUE>`.
+    let flag = shown.split_whitespace().next().unwrap_or(shown);
+    let arg = find_flag(command, flag.trim_start_matches('-'));
+    let setting = match arg.and_then(Arg::get_env) {
+        Some(env) => format!("{} ({flag})", env.to_string_lossy()),
+        None => flag.to_owned(),
+    };
+    // clap's text, less its "error: " and the flag (named above), on one line.
     let rendered = e.render().to_string();
-    let first = rendered
+    let reason = rendered
         .lines()
-        .next()
-        .unwrap_or("invalid arguments")
+        .map(str::trim)
+        .take_while(|line| !line.starts_with("Usage:") && !line.starts_with("For more information"))
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let reason = reason
         .trim_start_matches("error: ")
-        .to_owned();
-    if arg.is_empty() || first.contains(&arg) {
-        format!("bad setting: {first}")
-    } else {
-        format!("bad setting {arg}: {first}")
+        .replace(&format!(" for '{shown}'"), "");
+    Some(format!("bad setting {setting}: {reason}"))
+}
+
+fn find_flag<'a>(command: &'a Command, long: &str) -> Option<&'a Arg> {
+    command
+        .get_arguments()
+        .find(|arg| arg.get_long() == Some(long))
+        .or_else(|| {
+            command
+                .get_subcommands()
+                .find_map(|sub| find_flag(sub, long))
+        })
+}
+
+/// A whole number from `min` to `max`, both included, said so when refused (clap's own ranges
+/// print as `5..50`, which reads as if 50 were allowed).
+pub fn number_from_to<N>(min: N, max: N) -> impl TypedValueParser<Value = N>
+where
+    N: std::str::FromStr + PartialOrd + std::fmt::Display + Copy + Send + Sync + 'static,
+{
+    move |value: &str| -> Result<N, String> {
+        value
+            .parse::<N>()
+            .ok()
+            .filter(|n| (min..=max).contains(n))
+            .ok_or_else(|| format!("must be a whole number from {min} to {max}"))
     }
 }
 
@@ -183,6 +229,61 @@ mod tests {
             common(DEFAULT_AMQP_URL, "a", 0).check().unwrap_err().name,
             "AVSYNC_PARTITIONS"
         );
+    }
+
+    #[derive(Parser, Debug)]
+    struct Probe {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[arg(long, global = true, env = "AVSYNC_PROBE_N", value_parser = number_from_to(5u32, 49))]
+        n: Option<u32>,
+        #[command(subcommand)]
+        command: Option<ProbeCommand>,
+    }
+
+    #[derive(clap::Subcommand, Debug)]
+    enum ProbeCommand {
+        Sub {
+            #[arg(long)]
+            limit: Option<u32>,
+        },
+    }
+
+    fn refusal(args: &[&str]) -> Option<String> {
+        let e = Probe::try_parse_from(std::iter::once("probe").chain(args.iter().copied()))
+            .unwrap_err();
+        bad_value(&<Probe as clap::CommandFactory>::command(), &e)
+    }
+
+    #[test]
+    fn a_refused_value_names_its_variable_and_flag_on_one_line() {
+        for args in [&["--n", "50"][..], &["sub", "--n", "4"], &["--n", "x"]] {
+            let line = refusal(args).expect("a value error");
+            assert!(
+                line.starts_with("bad setting AVSYNC_PROBE_N (--n): invalid value '"),
+                "{line}"
+            );
+            assert!(
+                line.ends_with("must be a whole number from 5 to 49"),
+                "{line}"
+            );
+        }
+        let line = refusal(&["--log-format", "xml"]).expect("a value error");
+        assert_eq!(
+            line,
+            "bad setting AVSYNC_LOG_FORMAT (--log-format): invalid value 'xml' [possible values: text, json]"
+        );
+        let line = refusal(&["sub", "--limit", "x"]).expect("a value error");
+        assert!(
+            line.starts_with("bad setting --limit: invalid value 'x'"),
+            "{line}"
+        );
+        assert_eq!(
+            refusal(&["--nope"]),
+            None,
+            "a wrong command line is clap's to print"
+        );
+        assert_eq!(refusal(&["sub", "extra"]), None);
     }
 
     #[test]

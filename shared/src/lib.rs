@@ -2,6 +2,7 @@
 //! at the edge, the queue topology, settings, telemetry and the private admin listener.
 
 pub mod admin;
+pub mod broker;
 pub mod config;
 pub mod envelope;
 pub mod event;

@@ -3,7 +3,9 @@
 
 pub mod bench;
 pub mod demo;
+pub mod fake_authvital;
 pub mod faults;
 pub mod ingress_harness;
+pub mod processes;
 pub mod support;
 pub mod worker_harness;

@@ -458,8 +458,6 @@ fn workers_drain_before_they_are_killed_and_never_run_alone() {
             "{name}: terminationGracePeriodSeconds {grace} must exceed the 30 s drain"
         );
     }
-    let worker = k8s("Deployment", "avsync-worker");
-    assert!(at(&worker, "/spec/replicas").as_u64() >= Some(2));
     let scaled = k8s("ScaledObject", "avsync-worker");
     assert!(at(&scaled, "/spec/minReplicaCount").as_u64() >= Some(2));
 
@@ -528,7 +526,25 @@ fn keda_scales_workers_on_the_partition_queues() {
     assert_eq!(metadata["useRegex"], "true");
     assert_eq!(metadata["operation"], "sum");
     assert_eq!(metadata["mode"], "QueueLength");
-    assert_eq!(metadata["queueName"], r"avsync\.events\.p.*");
+    let partitions_policy = list_at(&definitions(), "/policies")
+        .iter()
+        .find(|p| p["name"] == "avsync-partitions")
+        .map(|p| p["pattern"].clone())
+        .expect("the broker's partition policy");
+    assert_eq!(
+        metadata["queueName"], partitions_policy,
+        "KEDA counts exactly the queues the broker's partition policy applies to"
+    );
+    let pattern = metadata["queueName"].as_str().unwrap_or_default();
+    assert!(
+        pattern.starts_with('^') && pattern.ends_with('$'),
+        "anchored: {pattern}"
+    );
+    let readme = read("deploy/README.md");
+    assert!(
+        readme.contains("KEDA 2.5 or newer"),
+        "deploy/README.md names the KEDA version the regex trigger needs"
+    );
 
     let auth_name = text_at(trigger, "/authenticationRef/name");
     let auth = k8s("TriggerAuthentication", auth_name);
@@ -558,6 +574,61 @@ fn keda_scales_workers_on_the_partition_queues() {
     assert_eq!(
         listed, manifests,
         "kustomization lists every manifest but the example secret"
+    );
+}
+
+/// An autoscaler owns its Deployment's replica count: a `replicas` in the Deployment would
+/// reset it at every apply.
+#[test]
+fn autoscaled_deployments_leave_the_replica_count_to_their_autoscaler() {
+    let scaled: Vec<String> = k8s_objects()
+        .iter()
+        .filter(|o| o["kind"] == "HorizontalPodAutoscaler" || o["kind"] == "ScaledObject")
+        .map(|o| {
+            assert_eq!(text_at(o, "/spec/scaleTargetRef/kind"), "Deployment");
+            text_at(o, "/spec/scaleTargetRef/name").to_owned()
+        })
+        .collect();
+    for name in ["avsync-ingress", "avsync-worker"] {
+        assert!(scaled.iter().any(|s| s == name), "{name} is autoscaled");
+        let deployment = k8s("Deployment", name);
+        assert!(
+            deployment.pointer("/spec/replicas").is_none(),
+            "{name}: `replicas` fights its autoscaler"
+        );
+    }
+}
+
+/// CPU in millicores from a Kubernetes quantity (`500m`, `1`, `0.5`).
+fn millicores(quantity: &str) -> u64 {
+    match quantity.strip_suffix('m') {
+        Some(milli) => milli.parse().expect("millicores"),
+        None => (quantity.parse::<f64>().expect("cores") * 1000.0).round() as u64,
+    }
+}
+
+/// The ingress adds pods only once they are busy: the CPU it scales at (utilization target ×
+/// request) is at least a quarter core, and below the limit so that it is ever reached.
+#[test]
+fn the_ingress_scales_out_when_its_pods_are_busy() {
+    let hpa = k8s("HorizontalPodAutoscaler", "avsync-ingress");
+    let metrics = list_at(&hpa, "/spec/metrics");
+    let cpu = metrics
+        .iter()
+        .find(|m| m["resource"]["name"] == "cpu")
+        .expect("the HPA scales on CPU");
+    assert_eq!(text_at(cpu, "/resource/target/type"), "Utilization");
+    let target = at(cpu, "/resource/target/averageUtilization")
+        .as_u64()
+        .expect("a percentage");
+    let deployment = k8s("Deployment", "avsync-ingress");
+    let container = only_container(&deployment);
+    let request = millicores(text_at(container, "/resources/requests/cpu"));
+    let limit = millicores(text_at(container, "/resources/limits/cpu"));
+    let scales_at = request * target / 100;
+    assert!(
+        (250..limit).contains(&scales_at),
+        "scales out at {scales_at}m per pod ({target}% of {request}m), limit {limit}m"
     );
 }
 

@@ -14,7 +14,9 @@ use avsync_tests::faults::{
 };
 use avsync_tests::ingress_harness::TestIngress;
 use avsync_tests::support::{self, wait_until};
-use avsync_tests::worker_harness::{publish_all, publisher, settings, TestDatabases, TestWorker};
+use avsync_tests::worker_harness::{
+    effect_of, publish_all, publisher, settings, TestDatabases, TestWorker,
+};
 use avsync_worker::metrics::Outcome;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -156,13 +158,9 @@ async fn a_rabbitmq_restart_under_load_answers_503_and_loses_no_202() {
     let bodies = events_of(2_000, &tenants, 1_000);
     let (before, during) = bodies.split_at(bodies.len() / 2);
     let ingress = Arc::new(TestIngress::start(&prefix, PARTITIONS).await);
-    let worker = TestWorker::start(settings(
-        &prefix,
-        PARTITIONS,
-        &dbs,
-        &["--retry-delays", RETRY_DELAYS],
-    ))
-    .await;
+    // A child process, so that its log is kept (and named in every failure) if it goes quiet.
+    let worker = ChildWorker::start(&WorkerSpec::new(&prefix, PARTITIONS, &dbs), "w0").await;
+    eprintln!("worker log: {}", worker.log.display());
 
     let first = tokio::spawn({
         let ingress = ingress.clone();
@@ -206,10 +204,114 @@ async fn a_rabbitmq_restart_under_load_answers_503_and_loses_no_202() {
     eprintln!("  took {:.1?}", started.elapsed());
     assert_eq!(ledger.accepted, bodies.len());
     assert_eq!(ledger.dead_total(), 0, "{ledger}");
-    worker.stop().await;
+    assert!(worker.terminate(Duration::from_secs(30)).await.success());
     if let Ok(ingress) = Arc::try_unwrap(ingress) {
         ingress.stop().await;
     }
+    remove_logs(&prefix);
+}
+
+/// After the broker is back, the longest a worker may take to consume again: its reconnect
+/// backoff (at most 30 s between attempts, fewer after a short outage) plus setting up.
+const CONSUMING_AGAIN_WITHIN: Duration = Duration::from_secs(45);
+
+/// RabbitMQ restarted four times in a row while a worker applies a backlog, the third time
+/// again right after it came back, while the worker is still reconnecting. After every restart
+/// `/readyz` went false while the broker was away, the worker is consuming again within
+/// [`CONSUMING_AGAIN_WITHIN`] (ready, and events published after the restart are applied), and in
+/// the end every event is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault injection: run alone, see .ci/run"]
+async fn rabbitmq_restarted_repeatedly_the_worker_consumes_again_after_each() {
+    const PARTITIONS: u16 = 2;
+    const ROUNDS: u64 = 4;
+    const PER_ROUND: usize = 400;
+    let started = Instant::now();
+    let prefix = support::unique("frmqx");
+    let _topology_guard = TopologyGuard::new(&prefix, PARTITIONS);
+    let topology = Topology::new(&prefix, PARTITIONS).unwrap();
+    let dbs = TestDatabases::new("frmqx");
+    let tenants = ["x0", "x1", "x2"];
+    let worker = ChildWorker::start(&WorkerSpec::new(&prefix, PARTITIONS, &dbs), "w0").await;
+    eprintln!("worker log: {}", worker.log.display());
+    let mut published: Vec<Vec<u8>> = Vec::new();
+    let mut report = Vec::new();
+    for round in 0..ROUNDS {
+        // A backlog the worker is busy with when the broker goes away.
+        let backlog = events_of(7_000 + 10 * round, &tenants, PER_ROUND / tenants.len());
+        {
+            let (conn, ch) = publisher(&topology).await;
+            publish_all(&ch, &topology, &backlog).await;
+            let _ = conn.close(200, "published".into()).await;
+        }
+        published.extend(backlog);
+        let outage = RabbitStopped::stop();
+        let went_unready = worker.wait_readiness(false, Duration::from_secs(10)).await;
+        // The length of the outage is the fault itself.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::task::spawn_blocking(move || drop(outage))
+            .await
+            .expect("start RabbitMQ again");
+        if round == 2 {
+            // Again at once: the worker is somewhere in its reconnect when the broker goes.
+            let again = RabbitStopped::stop();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::task::spawn_blocking(move || drop(again))
+                .await
+                .expect("start RabbitMQ again");
+        }
+        let back_after = worker.wait_readiness(true, CONSUMING_AGAIN_WITHIN).await;
+        // Ready must mean consuming: what is published now is applied.
+        let probe = events_of(8_000 + 10 * round, &tenants, 3);
+        {
+            let (conn, ch) = publisher(&topology).await;
+            publish_all(&ch, &topology, &probe).await;
+            let _ = conn.close(200, "published".into()).await;
+        }
+        published.extend(probe.iter().cloned());
+        // Each observable event that sets something makes a row of its own, `s-<event id>`.
+        let probe_rows: Vec<String> = probe
+            .iter()
+            .filter(|b| effect_of(b).is_some())
+            .filter_map(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+            .filter_map(|v| Some(format!("s-{}", v.get("id")?.as_str()?)))
+            .collect();
+        wait_until(
+            &format!(
+                "round {round}: the events published after the restart applied (log: {})",
+                worker.log.display()
+            ),
+            CONSUMING_AGAIN_WITHIN,
+            || async {
+                let mut seen = 0;
+                for t in &tenants {
+                    seen += dbs
+                        .rows(t)
+                        .await
+                        .unwrap_or_default()
+                        .iter()
+                        .filter(|r| probe_rows.contains(&r.id))
+                        .count();
+                }
+                (seen == probe_rows.len()).then_some(())
+            },
+        )
+        .await;
+        report.push(format!(
+            "round {round}: not ready {went_unready:.1?} after stop_app, ready {back_after:.1?} after start_app{}",
+            if round == 2 { " (restarted twice)" } else { "" }
+        ));
+    }
+    let ledger = settle(&topology, &dbs, &published, Duration::from_secs(120)).await;
+    eprintln!("scenario 6 (RabbitMQ restarted {ROUNDS} times):");
+    for line in &report {
+        eprintln!("  {line}");
+    }
+    eprintln!("  {ledger}");
+    eprintln!("  took {:.1?}", started.elapsed());
+    assert_eq!(ledger.dead_total(), 0, "{ledger}");
+    assert!(worker.terminate(Duration::from_secs(30)).await.success());
+    remove_logs(&prefix);
 }
 
 /// PostgreSQL is restarted (every connection cut, refused for a moment) while two workers apply

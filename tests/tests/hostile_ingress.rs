@@ -1,6 +1,7 @@
 //! Hostile input against the real ingress and RabbitMQ: header injection, repeated signature
 //! headers, huge headers, invalid UTF-8, deep nesting, wrong JSON types, oversized and slow
-//! bodies, and a flood of forged signatures. Every refusal gets its status (and its JSON error
+//! bodies, slow and stalled headers, more connections than the bound, and a flood of forged
+//! signatures. Every refusal gets its status (and its JSON error
 //! code where the ingress, not the HTTP stack, answers), and nothing refused is ever published.
 //!
 //! Requests the HTTP client refuses to send (CR/LF in a header, conflicting lengths, bodies
@@ -13,6 +14,7 @@ use avsync_shared::Topology;
 use avsync_tests::ingress_harness::{
     new_whsec_secret, settings, sign_authvital_hmac, sign_standard, TopologyCleanup,
 };
+use avsync_tests::processes;
 use avsync_tests::support;
 use futures_util::stream::{self, StreamExt};
 use lapin::options::BasicGetOptions;
@@ -562,7 +564,12 @@ async fn a_repeated_signature_header_is_refused_whichever_copy_is_genuine() {
 
 #[tokio::test]
 async fn huge_headers_get_a_4xx_or_a_closed_connection_never_a_server_error() {
-    let scene = Scene::start().await;
+    // Raised bounds, so that 64 KiB headers reach the ingress's own checks.
+    let scene = Scene::start_tuned(Tuning::default(), |s| {
+        s.max_header_bytes = 512 * 1024;
+        s.max_headers = 100;
+    })
+    .await;
     let body = event("evt-huge");
     let big = "A".repeat(64 * 1024).into_bytes();
     let digits = "9".repeat(64 * 1024).into_bytes();
@@ -603,7 +610,7 @@ async fn huge_headers_get_a_4xx_or_a_closed_connection_never_a_server_error() {
         (
             "64 KiB of digits as webhook-timestamp",
             replace(standard.clone(), "webhook-timestamp", &digits),
-            refused(401, "stale_timestamp"),
+            refused(401, "malformed_signature"),
         ),
         (
             "64 KiB X-AuthVital-Signature",
@@ -621,7 +628,7 @@ async fn huge_headers_get_a_4xx_or_a_closed_connection_never_a_server_error() {
                 ("x-authvital-timestamp", digits.clone()),
                 ("x-authvital-signature", b"AAAA".to_vec()),
             ],
-            refused(401, "stale_timestamp"),
+            refused(401, "malformed_signature"),
         ),
         (
             "64 KiB header besides no signature",
@@ -643,8 +650,8 @@ async fn huge_headers_get_a_4xx_or_a_closed_connection_never_a_server_error() {
         assert_eq!(&scene.post(headers, &body).await.refusal(), want, "{name}");
     }
 
-    // Beyond hyper's limits (about 400 KiB of head, 100 headers) the HTTP stack answers 431
-    // itself and closes the connection: by design, before any handler runs.
+    // Beyond the bounds (here 512 KiB of head, 100 headers) the HTTP stack answers 431 itself
+    // and closes the connection: by design, before any handler runs.
     let genuine = lines(&scene.standard(&body));
     let mut one_mib = genuine.clone();
     one_mib.extend_from_slice(b"X-Note: ");
@@ -1269,4 +1276,396 @@ async fn ten_thousand_forged_signatures_publish_nothing_and_do_not_delay_a_valid
         Ok(scene) => scene.stop().await,
         Err(_) => panic!("every request task has ended"),
     }
+}
+
+/// A request line and half a header line, then nothing: what a stalled or slowloris client
+/// leaves on a connection.
+const STALLED_HEAD: &[u8] = b"POST /webhooks/authvital HTTP/1.1\r\nHost: ingress\r\nX-AuthVital-Ti";
+
+async fn stall(addr: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(STALLED_HEAD).await.expect("write");
+    stream
+}
+
+/// How long after `since` the peer closed (or reset) the connection, or None if it is still
+/// open after `deadline`. Whatever the peer sends first (an error answer) is read past.
+async fn closed_after(
+    stream: &mut (impl AsyncRead + Unpin),
+    since: Instant,
+    deadline: Duration,
+) -> Option<Duration> {
+    let mut sink = [0u8; 1024];
+    loop {
+        let left = deadline.saturating_sub(since.elapsed());
+        match tokio::time::timeout(left, stream.read(&mut sink)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(since.elapsed()),
+            Ok(Ok(_)) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_headers_are_closed_within_the_header_read_timeout_and_publish_nothing() {
+    let bound = Duration::from_secs(1);
+    let scene = Scene::start_tuned(Tuning::default(), |s| s.header_read_timeout = bound).await;
+    let body = event("evt-slow-head");
+    let whole = request(&lines(&scene.standard(&body)), &body);
+    let head_only = whole[..whole.len() - body.len() - 2].to_vec();
+    let cases: Vec<(&str, Vec<u8>, Option<Duration>)> = vec![
+        ("nothing at all", Vec::new(), None),
+        ("half a request line", b"POST /webhooks/auth".to_vec(), None),
+        ("half a header line", STALLED_HEAD.to_vec(), None),
+        ("every header but the blank line", head_only, None),
+        // A byte every 100 ms: each byte is progress, but the bound is on the whole head.
+        (
+            "the signed head a byte every 100 ms",
+            whole.clone(),
+            Some(Duration::from_millis(100)),
+        ),
+    ];
+    let mut tasks = Vec::new();
+    for (name, bytes, pace) in cases {
+        let addr = scene.addr.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = TcpStream::connect(&addr).await.expect("connect");
+            let opened = Instant::now();
+            let (mut reader, mut writer) = stream.into_split();
+            let sender = tokio::spawn(async move {
+                match pace {
+                    None => {
+                        let _ = writer.write_all(&bytes).await;
+                    }
+                    Some(pace) => {
+                        for byte in bytes.chunks(1) {
+                            if writer.write_all(byte).await.is_err() {
+                                break;
+                            }
+                            tokio::time::sleep(pace).await;
+                        }
+                    }
+                }
+                // Hold the connection open, as a stalled client does.
+                tokio::time::sleep(ANSWER_DEADLINE).await;
+                drop(writer);
+            });
+            let closed = closed_after(&mut reader, opened, ANSWER_DEADLINE).await;
+            sender.abort();
+            (name, closed)
+        }));
+    }
+    for task in tasks {
+        let (name, closed) = task.await.expect("slow header task");
+        let took = closed.unwrap_or_else(|| panic!("{name}: still open after {ANSWER_DEADLINE:?}"));
+        assert!(
+            took >= bound - Duration::from_millis(100),
+            "{name}: closed after {took:?}"
+        );
+        assert!(
+            took < bound + Duration::from_secs(2),
+            "{name}: closed only after {took:?}"
+        );
+    }
+
+    // The same bound is the idle timeout: a keep-alive connection that carries no next request
+    // is closed once it has waited that long.
+    let (answer, mut stream) =
+        exchange(&scene.addr, &request(&lines(&scene.standard(&body)), &body)).await;
+    assert_eq!(answer.status, 202);
+    assert!(!answer.closed, "kept alive");
+    let answered = Instant::now();
+    let took = closed_after(&mut stream, answered, ANSWER_DEADLINE)
+        .await
+        .expect("an idle keep-alive connection is closed");
+    assert!(took < bound + Duration::from_secs(2), "idle for {took:?}");
+
+    assert_eq!(
+        scene.drain_ids().await,
+        ["evt-slow-head"],
+        "only the whole request is published"
+    );
+    scene.assert_nothing_published("slow headers").await;
+    scene.stop().await;
+}
+
+/// 2,000 connections stalled mid-header are all closed within the header read timeout (5 s
+/// here) plus a margin, and while they are open, valid requests on fresh connections get 202
+/// with a 99th percentile under a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_connections_stalled_mid_header_are_closed_while_valid_requests_pass() {
+    const STALLED: usize = 2_000;
+    const VALID: usize = 100;
+    let bound = Duration::from_secs(5);
+    let margin = Duration::from_secs(3);
+    // This process holds both ends of every connection, besides what parallel tests hold.
+    avsync_ingress::server::reserve_descriptors(2 * STALLED + 1_024)
+        .expect("file descriptors for both ends of 2,000 connections");
+    let scene = Arc::new(
+        Scene::start_tuned(Tuning::default(), |s| {
+            s.header_read_timeout = bound;
+            s.max_http_connections = 4_096;
+        })
+        .await,
+    );
+    let mut stalled = Vec::with_capacity(STALLED);
+    for _ in 0..STALLED {
+        let mut stream = stall(&scene.addr).await;
+        let opened = Instant::now();
+        stalled.push(tokio::spawn(async move {
+            closed_after(&mut stream, opened, bound + margin * 2).await
+        }));
+    }
+    assert!(
+        scene.metric("avsync_ingress_connections_open").await >= STALLED as f64,
+        "every stalled connection is open"
+    );
+
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(ANSWER_DEADLINE)
+        .build()
+        .expect("http client");
+    let mut latencies: Vec<Duration> = stream::iter(0..VALID)
+        .map(|i| {
+            let scene = scene.clone();
+            let fresh = fresh.clone();
+            async move {
+                let body = event(&format!("evt-valid-{i}"));
+                let mut request = fresh
+                    .post(scene.webhook_url())
+                    .header("content-type", "application/json")
+                    .body(body.clone());
+                for (name, value) in scene.standard(&body) {
+                    request = request.header(name, value);
+                }
+                let started = Instant::now();
+                let status = request.send().await.expect("POST").status().as_u16();
+                assert_eq!(status, 202);
+                started.elapsed()
+            }
+        })
+        .buffer_unordered(4)
+        .collect()
+        .await;
+    latencies.sort();
+    let p99 = latencies[VALID * 99 / 100 - 1];
+    assert!(
+        p99 < Duration::from_secs(1),
+        "p99 {p99:?}, all {latencies:?}"
+    );
+    assert!(
+        stalled.iter().filter(|t| t.is_finished()).count() < STALLED,
+        "the valid requests were answered while stalled connections were open"
+    );
+
+    for task in stalled {
+        let took = task
+            .await
+            .expect("stalled connection task")
+            .expect("every stalled connection is closed by the ingress");
+        assert!(
+            took >= bound - Duration::from_secs(1),
+            "closed after {took:?}"
+        );
+        assert!(took < bound + margin, "closed only after {took:?}");
+    }
+    let mut ids = scene.drain_ids().await;
+    ids.sort();
+    let mut want: Vec<String> = (0..VALID).map(|i| format!("evt-valid-{i}")).collect();
+    want.sort();
+    assert_eq!(ids, want, "exactly the valid events are published");
+    match Arc::try_unwrap(scene) {
+        Ok(scene) => scene.stop().await,
+        Err(_) => panic!("every request task has ended"),
+    }
+}
+
+/// The real binary with `AVSYNC_MAX_HTTP_CONNECTIONS=100`, filled with stalled connections: 400
+/// more are closed at once, its descriptors (`/proc/<pid>/fd`) stay under the bound plus a small
+/// constant, its metrics listener keeps answering, and once the header read timeout has closed
+/// the stalled ones a valid event is accepted again. Nothing else is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_connections_than_the_bound_are_closed_at_once_and_descriptors_stay_bounded() {
+    const BOUND: usize = 100;
+    const EXCESS: usize = 400;
+    /// Descriptors a connection may hold for a moment beyond the bound: one being accepted and
+    /// closed again, and the metrics requests of this test.
+    const SLACK: usize = 8;
+    let prefix = support::unique("t");
+    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS);
+    let topology = Topology::new(&prefix, PARTITIONS).expect("topology");
+    let whsec = new_whsec_secret();
+    let (mut ingress, addr, metrics_url) = processes::spawn_ingress(
+        &prefix,
+        PARTITIONS,
+        &whsec,
+        &[
+            ("AVSYNC_MAX_HTTP_CONNECTIONS", BOUND.to_string()),
+            ("AVSYNC_HEADER_READ_TIMEOUT", "8s".to_owned()),
+        ],
+    )
+    .await;
+    let pid = ingress.child.id().expect("running");
+    let descriptors = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("the child's descriptors")
+            .count()
+    };
+    let client = reqwest::Client::builder()
+        .timeout(ANSWER_DEADLINE)
+        .build()
+        .expect("http client");
+    let gauge = |series: &'static str| {
+        let client = client.clone();
+        let url = format!("{metrics_url}/metrics");
+        async move {
+            let text = client.get(url).send().await.ok()?.text().await.ok()?;
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        }
+    };
+    let at_rest = descriptors();
+
+    let mut held = Vec::with_capacity(BOUND);
+    for _ in 0..BOUND {
+        held.push(stall(&addr).await);
+    }
+    support::wait_until("the bound is full", Duration::from_secs(10), || async {
+        (gauge("avsync_ingress_connections_open").await? == BOUND as f64).then_some(())
+    })
+    .await;
+
+    let flood_started = Instant::now();
+    let mut most = descriptors();
+    let mut excess_closed_after = Vec::with_capacity(EXCESS);
+    for _ in 0..EXCESS / 50 {
+        let batch: Vec<Option<Duration>> = stream::iter(0..50)
+            .map(|_| {
+                let addr = addr.clone();
+                async move {
+                    let mut stream = TcpStream::connect(&addr).await.expect("connect");
+                    let opened = Instant::now();
+                    let _ = stream.write_all(STALLED_HEAD).await;
+                    closed_after(&mut stream, opened, ANSWER_DEADLINE).await
+                }
+            })
+            .buffer_unordered(50)
+            .collect()
+            .await;
+        excess_closed_after.extend(batch);
+        most = most.max(descriptors());
+        let healthz = client
+            .get(format!("{metrics_url}/healthz"))
+            .send()
+            .await
+            .expect("the metrics listener answers during the flood");
+        assert_eq!(healthz.status(), 200);
+    }
+    let flood_took = flood_started.elapsed();
+    for took in &excess_closed_after {
+        let took = took.expect("an excess connection is closed");
+        assert!(
+            took < Duration::from_secs(1),
+            "excess connection closed after {took:?}"
+        );
+    }
+    assert!(
+        flood_took < Duration::from_secs(8),
+        "the flood ended while the stalled connections still filled the bound: {flood_took:?}"
+    );
+    assert_eq!(
+        gauge("avsync_ingress_connections_refused_total").await,
+        Some(EXCESS as f64)
+    );
+    assert!(
+        most <= at_rest + BOUND + SLACK,
+        "{most} descriptors, {at_rest} at rest, bound {BOUND}"
+    );
+    assert!(
+        most as u64
+            <= (BOUND + avsync_ingress::server::ADMIN_MAX_CONNECTIONS) as u64
+                + avsync_ingress::server::RESERVED_DESCRIPTORS,
+        "{most} descriptors exceed the budget the ingress reserves"
+    );
+
+    // The header read timeout frees the bound; then AuthVital's deliveries get in again.
+    support::wait_until(
+        "the stalled connections closed",
+        Duration::from_secs(20),
+        || async { (gauge("avsync_ingress_connections_open").await? == 0.0).then_some(()) },
+    )
+    .await;
+    for stream in &mut held {
+        assert!(
+            closed_by_peer(stream).await,
+            "a stalled connection is closed"
+        );
+    }
+    let body = event("evt-after-flood");
+    let id = "msg-after-flood";
+    let ts = now();
+    let response = client
+        .post(format!("http://{addr}/webhooks/authvital"))
+        .header("content-type", "application/json")
+        .header("webhook-id", id)
+        .header("webhook-timestamp", ts.to_string())
+        .header("webhook-signature", sign_standard(&whsec, id, ts, &body))
+        .body(body)
+        .send()
+        .await
+        .expect("POST after the flood");
+    assert_eq!(response.status(), 202);
+
+    let (conn, ch) = support::channel().await;
+    let mut published = 0;
+    for p in 0..PARTITIONS {
+        published += support::queue_depth(&ch, &topology.partition_queue(p))
+            .await
+            .unwrap_or(0);
+    }
+    assert_eq!(published, 1, "only the valid event is published");
+    let _ = conn.close(200, "checked".into()).await;
+    ingress.sigterm().await;
+    assert_eq!(ingress.exit_code().await, Some(0));
+}
+
+#[tokio::test]
+async fn the_default_header_bounds_answer_431_before_any_handler_runs() {
+    let scene = Scene::start().await;
+    let body = event("evt-bounds");
+    let signed = lines(&scene.standard(&body));
+    let with_notes = |count: usize, each: usize| {
+        let mut extra = signed.clone();
+        for i in 0..count {
+            extra.extend_from_slice(format!("X-Note-{i}: {}\r\n", "a".repeat(each)).as_bytes());
+        }
+        request(&extra, &body)
+    };
+    // Host, Content-Type, Content-Length and three signature headers are six of the 64.
+    for (name, bytes, want) in [
+        ("64 headers", with_notes(58, 1), 202_u16),
+        ("65 headers", with_notes(59, 1), 431),
+        ("a 15 KiB head", with_notes(1, 15 * 1024), 0),
+        ("a 17 KiB head", with_notes(1, 17 * 1024), 431),
+    ] {
+        let mut stream = TcpStream::connect(&scene.addr).await.expect("connect");
+        let _ = stream.write_all(&bytes).await;
+        let answer = tokio::time::timeout(ANSWER_DEADLINE, read_response(&mut stream))
+            .await
+            .expect("an answer within the deadline");
+        match want {
+            431 => {
+                if let Some(answer) = answer {
+                    assert_eq!(answer.refusal(), (431, None), "{name}");
+                }
+                assert!(closed_by_peer(&mut stream).await, "{name}: closed");
+            }
+            _ => assert_eq!(answer.expect("an answer").status, 202, "{name}"),
+        }
+    }
+    assert_eq!(scene.drain_ids().await, ["evt-bounds", "evt-bounds"]);
+    scene.assert_nothing_published("header bounds").await;
+    scene.stop().await;
 }

@@ -857,3 +857,170 @@ async fn graceful_stop_answers_every_request_it_took() {
         "every 202 is in the queue"
     );
 }
+
+/// A TCP proxy to the broker that can hold every byte (connections stay open, nothing moves), as
+/// a broker that has slowed to a halt looks to the ingress.
+struct StallingProxy {
+    port: u16,
+    held: tokio::sync::watch::Sender<bool>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl StallingProxy {
+    async fn start(target: &'static str) -> StallingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (held, _) = tokio::sync::watch::channel(false);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (gate, done) = (held.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = tokio::select! {
+                    _ = done.cancelled() => return,
+                    accepted = listener.accept() => accepted.unwrap(),
+                };
+                let Ok(upstream) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (upstream_read, upstream_write) = upstream.into_split();
+                for (from, to) in [
+                    (
+                        Box::new(client_read) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                        Box::new(upstream_write) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                    ),
+                    (Box::new(upstream_read), Box::new(client_write)),
+                ] {
+                    let gate = gate.subscribe();
+                    let done = done.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = done.cancelled() => {}
+                            _ = forward(from, to, gate) => {}
+                        }
+                    });
+                }
+            }
+        });
+        StallingProxy { port, held, stop }
+    }
+
+    fn hold(&self, held: bool) {
+        self.held.send_replace(held);
+    }
+}
+
+impl Drop for StallingProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn forward(
+    mut from: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    mut to: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    mut gate: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if gate.wait_for(|held| !*held).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// With the broker stalled, at most `AVSYNC_MAX_PENDING_PUBLISHES` (4 here) webhooks wait for a
+/// confirm; every one beyond is answered at once with 503 `overloaded` and `Retry-After: 5`, and
+/// never published. Once the broker moves again, the waiting ones get their answer and new
+/// webhooks are accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_pending_publish_bound_a_stalled_broker_gets_503_overloaded_at_once() {
+    const BOUND: usize = 4;
+    let prefix = support::unique("t");
+    let _cleanup = TopologyCleanup::new(&prefix, 2);
+    let topology = Topology::new(&prefix, 2).unwrap();
+    let proxy = StallingProxy::start("127.0.0.1:5672").await;
+    let mut s = settings(&prefix, 2, &new_whsec_secret());
+    s.common.amqp_url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    s.max_pending_publishes = BOUND;
+    s.publish_timeout = Duration::from_secs(5);
+    let secret = s.hmac_secrets.as_ref().unwrap().expose().to_owned();
+    let ingress = std::sync::Arc::new(TestIngress::start_with(s, None).await);
+    ingress.wait_ready().await;
+
+    proxy.hold(true);
+    let waiting: Vec<_> = (0..BOUND)
+        .map(|i| {
+            let ingress = ingress.clone();
+            let secret = secret.clone();
+            tokio::spawn(async move {
+                let body = event(&format!("evt-waiting-{i}"), "tnt_acme");
+                let headers = standard_headers(&secret, now(), &body);
+                ingress.post_with(&headers, &body).await.status().as_u16()
+            })
+        })
+        .collect();
+    support::wait_until(
+        "every slot waiting for a confirm",
+        Duration::from_secs(5),
+        || async {
+            let text = ingress.metrics().await;
+            (metric(&text, "avsync_ingress_pending_publishes") == BOUND as f64).then_some(())
+        },
+    )
+    .await;
+    for i in 0..3 {
+        let body = event(&format!("evt-overloaded-{i}"), "tnt_acme");
+        let started = std::time::Instant::now();
+        let response = ingress
+            .post_with(&standard_headers(&secret, now(), &body), &body)
+            .await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            response
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap()),
+            Some("5")
+        );
+        assert_eq!(json_error(response).await, (503, "overloaded".to_owned()));
+    }
+    proxy.hold(false);
+    for task in waiting {
+        let status = task.await.unwrap();
+        assert!(status == 202 || status == 503, "{status}");
+    }
+    let body = event("evt-after", "tnt_acme");
+    let response = ingress
+        .post_with(&standard_headers(&secret, now(), &body), &body)
+        .await;
+    assert_eq!(response.status().as_u16(), 202, "the bound is free again");
+
+    let (_conn, ch) = support::channel().await;
+    let mut ids = Vec::new();
+    for p in 0..2 {
+        for d in drain(&ch, &topology.partition_queue(p)).await {
+            ids.push(d.properties.message_id().as_ref().unwrap().to_string());
+        }
+    }
+    assert!(ids.contains(&"evt-after".to_owned()), "{ids:?}");
+    assert!(
+        ids.iter().all(|id| !id.starts_with("evt-overloaded")),
+        "nothing refused is published: {ids:?}"
+    );
+    let text = ingress.metrics().await;
+    assert_eq!(metric(&text, "avsync_ingress_pending_publishes"), 0.0);
+    match std::sync::Arc::try_unwrap(ingress) {
+        Ok(ingress) => ingress.stop().await,
+        Err(_) => panic!("every request task has ended"),
+    }
+}

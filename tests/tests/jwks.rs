@@ -143,9 +143,20 @@ impl JwksServer {
 
 /// An ingress that verifies with the JWKS only (no HMAC secrets), ready once a key is loaded.
 async fn jwks_ingress(prefix: &str, url: &str, clock: Option<i64>) -> TestIngress {
+    jwks_ingress_refreshing(prefix, url, clock, Duration::from_secs(300)).await
+}
+
+/// [`jwks_ingress`] with this `AVSYNC_JWKS_REFRESH_INTERVAL`.
+async fn jwks_ingress_refreshing(
+    prefix: &str,
+    url: &str,
+    clock: Option<i64>,
+    refresh_interval: Duration,
+) -> TestIngress {
     let mut s = settings(prefix, 2, "");
     s.hmac_secrets = None;
     s.jwks_url = Some(url.to_owned());
+    s.jwks_refresh_interval = refresh_interval;
     let clock =
         clock.map(|now| Arc::new(FixedClock(now)) as Arc<dyn avsync_ingress::verify::Clock>);
     let ingress = TestIngress::start_with(s, clock).await;
@@ -488,4 +499,189 @@ async fn the_references_worked_example_verifies_byte_for_byte() {
     assert_eq!(got[0].data, body, "published byte for byte");
     ingress.stop().await;
     server.stop().await;
+}
+
+/// AuthVital revokes a key by removing it from its JWKS: with a 1 s refresh interval, a key
+/// taken out of the set stops verifying within that interval (plus a margin for the fetch),
+/// without any unknown key id to trigger a refetch, and stays refused.
+#[tokio::test]
+async fn a_key_removed_from_the_jwks_stops_verifying_within_one_refresh_interval() {
+    const REFRESH: Duration = Duration::from_secs(1);
+    let [k1, k2] = keys();
+    let prefix = support::unique("t");
+    let _cleanup = TopologyCleanup::new(&prefix, 2);
+    let server = JwksServer::start(vec![jwk("key_1", k1), jwk("key_2", k2)]).await;
+    let ingress = jwks_ingress_refreshing(&prefix, &server.url, None, REFRESH).await;
+    let post = |kid: &'static str, key: &'static RsaPrivateKey, id: String| {
+        let ingress = &ingress;
+        async move {
+            let body = event(&id);
+            let ts = now();
+            let response = ingress
+                .post_with(
+                    &rsa_headers(kid, sign_rsa(key, ts, &body), ts, &body),
+                    &body,
+                )
+                .await;
+            error_code_or_accepted(response).await
+        }
+    };
+    assert_eq!(
+        post("key_2", k2, "evt-before".into()).await,
+        (202, String::new())
+    );
+
+    server.keys.lock().unwrap().retain(|k| k["kid"] != "key_2");
+    let removed = Instant::now();
+    let mut accepted_after_removal = 0;
+    let mut probe = 0;
+    let refused_at = loop {
+        probe += 1;
+        match post("key_2", k2, format!("evt-probe-{probe}")).await {
+            (202, _) => accepted_after_removal += 1,
+            (401, code) => {
+                assert_eq!(code, "unknown_key");
+                break removed.elapsed();
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+        assert!(
+            removed.elapsed() < REFRESH * 5,
+            "key_2 still verifies {:?} after its removal",
+            removed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        refused_at < REFRESH + Duration::from_secs(2),
+        "refused only after {refused_at:?}"
+    );
+    assert_eq!(
+        post("key_2", k2, "evt-after".into()).await,
+        (401, "unknown_key".to_owned()),
+        "a removed key stays refused"
+    );
+    assert_eq!(
+        post("key_1", k1, "evt-kept".into()).await,
+        (202, String::new())
+    );
+    assert_eq!(
+        drain(&acme_queue(&prefix)).await.len(),
+        2 + accepted_after_removal,
+        "exactly the accepted events are queued"
+    );
+    ingress.stop().await;
+    server.stop().await;
+}
+
+/// Periodic refreshes that fail (the JWKS answers 500) keep the last good set: known keys go on
+/// verifying through several failed refreshes, and the ingress stays ready.
+#[tokio::test]
+async fn failed_periodic_refreshes_keep_the_last_good_key_set() {
+    let [k1, _] = keys();
+    let prefix = support::unique("t");
+    let _cleanup = TopologyCleanup::new(&prefix, 2);
+    let server = JwksServer::start(vec![jwk("key_1", k1)]).await;
+    let ingress =
+        jwks_ingress_refreshing(&prefix, &server.url, None, Duration::from_millis(300)).await;
+    server.failing.store(true, Ordering::SeqCst);
+    support::wait_until(
+        "three failed refreshes",
+        Duration::from_secs(10),
+        || async {
+            let text = ingress.metrics().await;
+            (metric(
+                &text,
+                "avsync_ingress_jwks_fetches_total{outcome=\"failure\"}",
+            ) >= 3.0)
+                .then_some(())
+        },
+    )
+    .await;
+    let body = event("evt-outage");
+    let ts = now();
+    let response = ingress
+        .post_with(
+            &rsa_headers("key_1", sign_rsa(k1, ts, &body), ts, &body),
+            &body,
+        )
+        .await;
+    assert_eq!(response.status().as_u16(), 202);
+    assert_eq!(ingress.readyz().await, 200);
+    assert_eq!(drain(&acme_queue(&prefix)).await.len(), 1);
+    ingress.stop().await;
+    server.stop().await;
+}
+
+/// AuthVital signs its JWTs with the same JWKS keys, RS256 over `<header>.<payload>`. Anyone
+/// holding such a JWT could paste its header in as `X-AuthVital-Timestamp` and its payload as
+/// the body: the signature is genuine over exactly the bytes the verifier would check. Only the
+/// rule that a timestamp is `^[0-9]{1,11}$` stops it: 401, nothing published.
+#[tokio::test]
+async fn a_jwt_pasted_in_as_timestamp_and_body_is_401_and_publishes_nothing() {
+    use rsa::pkcs1v15::{Signature, VerifyingKey};
+    use rsa::signature::Verifier as _;
+    let [k1, _] = keys();
+    let prefix = support::unique("t");
+    let _cleanup = TopologyCleanup::new(&prefix, 2);
+    let server = JwksServer::start(vec![jwk("key_1", k1)]).await;
+    let ingress = jwks_ingress(&prefix, &server.url, None).await;
+
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT","kid":"key_1"}"#);
+    let payload = URL_SAFE_NO_PAD.encode(
+        json!({
+            "iss": "https://auth.example.com", "sub": "usr_attacker", "aud": "app_crm",
+            "tenant_id": "tnt_acme", "iat": now(), "exp": now() + 3600,
+        })
+        .to_string(),
+    );
+    let signing_input = format!("{header}.{payload}");
+    let jwt_signature = SigningKey::<Sha256>::new(k1.clone()).sign(signing_input.as_bytes());
+    VerifyingKey::<Sha256>::new(k1.to_public_key())
+        .verify(
+            signing_input.as_bytes(),
+            &Signature::try_from(jwt_signature.to_vec().as_slice()).unwrap(),
+        )
+        .expect("the JWT's signature is genuine over `<header>.<payload>`");
+
+    let forged = [
+        ("X-AuthVital-Timestamp", header.clone()),
+        (
+            "X-AuthVital-Signature",
+            STANDARD.encode(jwt_signature.to_vec()),
+        ),
+        ("X-AuthVital-Key-Id", "key_1".to_owned()),
+    ];
+    let response = ingress.post_with(&forged, payload.as_bytes()).await;
+    assert_eq!(
+        error_code(response).await,
+        (401, "malformed_signature".to_owned())
+    );
+    let text = ingress.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "avsync_ingress_signature_failures_total{reason=\"malformed\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "avsync_ingress_signature_failures_total{reason=\"mismatch\"}"
+        ),
+        0.0,
+        "refused before any signature work"
+    );
+    assert!(drain(&acme_queue(&prefix)).await.is_empty());
+    ingress.stop().await;
+    server.stop().await;
+}
+
+/// The status and, for a refusal, its error code.
+async fn error_code_or_accepted(response: reqwest::Response) -> (u16, String) {
+    if response.status().as_u16() == 202 {
+        return (202, String::new());
+    }
+    error_code(response).await
 }

@@ -1,146 +1,22 @@
 //! The real `avsync-worker` and `avsync-ingress` binaries, run as child processes: SIGTERM stops
 //! them gracefully (exit status 0, nothing lost, nothing handed back), and their JSON logs carry
 //! the event fields and never a secret or a payload.
-//!
-//! The binaries are built by cargo (`cargo build -p avsync-worker -p avsync-ingress`, a no-op
-//! when they are up to date) once per run of this file, in the profile of the test itself.
 
 use avsync_shared::Topology;
 use avsync_tests::ingress_harness::{new_whsec_secret, sign_standard, TopologyCleanup};
+use avsync_tests::processes::{self, Process};
 use avsync_tests::support::{self, wait_until};
 use avsync_tests::worker_harness::{publish_all, publisher, TestDatabases};
 use serde_json::{json, Value};
 use sqlx::Connection as _;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
 
-/// The worker's drain limit (`avsync_worker::DRAIN_LIMIT`) and some.
-const EXIT_DEADLINE: Duration = Duration::from_secs(45);
 const PARTITIONS: u16 = 4;
-
-/// Paths of the two binaries, built once for every test of this file.
-fn binary(name: &str) -> PathBuf {
-    static BUILT: OnceLock<BTreeMap<String, PathBuf>> = OnceLock::new();
-    let built = BUILT.get_or_init(|| {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut command = std::process::Command::new(cargo);
-        command.args([
-            "build",
-            "--message-format=json-render-diagnostics",
-            "-p",
-            "avsync-worker",
-            "-p",
-            "avsync-ingress",
-            "--bins",
-        ]);
-        if !cfg!(debug_assertions) {
-            command.arg("--release");
-        }
-        let out = command
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .expect("run cargo to build the binaries");
-        assert!(
-            out.status.success(),
-            "cargo build failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .filter(|m| m["reason"] == "compiler-artifact")
-            .filter_map(|m| {
-                let name = m["target"]["name"].as_str()?.to_owned();
-                Some((name, PathBuf::from(m["executable"].as_str()?)))
-            })
-            .collect()
-    });
-    built
-        .get(name)
-        .unwrap_or_else(|| panic!("cargo built no {name}"))
-        .clone()
-}
-
-/// One child process with its stderr (JSON log lines) collected as they come.
-struct Process {
-    child: Child,
-    logs: Arc<Mutex<Vec<String>>>,
-}
-
-impl Process {
-    fn spawn(name: &str, env: &[(&str, String)]) -> Process {
-        let mut command = Command::new(binary(name));
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("AVSYNC_") {
-                command.env_remove(key);
-            }
-        }
-        command
-            .env("AVSYNC_LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = command.spawn().expect("spawn the binary");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = logs.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Process { child, logs }
-    }
-
-    fn logs(&self) -> Vec<String> {
-        self.logs.lock().unwrap().clone()
-    }
-
-    /// The fields of the first log line with this message, once it is written.
-    async fn wait_for_log(&self, message: &str) -> Value {
-        let what = format!("log line `{message}`");
-        wait_until(&what, Duration::from_secs(30), || async {
-            self.logs()
-                .iter()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .find(|v| v["message"] == message)
-        })
-        .await
-    }
-
-    async fn sigterm(&self) {
-        self.signal("-TERM").await;
-    }
-
-    async fn signal(&self, signal: &str) {
-        let pid = self.child.id().expect("still running").to_string();
-        let sent = Command::new("kill")
-            .args([signal, &pid])
-            .status()
-            .await
-            .expect("kill");
-        assert!(sent.success());
-    }
-
-    /// Waits for the exit; panics after `EXIT_DEADLINE`. Returns the exit code.
-    async fn exit_code(&mut self) -> Option<i32> {
-        let status = tokio::time::timeout(EXIT_DEADLINE, self.child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("still running {EXIT_DEADLINE:?} after SIGTERM"))
-            .expect("wait for the child");
-        status.code()
-    }
-}
 
 async fn spawn_worker(prefix: &str, template: &str, extra: &[(&str, &str)]) -> (Process, String) {
     let mut env = vec![
@@ -372,30 +248,7 @@ fn standard_headers(secret: &str, id: &str, body: &[u8]) -> Vec<(&'static str, S
 }
 
 async fn spawn_ingress(prefix: &str, secret: &str) -> (Process, String, String) {
-    let ingress = Process::spawn(
-        "avsync-ingress",
-        &[
-            ("AVSYNC_AMQP_URL", support::AMQP_URL.to_owned()),
-            ("AVSYNC_TOPOLOGY", prefix.to_owned()),
-            ("AVSYNC_PARTITIONS", PARTITIONS.to_string()),
-            ("AVSYNC_LISTEN", "127.0.0.1:0".to_owned()),
-            ("AVSYNC_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
-            ("AVSYNC_HMAC_SECRETS", secret.to_owned()),
-        ],
-    );
-    let listening = ingress.wait_for_log("ingress listening").await;
-    let addr = listening["addr"].as_str().expect("addr").to_owned();
-    let metrics = format!(
-        "http://{}",
-        listening["metrics_addr"].as_str().expect("metrics_addr")
-    );
-    let ready = format!("{metrics}/readyz");
-    wait_until("ingress /readyz 200", Duration::from_secs(30), || async {
-        let status = reqwest::get(&ready).await.ok()?.status();
-        status.is_success().then_some(())
-    })
-    .await;
-    (ingress, addr, metrics)
+    processes::spawn_ingress(prefix, PARTITIONS, secret, &[]).await
 }
 
 /// SIGTERM while a request is in flight: the ingress stops accepting connections, answers the
@@ -573,4 +426,177 @@ async fn sigint_stops_both_binaries_gracefully() {
     assert_eq!(ingress.exit_code().await, Some(0), "{:#?}", ingress.logs());
     worker.wait_for_log("worker stopped").await;
     ingress.wait_for_log("ingress stopped").await;
+}
+
+/// One whole response on a keep-alive connection: its status and whether it says
+/// `Connection: close`; None when the connection ended (closed or reset) before a whole one.
+async fn read_answer(stream: &mut TcpStream) -> Option<(u16, bool)> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buf[..n]),
+            _ => return None,
+        }
+    };
+    let head = String::from_utf8_lossy(&seen[..head_end]).to_ascii_lowercase();
+    let status = head.get(9..12)?.parse().ok()?;
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(|v| v.trim().to_owned())
+    };
+    let length: usize = header("content-length")?.parse().ok()?;
+    while seen.len() < head_end + length {
+        match tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buf[..n]),
+            _ => return None,
+        }
+    }
+    Some((status, header("connection").as_deref() == Some("close")))
+}
+
+/// A whole signed request for event `id` of tenant `acme`.
+fn signed_request(secret: &str, id: &str) -> Vec<u8> {
+    let body = json!({
+        "id": id, "type": "member.joined", "timestamp": "2026-08-21T01:00:00.000Z",
+        "tenant_id": "acme", "data": {"sub": "u1"},
+    })
+    .to_string()
+    .into_bytes();
+    let mut bytes = request_head(&standard_headers(secret, id, &body), body.len());
+    bytes.extend_from_slice(&body);
+    bytes
+}
+
+/// SIGTERM while eight keep-alive connections each send request after request: every request
+/// that was sent gets a whole answer (202 or 503), never a reset or a close without one; the
+/// answers from the signal on say `Connection: close`, so each connection ends right after its
+/// current answer; a keep-alive connection idle at the signal is closed cleanly (FIN, no reset).
+/// Every 202 is in the queue, and the ingress exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_keep_alive_streams_answers_every_request_sent() {
+    const CONNECTIONS: usize = 8;
+    let prefix = support::unique("shut");
+    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS);
+    let topology = Topology::new(&prefix, PARTITIONS).unwrap();
+    let secret = new_whsec_secret();
+    let (mut ingress, addr, _) = spawn_ingress(&prefix, &secret).await;
+    let mut idle = TcpStream::connect(&addr).await.expect("connect");
+    idle.write_all(&signed_request(&secret, "ka-idle"))
+        .await
+        .expect("write");
+    assert_eq!(
+        read_answer(&mut idle).await,
+        Some((202, false)),
+        "kept alive"
+    );
+
+    let sent = Arc::new(AtomicUsize::new(0));
+    let streams: Vec<_> = (0..CONNECTIONS)
+        .map(|c| {
+            let addr = addr.clone();
+            let sent = sent.clone();
+            let secret = secret.clone();
+            tokio::spawn(async move {
+                let mut stream = TcpStream::connect(&addr).await.expect("connect");
+                let mut statuses = Vec::new();
+                for n in 0.. {
+                    let id = format!("ka-{c}-{n}");
+                    stream
+                        .write_all(&signed_request(&secret, &id))
+                        .await
+                        .map_err(|e| format!("{id}: could not be sent: {e}"))?;
+                    sent.fetch_add(1, Ordering::SeqCst);
+                    match read_answer(&mut stream).await {
+                        Some((status, close)) => {
+                            statuses.push(status);
+                            if close {
+                                break;
+                            }
+                        }
+                        None => return Err(format!("{id}: sent, but no whole answer")),
+                    }
+                }
+                Ok::<_, String>(statuses)
+            })
+        })
+        .collect();
+    wait_until("a stream of requests", Duration::from_secs(30), || async {
+        (sent.load(Ordering::SeqCst) >= CONNECTIONS * 5).then_some(())
+    })
+    .await;
+    ingress.sigterm().await;
+    let signalled = Instant::now();
+
+    let mut sink = [0u8; 64];
+    let idle_end = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut sink))
+        .await
+        .expect("the idle connection is closed");
+    assert!(
+        matches!(idle_end, Ok(0)),
+        "the idle connection ends with a clean close: {idle_end:?}"
+    );
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        signalled.elapsed()
+    );
+
+    let mut accepted = 1;
+    let mut answered = 0;
+    for stream in streams {
+        let statuses = stream
+            .await
+            .expect("stream task")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            statuses.iter().all(|s| *s == 202 || *s == 503),
+            "{statuses:?}"
+        );
+        accepted += statuses.iter().filter(|s| **s == 202).count();
+        answered += statuses.len();
+    }
+    assert_eq!(answered, sent.load(Ordering::SeqCst));
+    assert_eq!(ingress.exit_code().await, Some(0), "{:#?}", ingress.logs());
+
+    let (_conn, ch) = support::channel().await;
+    let partition = topology.partition_queue(topology.partition_of(&"acme".parse().unwrap()));
+    assert_eq!(
+        support::queue_depth(&ch, &partition).await,
+        Some(u32::try_from(accepted).unwrap()),
+        "every 202 is in the queue"
+    );
+}
+
+/// A listen address already taken stops the ingress with one plain line on stderr naming the
+/// setting, and a non-zero exit, as the worker does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_port_in_use_is_one_line_naming_the_setting() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_addr = taken.local_addr().expect("address").to_string();
+    for setting in ["AVSYNC_LISTEN", "AVSYNC_METRICS_LISTEN"] {
+        let mut env = vec![
+            ("AVSYNC_AMQP_URL", support::AMQP_URL.to_owned()),
+            ("AVSYNC_TOPOLOGY", support::unique("shut")),
+            ("AVSYNC_LISTEN", "127.0.0.1:0".to_owned()),
+            ("AVSYNC_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
+            ("AVSYNC_HMAC_SECRETS", new_whsec_secret()),
+        ];
+        env.retain(|(k, _)| *k != setting);
+        env.push((setting, taken_addr.clone()));
+        let mut ingress = Process::spawn("avsync-ingress", &env);
+        assert_eq!(ingress.exit_code().await, Some(1), "{setting}");
+        let logs = wait_until("the stderr line", Duration::from_secs(5), || async {
+            let logs = ingress.logs();
+            (!logs.is_empty()).then_some(logs)
+        })
+        .await;
+        assert_eq!(logs.len(), 1, "{setting}: {logs:#?}");
+        let want = format!("avsync-ingress: cannot listen on {setting}={taken_addr}: ");
+        assert!(logs[0].starts_with(&want), "{setting}: {}", logs[0]);
+    }
 }

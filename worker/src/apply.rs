@@ -10,8 +10,12 @@
 //! [`Model`] is the same rule in plain Rust (the property tests check it against shuffled,
 //! duplicated histories); [`apply`] is the rule as one SQL statement, tested against the model,
 //! and [`apply_batch`] the same rule for many events of one tenant in one statement.
+//!
+//! A reconcile snapshot sets fields under the same rule with a version of its own
+//! ([`snapshot_version`]), written by [`apply_versioned`]: it wins over older events, loses to
+//! newer ones, and loses a tie to an event of the same instant.
 
-use avsync_shared::event::{Change, Effect, EventKey, Field};
+use avsync_shared::event::{Change, Effect, EventKey, EventTime, Field};
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgArguments;
 use sqlx::query::Query;
@@ -85,25 +89,66 @@ impl Identity {
     }
 }
 
-/// The pure model of one tenant database: rows and, per field, the key of the event that set it.
+/// What separates a snapshot's instant from the rest of its version. It sorts below the `|` of
+/// [`EventKey::version`], and the instant's text has a fixed width, so bytewise: a snapshot is
+/// newer than every event of an earlier instant, older than every event of a later one, and
+/// older than every event of the same instant (a tie goes to the webhook), whatever its id.
+const SNAPSHOT_MARK: &str = "!reconcile";
+
+/// The version of the fields a reconcile snapshot taken at `time` sets.
+pub fn snapshot_version(time: EventTime) -> String {
+    format!("{time}{SNAPSHOT_MARK}")
+}
+
+/// The field whose column (and key in `field_versions`) is `column`.
+pub fn field_of_column(column: &str) -> Option<Field> {
+    Field::ALL.into_iter().find(|f| f.column() == column)
+}
+
+/// The pure model of one tenant database: rows and, per field, the version (as stored) of the
+/// event or snapshot that set it. Versions compare bytewise, as `COLLATE "C"` does.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Model {
-    rows: BTreeMap<String, (Identity, BTreeMap<Field, EventKey>)>,
+    rows: BTreeMap<String, (Identity, BTreeMap<Field, String>)>,
 }
 
 impl Model {
     pub fn apply(&mut self, effect: &Effect) {
+        self.apply_versioned(&effect.sub, &effect.key.version(), &effect.changes);
+    }
+
+    /// Sets each of `changes` on the row of `sub` where `version` is greater than that field's.
+    pub fn apply_versioned(&mut self, sub: &str, version: &str, changes: &[Change]) {
         let (row, versions) = self
             .rows
-            .entry(effect.sub.clone())
-            .or_insert_with(|| (Identity::new(&effect.sub), BTreeMap::new()));
-        for change in &effect.changes {
+            .entry(sub.to_owned())
+            .or_insert_with(|| (Identity::new(sub), BTreeMap::new()));
+        for change in changes {
             let field = change.field();
-            if versions.get(&field).is_none_or(|v| effect.key > *v) {
+            if versions.get(&field).is_none_or(|v| version > v.as_str()) {
                 row.set(change);
-                versions.insert(field, effect.key.clone());
+                versions.insert(field, version.to_owned());
             }
         }
+    }
+
+    /// Every row with its versions, as [`load_tenant`] reads them from the database.
+    pub fn stored_rows(&self) -> Vec<Stored> {
+        self.rows
+            .values()
+            .map(|(identity, versions)| Stored {
+                identity: identity.clone(),
+                versions: versions.clone(),
+            })
+            .collect()
+    }
+
+    /// A row as the database holds it, with its versions.
+    pub fn insert_stored(&mut self, stored: Stored) {
+        self.rows.insert(
+            stored.identity.id.clone(),
+            (stored.identity, stored.versions),
+        );
     }
 
     /// Every row, ordered by id.
@@ -122,7 +167,7 @@ impl Model {
             .map(|(_, versions)| {
                 versions
                     .iter()
-                    .map(|(field, key)| (field.column().to_owned(), key.version()))
+                    .map(|(field, version)| (field.column().to_owned(), version.clone()))
                     .collect()
             })
             .unwrap_or_default()
@@ -206,6 +251,9 @@ pub async fn apply(conn: &mut PgConnection, effect: &Effect) -> Result<(), sqlx:
 
 /// Per field (indexed like [`Field::ALL`]), the greatest event of a batch that set it and what it set.
 type Merged<'a> = [Option<(&'a EventKey, &'a Change)>; Field::ALL.len()];
+
+/// Per field, the version to store and the change to make.
+type Versions<'a> = [Option<(String, &'a Change)>; Field::ALL.len()];
 
 /// Merges a batch under the rule of [`Model::apply`]: per user and field, the change of the
 /// greatest event that set it. Users come out ordered by id, so that concurrent batches lock rows
@@ -323,18 +371,18 @@ impl<'a> Columns<'a> {
         }
     }
 
-    fn push(&mut self, id: &'a str, merged: &Merged<'a>) {
+    fn push(&mut self, id: &'a str, merged: &Versions<'a>) {
         self.id.push(id);
         let mut versions = serde_json::Map::new();
-        for (key, change) in merged.iter().flatten() {
+        for (version, change) in merged.iter().flatten() {
             versions.insert(
                 change.field().column().to_owned(),
-                serde_json::Value::String(key.version()),
+                serde_json::Value::String(version.clone()),
             );
         }
         self.versions
             .push(serde_json::Value::Object(versions).to_string());
-        let change = |field: Field| merged[field as usize].map(|(_, change)| change);
+        let change = |field: Field| merged[field as usize].as_ref().map(|(_, change)| *change);
         let text = |field: Field| match change(field) {
             Some(
                 Change::Email(v)
@@ -397,12 +445,55 @@ pub async fn apply_batch<'a>(
     effects: impl IntoIterator<Item = &'a Effect>,
 ) -> Result<(), sqlx::Error> {
     let users = merge(effects);
-    if users.is_empty() {
-        return Ok(());
+    let mut columns = Columns::with_capacity(users.len());
+    for (id, merged) in &users {
+        columns.push(
+            id,
+            &merged.map(|slot| slot.map(|(key, c)| (key.version(), c))),
+        );
+    }
+    execute_batch(conn, columns).await
+}
+
+/// What to write on one row under one version: a reconcile snapshot's effect on a user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionedEffect {
+    pub sub: String,
+    pub version: String,
+    pub changes: Vec<Change>,
+}
+
+/// Writes versioned effects with [`apply_batch`]'s statement, so under the same per-field rule
+/// (and ending where [`Model::apply_versioned`] of each in any order would).
+pub async fn apply_versioned(
+    conn: &mut PgConnection,
+    effects: &[VersionedEffect],
+) -> Result<(), sqlx::Error> {
+    let mut users: BTreeMap<&str, Versions<'_>> = BTreeMap::new();
+    for effect in effects {
+        let merged = users
+            .entry(effect.sub.as_str())
+            .or_insert_with(|| std::array::from_fn(|_| None));
+        for change in &effect.changes {
+            let slot = &mut merged[change.field() as usize];
+            if slot
+                .as_ref()
+                .is_none_or(|(version, _)| effect.version > *version)
+            {
+                *slot = Some((effect.version.clone(), change));
+            }
+        }
     }
     let mut columns = Columns::with_capacity(users.len());
     for (id, merged) in &users {
         columns.push(id, merged);
+    }
+    execute_batch(conn, columns).await
+}
+
+async fn execute_batch(conn: &mut PgConnection, columns: Columns<'_>) -> Result<(), sqlx::Error> {
+    if columns.id.is_empty() {
+        return Ok(());
     }
     sqlx::query(BATCH_STATEMENT.as_str())
         .bind(columns.id)
@@ -435,6 +526,49 @@ pub async fn load(conn: &mut PgConnection, sub: &str) -> Result<Option<Identity>
     .bind(sub)
     .fetch_optional(conn)
     .await
+}
+
+/// A stored row and, per field, its stored version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub identity: Identity,
+    pub versions: BTreeMap<Field, String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct StoredRow {
+    #[sqlx(flatten)]
+    identity: Identity,
+    field_versions: String,
+}
+
+/// The rows whose `tenant_id` is `tenant` (all of a tenant's rows, also in a database that
+/// several tenants share), with their versions, ordered by id.
+pub async fn load_tenant(
+    conn: &mut PgConnection,
+    tenant: &str,
+) -> Result<Vec<Stored>, sqlx::Error> {
+    let rows: Vec<StoredRow> = sqlx::query_as(&format!(
+        "SELECT {IDENTITY_COLUMNS}, field_versions::text AS field_versions FROM av_identities \
+         WHERE tenant_id = $1 ORDER BY id COLLATE \"C\""
+    ))
+    .bind(tenant)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let versions: BTreeMap<String, String> =
+                serde_json::from_str(&row.field_versions).unwrap_or_default();
+            Stored {
+                identity: row.identity,
+                versions: versions
+                    .into_iter()
+                    .filter_map(|(column, version)| Some((field_of_column(&column)?, version)))
+                    .collect(),
+            }
+        })
+        .collect())
 }
 
 /// Every row, ordered by id (bytewise, like [`Model::identities`]).
@@ -661,6 +795,23 @@ mod tests {
         Effect::decode(&envelope, &bytes)
             .expect("decodes")
             .expect("sets something")
+    }
+
+    proptest! {
+        #[test]
+        fn a_snapshot_loses_a_tie_and_otherwise_orders_by_instant(
+            // Years 0000 to 9999, the instants an EventTime holds.
+            a in -62_167_219_200_000_000i64..=253_402_300_799_999_999,
+            b in -62_167_219_200_000_000i64..=253_402_300_799_999_999,
+            id in "[ -~]{0,6}",
+            same_time in any::<bool>(),
+        ) {
+            let b = if same_time { a } else { b };
+            let snapshot = snapshot_version(EventTime::from_micros(a).unwrap());
+            let event = EventKey { time: EventTime::from_micros(b).unwrap(), id }.version();
+            let expected = if a == b { std::cmp::Ordering::Less } else { a.cmp(&b) };
+            prop_assert_eq!(snapshot.as_bytes().cmp(event.as_bytes()), expected);
+        }
     }
 
     #[test]

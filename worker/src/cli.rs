@@ -1,7 +1,8 @@
-//! The `avsync-worker` command line: consume (the default), `migrate`, `dlq`.
+//! The `avsync-worker` command line: consume (the default), `migrate`, `dlq`, `reconcile`.
 
 use crate::dlq::DlqCommand;
 use crate::migrate::MigrateArgs;
+use crate::reconcile_cli::ReconcileArgs;
 use crate::settings::Settings;
 use clap::{Parser, Subcommand};
 
@@ -12,7 +13,11 @@ use clap::{Parser, Subcommand};
     about = "Applies AuthVital identity events from RabbitMQ to each tenant's PostgreSQL database"
 )]
 pub struct Cli {
-    #[command(flatten)]
+    // Global, so that a setting may follow the subcommand and shows in its `--help`.
+    #[command(
+        flatten,
+        next_help_heading = "Settings (before or after the subcommand)"
+    )]
     pub settings: Settings,
 
     #[command(subcommand)]
@@ -28,6 +33,8 @@ pub enum Command {
     /// Inspect, replay or purge dead letters.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Read tenants' members from AuthVital's integration API and fold them into their databases.
+    Reconcile(ReconcileArgs),
 }
 
 #[cfg(test)]
@@ -62,5 +69,37 @@ mod tests {
             parse(&["dlq", "list", "--json"]).unwrap().command,
             Some(Command::Dlq(DlqCommand::List(_)))
         ));
+        assert!(matches!(
+            parse(&["reconcile", "--all", "--dry-run", "--json", "--force"])
+                .unwrap()
+                .command,
+            Some(Command::Reconcile(ReconcileArgs {
+                all: true,
+                dry_run: true,
+                json: true,
+                force: true,
+                ..
+            }))
+        ));
+        assert!(parse(&["reconcile"]).is_err());
+        assert!(parse(&["reconcile", "--all", "--tenant", "t"]).is_err());
+    }
+
+    #[test]
+    fn settings_go_before_or_after_the_subcommand() {
+        for args in [
+            &["--topology", "x", "--prefetch", "7", "dlq", "list"][..],
+            &["dlq", "list", "--topology", "x", "--prefetch", "7"],
+            &["dlq", "--topology", "x", "list", "--prefetch", "7"],
+            &["migrate", "--all", "--topology", "x", "--prefetch", "7"],
+            &["run", "--topology", "x", "--prefetch", "7"],
+        ] {
+            let cli = parse(args).unwrap();
+            assert_eq!(cli.settings.common.topology, "x", "{args:?}");
+            assert_eq!(cli.settings.prefetch, 7, "{args:?}");
+        }
+        let defaults = parse(&["dlq", "list"]).unwrap();
+        assert_eq!(defaults.settings.common.topology, "avsync");
+        assert_eq!(defaults.settings.prefetch, 4096);
     }
 }

@@ -17,6 +17,7 @@ use crate::metrics::{Metrics, Outcome};
 use crate::pools::Pools;
 use crate::retry::{self, History, NextStep, Retry, RetryPolicy};
 use crate::tenants::Resolver;
+use avsync_shared::broker::FailureLog;
 use avsync_shared::event::{type_label, Effect};
 use avsync_shared::topology::Topology;
 use avsync_shared::{Envelope, TenantId};
@@ -49,6 +50,19 @@ const REFUSAL_MIN: Duration = Duration::from_millis(100);
 const REFUSAL_MAX: Duration = Duration::from_secs(5);
 const MIN_RECONNECT: Duration = Duration::from_millis(250);
 const MAX_RECONNECT: Duration = Duration::from_secs(30);
+/// Longest a connection attempt, or the declarations and consumers set up on it, may take: a
+/// broker that accepts TCP while it is still starting must not hold a session forever.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a consuming session checks that its channels are still open. lapin does not
+/// always end a consumer's stream when the connection under it dies (seen on RabbitMQ
+/// restarts: the channels were closed, the consumers stayed silent), so the session does not
+/// rely on the stream alone to notice.
+const LIVENESS_CHECK: Duration = Duration::from_millis(500);
+/// After the broker went away, the longest wait for in-flight work before it is abandoned:
+/// what was not acked comes back from the broker anyway.
+const ABANDON_AFTER: Duration = Duration::from_secs(30);
+/// Bound on closing a channel or the connection, which the broker may never answer.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// On shutdown, the longest wait for the broker to use up its credit before cancelling.
 const QUIESCE: Duration = Duration::from_millis(250);
 /// A tenant's events are applied together, up to this many in one statement: larger batches
@@ -86,6 +100,10 @@ enum SessionError {
     TooFewPartitions { queue: String, partitions: u16 },
     #[error("the broker cancelled a consumer (was a partition queue deleted?)")]
     ConsumerCancelled,
+    #[error("a channel to the broker closed under the session")]
+    ChannelLost,
+    #[error("no answer from the broker within {0:?} while connecting and setting up")]
+    SetupTimeout(Duration),
 }
 
 impl Worker {
@@ -108,6 +126,7 @@ fn backoff() -> impl Iterator<Item = Duration> {
 /// every message already received, and returns.
 pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
     let mut delays = backoff();
+    let mut failures = FailureLog::default();
     while !shutdown.is_cancelled() {
         let mut consumed = false;
         let result = session(&worker, &shutdown, &mut consumed).await;
@@ -117,6 +136,7 @@ pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
             Err(e) => {
                 if consumed {
                     delays = backoff();
+                    failures.connected();
                 }
                 let delay = delays.next().unwrap_or(MAX_RECONNECT);
                 match &e {
@@ -125,6 +145,7 @@ pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
                         topology = worker.topology.prefix(),
                         "{e}"
                     ),
+                    SessionError::Broker(e) => failures.failed("not consuming", e, delay),
                     _ => tracing::warn!(retry_in = ?delay, "not consuming: {e}"),
                 }
                 tokio::select! {
@@ -151,7 +172,8 @@ pub fn tenant_bound(max_unsettled: u32, prefetch: u16, partitions: u16) -> usize
 }
 
 async fn check_partitions(conn: &Connection, topology: &Topology) -> Result<(), SessionError> {
-    // A passive declare of a missing queue closes its channel: use a throwaway one.
+    // A passive declare of a missing queue closes its channel: use a throwaway one. lapin logs
+    // that expected close at ERROR; `telemetry::DEFAULT_FILTER` keeps lapin's own lines out.
     let probe = conn.create_channel().await?;
     let beyond = topology.partition_queue(topology.partitions());
     let found = probe
@@ -181,14 +203,90 @@ async fn session(
     consumed: &mut bool,
 ) -> Result<(), SessionError> {
     let name = format!("avsync-worker {}", worker.topology.prefix());
-    let conn = Connection::connect(
-        &worker.amqp_url,
-        ConnectionProperties::default().with_connection_name(name.as_str().into()),
+    let conn = tokio::time::timeout(
+        SETUP_TIMEOUT,
+        Connection::connect(
+            &worker.amqp_url,
+            ConnectionProperties::default().with_connection_name(name.as_str().into()),
+        ),
     )
-    .await?;
+    .await
+    .map_err(|_| SessionError::SetupTimeout(SETUP_TIMEOUT))??;
     let result = consume_on(&conn, worker, shutdown, consumed).await;
-    let _ = conn.close(200, "worker stopping".into()).await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "worker stopping".into())).await;
     result
+}
+
+/// The channels a session consumes and publishes on, set up on one connection.
+struct Channels {
+    setup: Channel,
+    publish: Channel,
+    consume: Channel,
+}
+
+impl Channels {
+    /// Declares the topology and starts one consumer per partition queue.
+    async fn open(
+        conn: &Connection,
+        worker: &Worker,
+    ) -> Result<(Channels, Vec<lapin::Consumer>), SessionError> {
+        let setup = conn.create_channel().await?;
+        worker.topology.declare(&setup).await?;
+        for delay in &worker.retry.delays {
+            worker.topology.declare_retry_tier(&setup, *delay).await?;
+        }
+        check_partitions(conn, &worker.topology).await?;
+        let publish = conn.create_channel().await?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let consume = conn.create_channel().await?;
+        consume
+            .basic_qos(
+                per_queue_prefetch(worker.prefetch, worker.topology.partitions()),
+                BasicQosOptions::default(),
+            )
+            .await?;
+        let mut consumers = Vec::new();
+        for partition in 0..worker.topology.partitions() {
+            consumers.push(
+                consume
+                    .basic_consume(
+                        worker.topology.partition_queue(partition).as_str().into(),
+                        "".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?,
+            );
+        }
+        Ok((
+            Channels {
+                setup,
+                publish,
+                consume,
+            },
+            consumers,
+        ))
+    }
+
+    fn all_open(&self) -> bool {
+        [&self.setup, &self.publish, &self.consume]
+            .iter()
+            .all(|c| c.status().connected())
+    }
+}
+
+/// Resolves once a channel of the session is no longer open.
+async fn channel_lost(channels: &Channels) {
+    let mut every = tokio::time::interval(LIVENESS_CHECK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if !channels.all_open() {
+            return;
+        }
+    }
 }
 
 async fn consume_on(
@@ -197,38 +295,24 @@ async fn consume_on(
     shutdown: &CancellationToken,
     consumed: &mut bool,
 ) -> Result<(), SessionError> {
-    let setup = conn.create_channel().await?;
-    worker.topology.declare(&setup).await?;
-    for delay in &worker.retry.delays {
-        worker.topology.declare_retry_tier(&setup, *delay).await?;
-    }
-    check_partitions(conn, &worker.topology).await?;
-    let publish = conn.create_channel().await?;
-    publish
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let consume = conn.create_channel().await?;
-    consume
-        .basic_qos(
-            per_queue_prefetch(worker.prefetch, worker.topology.partitions()),
-            BasicQosOptions::default(),
-        )
-        .await?;
-    let mut consumers = Vec::new();
-    let mut tags = Vec::new();
-    for partition in 0..worker.topology.partitions() {
-        let consumer = consume
-            .basic_consume(
-                worker.topology.partition_queue(partition).as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        tags.push(consumer.tag());
-        consumers.push(consumer.map(move |delivery| (partition, delivery)));
-    }
-    let mut deliveries = stream::select_all(consumers);
+    let (channels, consumers) = tokio::time::timeout(SETUP_TIMEOUT, Channels::open(conn, worker))
+        .await
+        .map_err(|_| SessionError::SetupTimeout(SETUP_TIMEOUT))??;
+    let Channels {
+        setup,
+        publish,
+        consume,
+    } = &channels;
+    let tags: Vec<_> = consumers.iter().map(lapin::Consumer::tag).collect();
+    let mut deliveries = Deliveries {
+        consumers: stream::select_all(
+            consumers
+                .into_iter()
+                .zip(0..)
+                .map(|(consumer, partition)| consumer.map(move |delivery| (partition, delivery))),
+        ),
+        lost: Box::pin(channel_lost(&channels)),
+    };
     worker.set_ready(true);
     *consumed = true;
     tracing::info!(
@@ -272,7 +356,7 @@ async fn consume_on(
             Phase::Consuming => tokio::select! {
                 next = deliveries.next() => next,
                 _ = lingered => {
-                    flush(&mut tasks, batcher.due(tokio::time::Instant::now()), worker, &publish, &gate);
+                    flush(&mut tasks, batcher.due(tokio::time::Instant::now()), worker, publish, &gate);
                     continue;
                 }
                 _ = shutdown.cancelled() => {
@@ -289,7 +373,7 @@ async fn consume_on(
                 tokio::select! {
                     next = deliveries.next() => next,
                     _ = lingered => {
-                        flush(&mut tasks, batcher.due(tokio::time::Instant::now()), worker, &publish, &gate);
+                        flush(&mut tasks, batcher.due(tokio::time::Instant::now()), worker, publish, &gate);
                         continue;
                     }
                     _ = tokio::time::sleep_until(deadline) => {
@@ -312,14 +396,21 @@ async fn consume_on(
             Phase::Draining => tokio::select! {
                 next = deliveries.next() => next,
                 _ = lingered => {
-                    flush(&mut tasks, batcher.due(tokio::time::Instant::now()), worker, &publish, &gate);
+                    flush(&mut tasks, batcher.due(tokio::time::Instant::now()), worker, publish, &gate);
                     continue;
                 }
             },
         };
         match next {
             Some((partition, Ok(delivery))) => {
-                let Ok(permit) = bound.clone().acquire_owned().await else {
+                let permit = tokio::select! {
+                    permit = bound.clone().acquire_owned() => permit,
+                    () = &mut deliveries.lost => {
+                        outcome = Err(SessionError::ChannelLost);
+                        break;
+                    }
+                };
+                let Ok(permit) = permit else {
                     break;
                 };
                 gate.received(partition);
@@ -370,7 +461,7 @@ async fn consume_on(
                         if let Some(batch) =
                             batcher.push(&tenant, partition, item, now, stalled, cold)
                         {
-                            flush(&mut tasks, vec![batch], worker, &publish, &gate);
+                            flush(&mut tasks, vec![batch], worker, publish, &gate);
                         }
                     }
                     None => {
@@ -385,7 +476,7 @@ async fn consume_on(
                 }
             }
             Some((_, Err(e))) => {
-                outcome = Err(SessionError::Broker(e));
+                outcome = Err(e);
                 break;
             }
             None if phase == Phase::Draining => break,
@@ -399,15 +490,51 @@ async fn consume_on(
     worker.set_ready(false);
     gate.consumers_stopped.cancel();
     // What was received is finished, not handed back (contract section 7).
-    flush(&mut tasks, batcher.drain(), worker, &publish, &gate);
-    while tasks.join_next().await.is_some() {}
+    flush(&mut tasks, batcher.drain(), worker, publish, &gate);
+    // With the broker gone, nothing in flight can be acked any more; it is not waited on for
+    // ever, since the broker hands every unacked message back.
+    let bound = if outcome.is_err() {
+        ABANDON_AFTER
+    } else {
+        Duration::MAX
+    };
+    let finished =
+        tokio::time::timeout(bound, async { while tasks.join_next().await.is_some() {} }).await;
+    if finished.is_err() {
+        tracing::warn!(
+            tasks = tasks.len(),
+            "broker lost; abandoning in-flight messages, which the broker hands back"
+        );
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
     // The broker answers a channel's close only after it has processed every frame sent on it
     // before, so once these return, every ack above has reached it; closing the connection
     // straight away could drop acks still queued and hand applied messages back.
-    for channel in [&consume, &publish, &setup] {
-        let _ = channel.close(200, "worker stopping".into()).await;
+    for channel in [consume, publish, setup] {
+        let _ =
+            tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "worker stopping".into())).await;
     }
     outcome
+}
+
+/// Every partition's deliveries, ended by an error as soon as a channel of the session is lost.
+struct Deliveries<C, L> {
+    consumers: C,
+    lost: std::pin::Pin<Box<L>>,
+}
+
+impl<C, L> Deliveries<C, L>
+where
+    C: futures_util::Stream<Item = (u16, lapin::Result<Delivery>)> + Unpin,
+    L: std::future::Future<Output = ()>,
+{
+    async fn next(&mut self) -> Option<(u16, Result<Delivery, SessionError>)> {
+        tokio::select! {
+            next = self.consumers.next() => next.map(|(p, d)| (p, d.map_err(SessionError::Broker))),
+            () = &mut self.lost => Some((0, Err(SessionError::ChannelLost))),
+        }
+    }
 }
 
 /// One received message whose effect waits in its tenant's batch.

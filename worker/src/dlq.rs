@@ -4,6 +4,7 @@
 //! Every move is confirmed before the source is removed: a dead letter is acknowledged away only
 //! after its republish was confirmed, so an interrupted replay or a broker restart loses nothing.
 
+use avsync_shared::broker::setting_problem;
 use avsync_shared::config::CommonArgs;
 use avsync_shared::topology::{Topology, EVENT_TYPE_HEADER, TENANT_HEADER};
 use avsync_shared::{Envelope, TenantId};
@@ -331,7 +332,10 @@ async fn connect(common: &CommonArgs) -> anyhow::Result<(Connection, Channel, To
         ConnectionProperties::default().with_connection_name("avsync-worker dlq".into()),
     )
     .await
-    .map_err(|e| anyhow::anyhow!("cannot connect to the broker (AVSYNC_AMQP_URL): {e}"))?;
+    .map_err(|e| match setting_problem(&e) {
+        Some(problem) => anyhow::anyhow!("cannot connect to the broker: {problem}"),
+        None => anyhow::anyhow!("cannot connect to the broker (AVSYNC_AMQP_URL): {e}"),
+    })?;
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())

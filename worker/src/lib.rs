@@ -5,6 +5,7 @@
 //! `apply` (the event rules) → ack. `failure` decides what a failure means.
 
 pub mod apply;
+pub mod authvital;
 pub mod batch;
 pub mod breaker;
 pub mod budget;
@@ -16,6 +17,8 @@ pub mod failure;
 pub mod metrics;
 pub mod migrate;
 pub mod pools;
+pub mod reconcile;
+pub mod reconcile_cli;
 pub mod retry;
 pub mod settings;
 pub mod tenants;
@@ -78,10 +81,17 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     let topology = settings.common.topology()?;
     let registry = admin::new_registry();
     let metrics = Metrics::register_with_retry_delays(&registry, settings.retry_delays.delays())?;
-    let resolver = Resolver::new(
+    let retry = RetryPolicy {
+        delays: settings.retry_delays.delays().to_vec(),
+        poison_deliveries: settings.poison_deliveries,
+    };
+    let mut resolver = Resolver::new(
         &settings.tenant_database_url,
         settings.tenant_registry_url.as_deref(),
     )?;
+    if let Some(soonest) = retry.soonest_return() {
+        resolver = resolver.unknown_for(soonest);
+    }
     let pools = Pools::with_max_connections(
         PoolSettings {
             capacity: settings.tenant_pool_capacity,
@@ -115,10 +125,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         application_id: settings.application_id.clone(),
         resolver,
         pools,
-        retry: RetryPolicy {
-            delays: settings.retry_delays.delays().to_vec(),
-            poison_deliveries: settings.poison_deliveries,
-        },
+        retry,
         metrics,
         ready: ready.clone(),
         tenants,
@@ -155,6 +162,14 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         }
         .run(shutdown.clone()),
     );
+    let reconcile = settings.reconcile_interval.map(|interval| {
+        tokio::spawn(reconcile_cli::schedule(
+            worker.clone(),
+            settings.clone(),
+            interval,
+            shutdown.clone(),
+        ))
+    });
     let mut consumer = tokio::spawn(consume::run(worker.clone(), shutdown.clone()));
     let stopping = worker.clone();
     let handle = tokio::spawn(async move {
@@ -173,6 +188,11 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
             }
         }
         depth.await.context("queue depth poller panicked")?;
+        if let Some(reconcile) = reconcile {
+            if let Err(e) = reconcile.await.context("reconcile schedule panicked")? {
+                tracing::warn!(error = %format!("{e:#}"), "reconcile schedule stopped");
+            }
+        }
         stopping.pools.close_all().await;
         stopping.resolver.close().await;
         admin_server

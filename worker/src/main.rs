@@ -17,6 +17,12 @@ async fn main() -> ExitCode {
             avsync_worker::migrate::run(&args, &cli.settings, &mut std::io::stdout()).await
         }
         Command::Dlq(command) => avsync_worker::dlq::run(command, &cli.settings.common).await,
+        Command::Reconcile(args) => {
+            if let Err(e) = cli.settings.reconcile_settings() {
+                exit_bad_setting(PROGRAM, &e.to_string());
+            }
+            avsync_worker::reconcile_cli::run(&args, &cli.settings, &mut std::io::stdout()).await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -147,6 +147,121 @@ impl PoolMetrics {
     }
 }
 
+/// How a reconcile of one tenant ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The snapshot was folded in.
+    Applied,
+    /// `--dry-run`: computed, nothing written.
+    DryRun,
+    /// A guard rail refused the snapshot.
+    Refused,
+    /// Another worker was reconciling the tenant.
+    Busy,
+    /// The schedule found the tenant reconciled recently (by another worker).
+    NotDue,
+    /// AuthVital or the tenant database failed.
+    Failed,
+}
+
+impl RunOutcome {
+    pub const ALL: [RunOutcome; 6] = [
+        RunOutcome::Applied,
+        RunOutcome::DryRun,
+        RunOutcome::Refused,
+        RunOutcome::Busy,
+        RunOutcome::NotDue,
+        RunOutcome::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunOutcome::Applied => "applied",
+            RunOutcome::DryRun => "dry_run",
+            RunOutcome::Refused => "refused",
+            RunOutcome::Busy => "busy",
+            RunOutcome::NotDue => "not_due",
+            RunOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// The kinds of rows a reconcile writes.
+pub const ROW_KINDS: [&str; 3] = ["created", "changed", "marked_left"];
+
+/// The reconcile series: runs by outcome, rows written by kind, AuthVital requests by status.
+#[derive(Clone)]
+pub struct ReconcileMetrics {
+    runs: IntCounterVec,
+    rows: IntCounterVec,
+    api_calls: IntCounterVec,
+}
+
+impl ReconcileMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let runs = IntCounterVec::new(
+            Opts::new(
+                "avsync_worker_reconcile_runs_total",
+                "Reconciles of one tenant, by outcome.",
+            ),
+            &["outcome"],
+        )?;
+        for outcome in RunOutcome::ALL {
+            runs.with_label_values(&[outcome.as_str()]);
+        }
+        let rows = IntCounterVec::new(
+            Opts::new(
+                "avsync_worker_reconcile_rows_total",
+                "Rows a reconcile created, changed or marked left (applied runs only).",
+            ),
+            &["kind"],
+        )?;
+        for kind in ROW_KINDS {
+            rows.with_label_values(&[kind]);
+        }
+        let api_calls = IntCounterVec::new(
+            Opts::new(
+                "avsync_worker_authvital_requests_total",
+                "Requests to AuthVital's API, by answer status (`error`: no answer).",
+            ),
+            &["status"],
+        )?;
+        for status in crate::authvital::STATUS_LABELS {
+            api_calls.with_label_values(&[status]);
+        }
+        registry.register(Box::new(runs.clone()))?;
+        registry.register(Box::new(rows.clone()))?;
+        registry.register(Box::new(api_calls.clone()))?;
+        Ok(Self {
+            runs,
+            rows,
+            api_calls,
+        })
+    }
+
+    pub fn run(&self, outcome: RunOutcome) {
+        self.runs.with_label_values(&[outcome.as_str()]).inc();
+    }
+
+    pub fn runs_total(&self, outcome: RunOutcome) -> u64 {
+        self.runs.with_label_values(&[outcome.as_str()]).get()
+    }
+
+    /// `kind` is one of [`ROW_KINDS`].
+    pub fn rows(&self, kind: &str, n: u64) {
+        self.rows.with_label_values(&[kind]).inc_by(n);
+    }
+
+    /// `status` is one of `authvital::STATUS_LABELS`.
+    pub fn api_call(&self, status: &str) {
+        self.api_calls.with_label_values(&[status]).inc();
+    }
+
+    pub fn api_calls_total(&self, status: &str) -> u64 {
+        self.api_calls.with_label_values(&[status]).get()
+    }
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     events: IntCounterVec,
@@ -160,6 +275,7 @@ pub struct Metrics {
     /// `avsync_worker_queue_messages{queue}`, kept by the queue depth poller (`depth`).
     pub queue_messages: IntGaugeVec,
     pub ready: IntGauge,
+    pub reconcile: ReconcileMetrics,
 }
 
 impl Metrics {
@@ -250,6 +366,7 @@ impl Metrics {
         registry.register(Box::new(queue_messages.clone()))?;
         registry.register(Box::new(ready.clone()))?;
         let tenant_pools = PoolMetrics::register(registry)?;
+        let reconcile = ReconcileMetrics::register(registry)?;
         Ok(Self {
             events,
             retries,
@@ -261,6 +378,7 @@ impl Metrics {
             tenants_slow,
             queue_messages,
             ready,
+            reconcile,
         })
     }
 
@@ -354,6 +472,13 @@ mod tests {
             assert!(text.contains(&line), "{line}");
         }
         assert!(text.contains("avsync_worker_tenant_pool_wait_seconds_bucket{le=\"30\"} 0\n"));
+        for line in [
+            "avsync_worker_reconcile_runs_total{outcome=\"refused\"} 0\n",
+            "avsync_worker_reconcile_rows_total{kind=\"marked_left\"} 0\n",
+            "avsync_worker_authvital_requests_total{status=\"429\"} 0\n",
+        ] {
+            assert!(text.contains(line), "{line}");
+        }
     }
 
     #[test]

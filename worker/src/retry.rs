@@ -77,6 +77,11 @@ impl RetryPolicy {
         history.unsettled_deliveries >= self.poison_deliveries
     }
 
+    /// The soonest any retried message comes back (none without delays).
+    pub fn soonest_return(&self) -> Option<Duration> {
+        self.delays.iter().copied().map(soonest_return).min()
+    }
+
     /// `failed_attempts` counts the failure that just happened.
     pub fn next_step(&self, failed_attempts: u32) -> NextStep {
         let index = usize::try_from(failed_attempts.saturating_sub(1)).unwrap_or(usize::MAX);
@@ -97,6 +102,12 @@ pub fn jittered(delay: Duration) -> Duration {
     let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
     let cut = rand::rng().random_range(0..=ms / 5);
     Duration::from_millis(ms - cut)
+}
+
+/// The soonest a message sent to the tier of `delay` comes back: [`jittered`]'s lower bound.
+pub fn soonest_return(delay: Duration) -> Duration {
+    let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(ms - ms / 5)
 }
 
 fn rfc3339(t: DateTime<Utc>) -> LongString {
@@ -233,7 +244,13 @@ mod tests {
                 d <= Duration::from_secs(30) && d >= Duration::from_secs(24),
                 "{d:?}"
             );
+            let odd = Duration::from_millis(1_234);
+            assert!(jittered(odd) >= soonest_return(odd));
         }
+        assert_eq!(
+            soonest_return(Duration::from_secs(30)),
+            Duration::from_secs(24)
+        );
         assert_eq!(jittered(Duration::ZERO), Duration::ZERO);
     }
 }

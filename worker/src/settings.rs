@@ -1,10 +1,15 @@
 //! Every worker setting: a flag with an environment fallback; `--help` lists them with defaults.
 
-use avsync_shared::config::{parse_duration, BadSetting, CommonArgs};
+use crate::authvital::{ApiSettings, ClientSecret};
+use avsync_shared::config::{number_from_to, parse_duration, BadSetting, CommonArgs};
 use avsync_shared::topology::BROKER_DELIVERY_LIMIT;
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args};
 use std::time::Duration;
+
+/// The most deliveries `AVSYNC_POISON_DELIVERIES` may allow: one fewer than the broker's own
+/// limit, so that the worker, not the broker, sees a poison message first.
+const POISON_DELIVERIES_MAX: u32 = BROKER_DELIVERY_LIMIT as u32 - 1;
 
 pub const DEFAULT_TENANT_DATABASE_URL: &str =
     "postgres://postgres@127.0.0.1:5432/tenant_{tenant_id}";
@@ -16,18 +21,19 @@ pub struct Settings {
 
     /// When set, events of other AuthVital applications (or of none) are acknowledged and
     /// counted `ignored`.
-    #[arg(long, env = "AVSYNC_APPLICATION_ID", value_name = "ID")]
+    #[arg(long, global = true, env = "AVSYNC_APPLICATION_ID", value_name = "ID")]
     pub application_id: Option<String>,
 
     /// Tenant database URL template; `{tenant_id}` is replaced by the tenant id as is. Without
     /// `{tenant_id}`, every tenant shares one database.
-    #[arg(long, env = "AVSYNC_TENANT_DATABASE_URL", value_name = "URL", default_value = DEFAULT_TENANT_DATABASE_URL, hide_env_values = true)]
+    #[arg(long, global = true, env = "AVSYNC_TENANT_DATABASE_URL", value_name = "URL", default_value = DEFAULT_TENANT_DATABASE_URL, hide_env_values = true)]
     pub tenant_database_url: String,
 
     /// When set, tenants are looked up in table `avsync_tenants` of this database instead of
     /// the template.
     #[arg(
         long,
+        global = true,
         env = "AVSYNC_TENANT_REGISTRY_URL",
         value_name = "URL",
         hide_env_values = true
@@ -35,19 +41,19 @@ pub struct Settings {
     pub tenant_registry_url: Option<String>,
 
     /// Apply pending migrations to a tenant database the first time this worker opens it.
-    #[arg(long, env = "AVSYNC_AUTO_MIGRATE", value_name = "BOOL", default_value_t = true, action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    #[arg(long, global = true, env = "AVSYNC_AUTO_MIGRATE", value_name = "BOOL", default_value_t = true, action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub auto_migrate: bool,
 
     /// Create a missing tenant database instead of waiting for it to be provisioned.
-    #[arg(long, env = "AVSYNC_CREATE_TENANT_DATABASES", value_name = "BOOL", default_value_t = false, action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    #[arg(long, global = true, env = "AVSYNC_CREATE_TENANT_DATABASES", value_name = "BOOL", default_value_t = false, action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub create_tenant_databases: bool,
 
     /// Most tenant pools this worker keeps open; the least recently used idle one is closed first.
-    #[arg(long, env = "AVSYNC_TENANT_POOL_CAPACITY", value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    #[arg(long, global = true, env = "AVSYNC_TENANT_POOL_CAPACITY", value_name = "N", default_value_t = 256, value_parser = number_from_to(1u32, 100_000))]
     pub tenant_pool_capacity: u32,
 
     /// Most connections in one tenant's pool.
-    #[arg(long, env = "AVSYNC_TENANT_POOL_SIZE", value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    #[arg(long, global = true, env = "AVSYNC_TENANT_POOL_SIZE", value_name = "N", default_value_t = 4, value_parser = number_from_to(1u32, 1_000))]
     pub tenant_pool_size: u32,
 
     /// Most sessions this worker holds to any one PostgreSQL server, across all its tenant
@@ -62,17 +68,65 @@ pub struct Settings {
 
     /// Wait before each retry of a transient failure (comma-separated durations); after the
     /// last, the message is dead-lettered.
-    #[arg(long, env = "AVSYNC_RETRY_DELAYS", value_name = "DURATIONS", default_value = "1s,5s,30s,2m,10m,1h", value_parser = parse_retry_delays)]
+    #[arg(long, global = true, env = "AVSYNC_RETRY_DELAYS", value_name = "DURATIONS", default_value = "1s,5s,30s,2m,10m,1h", value_parser = parse_retry_delays)]
     pub retry_delays: RetryDelays,
 
-    /// A message delivered this many times without being settled is dead-lettered as `poison`.
-    #[arg(long, env = "AVSYNC_POISON_DELIVERIES", value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(5..BROKER_DELIVERY_LIMIT))]
+    /// A message delivered this many times without being settled is dead-lettered as `poison`:
+    /// 5 to 49, below the partition queues' fixed delivery limit of 50.
+    #[arg(long, global = true, env = "AVSYNC_POISON_DELIVERIES", value_name = "N", default_value_t = 10, value_parser = number_from_to(5, POISON_DELIVERIES_MAX))]
     pub poison_deliveries: u32,
 
     /// Unacknowledged messages this worker holds, split evenly over the partition queues (at
     /// least one each); also the number of messages applied at once.
-    #[arg(long, env = "AVSYNC_PREFETCH", value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+    #[arg(long, global = true, env = "AVSYNC_PREFETCH", value_name = "N", default_value_t = 4096, value_parser = number_from_to(1u16, 10_000))]
     pub prefetch: u16,
+
+    /// AuthVital's base URL (e.g. https://auth.example.com), for `reconcile`.
+    #[arg(long, global = true, env = "AVSYNC_AUTHVITAL_URL", value_name = "URL")]
+    pub authvital_url: Option<String>,
+
+    /// Client id of the AuthVital machine client (scope integration:read), for `reconcile`.
+    #[arg(
+        long,
+        global = true,
+        env = "AVSYNC_AUTHVITAL_CLIENT_ID",
+        value_name = "ID"
+    )]
+    pub authvital_client_id: Option<String>,
+
+    /// Secret of the AuthVital machine client; never printed.
+    #[arg(
+        long,
+        global = true,
+        env = "AVSYNC_AUTHVITAL_CLIENT_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub authvital_client_secret: Option<ClientSecret>,
+
+    /// Longest wait for one answer of AuthVital's API (connect included).
+    #[arg(long, global = true, env = "AVSYNC_AUTHVITAL_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub authvital_timeout: Duration,
+
+    /// Most requests a minute this process sends to AuthVital's API (AuthVital allows 100 a
+    /// minute per endpoint and client address).
+    #[arg(long, global = true, env = "AVSYNC_AUTHVITAL_REQUESTS_PER_MINUTE", value_name = "N", default_value_t = 60, value_parser = number_from_to(1u32, 60_000))]
+    pub authvital_requests_per_minute: u32,
+
+    /// When set, `run` also reconciles every tenant this often (jittered), one worker per
+    /// tenant at a time.
+    #[arg(long, global = true, env = "AVSYNC_RECONCILE_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
+    pub reconcile_interval: Option<Duration>,
+
+    /// Where a reconcile takes `has_app_access` and `app_role*` from: `roles` (the member's roles
+    /// of AVSYNC_APPLICATION_ID), or `ignore` (left to webhooks; for an application without roles).
+    #[arg(long, global = true, env = "AVSYNC_RECONCILE_APP_ACCESS", value_name = "SOURCE", default_value = "roles", value_parser = ["roles", "ignore"])]
+    pub reconcile_app_access: String,
+
+    /// A reconcile refuses (unless --force) a snapshot that turns more than this percentage of
+    /// a tenant's active members to `left`.
+    #[arg(long, global = true, env = "AVSYNC_RECONCILE_MAX_LEFT_PERCENT", value_name = "PERCENT", default_value_t = 20, value_parser = number_from_to(0u8, 100))]
+    pub reconcile_max_left_percent: u8,
 }
 
 /// The retry ladder: at least one delay, each above zero.
@@ -112,7 +166,67 @@ impl Settings {
                 "is empty; unset it to accept every application",
             ));
         }
+        if let Some(interval) = self.reconcile_interval {
+            if interval.is_zero() {
+                return Err(BadSetting::new(
+                    "AVSYNC_RECONCILE_INTERVAL",
+                    "must be above zero; unset it to reconcile only on command",
+                ));
+            }
+            self.reconcile_settings()?;
+        }
+        if self.authvital_timeout.is_zero() {
+            return Err(BadSetting::new(
+                "AVSYNC_AUTHVITAL_TIMEOUT",
+                "must be above zero",
+            ));
+        }
         Ok(())
+    }
+
+    /// What a reconcile needs: AuthVital's URL, the machine client, and the application whose
+    /// access and roles it takes (None with AVSYNC_RECONCILE_APP_ACCESS=ignore).
+    pub fn reconcile_settings(&self) -> Result<(ApiSettings, Option<String>), BadSetting> {
+        let missing = |name| BadSetting::new(name, "is needed to reconcile (see the README)");
+        let url = self
+            .authvital_url
+            .as_deref()
+            .ok_or_else(|| missing("AVSYNC_AUTHVITAL_URL"))?;
+        let url_ok = (url.starts_with("https://") || url.starts_with("http://"))
+            && url.parse::<reqwest::Url>().is_ok();
+        if !url_ok {
+            return Err(BadSetting::new(
+                "AVSYNC_AUTHVITAL_URL",
+                "is not an http(s) URL like https://auth.example.com",
+            ));
+        }
+        let client_id = self
+            .authvital_client_id
+            .clone()
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| missing("AVSYNC_AUTHVITAL_CLIENT_ID"))?;
+        let client_secret = self
+            .authvital_client_secret
+            .clone()
+            .ok_or_else(|| missing("AVSYNC_AUTHVITAL_CLIENT_SECRET"))?;
+        let application_id = match self.reconcile_app_access.as_str() {
+            "ignore" => None,
+            _ => Some(
+                self.application_id
+                    .clone()
+                    .ok_or_else(|| missing("AVSYNC_APPLICATION_ID"))?,
+            ),
+        };
+        Ok((
+            ApiSettings {
+                base_url: url.trim_end_matches('/').to_owned(),
+                client_id,
+                client_secret,
+                timeout: self.authvital_timeout,
+                requests_per_minute: self.authvital_requests_per_minute,
+            },
+            application_id,
+        ))
     }
 }
 
@@ -175,5 +289,39 @@ mod tests {
         assert_eq!(s.validate().unwrap_err().name, "AVSYNC_TENANT_REGISTRY_URL");
         let s = parse(&["--partitions", "0"]).unwrap();
         assert_eq!(s.validate().unwrap_err().name, "AVSYNC_PARTITIONS");
+    }
+
+    #[test]
+    fn a_reconcile_schedule_needs_authvital_and_never_shows_the_secret() {
+        let s = parse(&["--reconcile-interval", "1h"]).unwrap();
+        assert_eq!(s.validate().unwrap_err().name, "AVSYNC_AUTHVITAL_URL");
+        let full = [
+            "--reconcile-interval",
+            "1h",
+            "--authvital-url",
+            "https://auth.example.com/",
+            "--authvital-client-id",
+            "c",
+            "--authvital-client-secret",
+            "hidden-secret",
+            "--application-id",
+            "app",
+        ];
+        let s = parse(&full).unwrap();
+        s.validate().unwrap();
+        assert!(!format!("{s:?}").contains("hidden-secret"));
+        let (api, app) = s.reconcile_settings().unwrap();
+        assert_eq!(api.base_url, "https://auth.example.com");
+        assert_eq!(app.as_deref(), Some("app"));
+        let s = parse(&full[..8]).unwrap();
+        assert_eq!(s.validate().unwrap_err().name, "AVSYNC_APPLICATION_ID");
+        let s = parse(&[&full[..8], &["--reconcile-app-access", "ignore"]].concat()).unwrap();
+        assert_eq!(s.reconcile_settings().unwrap().1, None);
+        let mut bad_url = full;
+        bad_url[3] = "auth.example.com";
+        let s = parse(&bad_url).unwrap();
+        assert_eq!(s.validate().unwrap_err().name, "AVSYNC_AUTHVITAL_URL");
+        assert!(parse(&["--reconcile-max-left-percent", "101"]).is_err());
+        assert_eq!(parse(&[]).unwrap().reconcile_max_left_percent, 20);
     }
 }

@@ -15,8 +15,10 @@ use std::time::{Duration, Instant};
 /// PostgreSQL's NAMEDATALEN - 1: longer identifiers are silently cut.
 pub const MAX_DATABASE_NAME_BYTES: usize = 63;
 
-const PLACEHOLDER: &str = "{tenant_id}";
+pub const PLACEHOLDER: &str = "{tenant_id}";
 const FOUND_TTL: Duration = Duration::from_secs(30);
+/// The longest an unknown tenant is remembered; a consuming worker remembers it for less, so
+/// that a retried event always asks the registry again (see [`Resolver::unknown_for`]).
 const UNKNOWN_TTL: Duration = Duration::from_secs(5);
 const REGISTRY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one answer to "is PostgreSQL reachable at all?" is reused: a batch of failures asks
@@ -93,11 +95,19 @@ impl TenantDb {
     }
 }
 
-/// Whether `url` is a usable PostgreSQL URL naming a database. The reason never repeats the URL.
+/// Whether `url` is a usable PostgreSQL URL naming a database, said for the setting that holds
+/// it (the failure's own text is for dead letters). The reason never repeats the URL.
 pub fn check_url(url: &str) -> Result<(), String> {
-    TenantDb::from_url(url)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    match TenantDb::from_url(url) {
+        Ok(_) => Ok(()),
+        Err(Failure::BadDatabaseUrl(reason)) => Err(format!(
+            "is not a usable PostgreSQL URL: {reason} (not shown: it may hold a password)"
+        )),
+        Err(Failure::DatabaseNameTooLong { len, .. }) => Err(format!(
+            "names a database of {len} bytes, over PostgreSQL's {MAX_DATABASE_NAME_BYTES}-byte limit"
+        )),
+        Err(other) => Err(other.to_string()),
+    }
 }
 
 /// Whether the template gives a usable URL for a tenant. Lengths are checked per tenant.
@@ -116,15 +126,24 @@ enum Lookup {
     Unknown,
 }
 
-struct LookupExpiry;
+struct LookupExpiry {
+    unknown: Duration,
+}
 
 impl Expiry<TenantId, Lookup> for LookupExpiry {
     fn expire_after_create(&self, _: &TenantId, value: &Lookup, _: Instant) -> Option<Duration> {
         Some(match value {
             Lookup::Found { .. } => FOUND_TTL,
-            Lookup::Unknown => UNKNOWN_TTL,
+            Lookup::Unknown => self.unknown,
         })
     }
+}
+
+fn lookup_cache(unknown: Duration) -> Cache<TenantId, Lookup> {
+    Cache::builder()
+        .max_capacity(100_000)
+        .expire_after(LookupExpiry { unknown })
+        .build()
 }
 
 enum Mode {
@@ -159,17 +178,26 @@ impl Resolver {
                     .max_connections(2)
                     .acquire_timeout(REGISTRY_TIMEOUT)
                     .connect_lazy_with(db.options().clone());
-                let cache = Cache::builder()
-                    .max_capacity(100_000)
-                    .expire_after(LookupExpiry)
-                    .build();
-                Mode::Registry { pool, cache }
+                Mode::Registry {
+                    pool,
+                    cache: lookup_cache(UNKNOWN_TTL),
+                }
             }
         };
         Ok(Self {
             mode,
             last_probe: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// Remembers an unknown tenant for at most `soonest_retry / 2`, where `soonest_retry` is the
+    /// soonest a retried event comes back: a tenant added to the registry meanwhile is found by
+    /// the event's next retry instead of being taken for unknown again and sent down the ladder.
+    pub fn unknown_for(mut self, soonest_retry: Duration) -> Self {
+        if let Mode::Registry { cache, .. } = &mut self.mode {
+            *cache = lookup_cache(UNKNOWN_TTL.min(soonest_retry / 2));
+        }
+        self
     }
 
     pub async fn resolve(&self, tenant: &TenantId) -> Result<TenantDb, Failure> {

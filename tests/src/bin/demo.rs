@@ -8,10 +8,11 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let args: DemoArgs = parse_or_exit("demo");
     // Only problems belong beside the report (sqlx warns of every statement over a second, and
-    // a DROP DATABASE is one), and the demo configures its services itself. Both are set before
-    // the runtime starts any thread that could read the environment.
+    // a DROP DATABASE is one; lapin is off as in `telemetry::DEFAULT_FILTER`), and the demo
+    // configures its services itself. Both are set before the runtime starts any thread that
+    // could read the environment.
     if std::env::var_os("RUST_LOG").is_none() {
-        std::env::set_var("RUST_LOG", "warn,sqlx::query=error");
+        std::env::set_var("RUST_LOG", "warn,lapin=off,sqlx::query=error");
     }
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("AVSYNC_") {

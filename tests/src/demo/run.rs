@@ -643,14 +643,30 @@ fn count(value: f64) -> String {
     format!("{value:.0}")
 }
 
-/// The median and 99th percentile of a histogram of seconds.
+/// A histogram of seconds as it measured it: the exact mean, and the bucket bounds that the
+/// median and the 99th percentile fall under (a histogram knows no finer).
 fn percentiles(scrape: &Scrape, histogram: &str) -> String {
-    let show = |q: f64| match scrape.quantile(histogram, q) {
-        Some(s) if s >= 1.0 => format!("{s:.1} s"),
-        Some(s) => format!("{:.1} ms", s * 1000.0),
+    let seconds = |s: f64| {
+        if s >= 1.0 {
+            format!("{s:.1} s")
+        } else {
+            format!("{:.1} ms", s * 1000.0)
+        }
+    };
+    let bound = |q: f64| match scrape.quantile_bound(histogram, q) {
+        Some(b) if b.is_infinite() => "over the last bucket".to_owned(),
+        Some(b) => format!("≤ {}", seconds(b)),
         None => "-".to_owned(),
     };
-    format!("p50 {}, p99 {}", show(0.5), show(0.99))
+    match scrape.mean(histogram) {
+        Some(mean) => format!(
+            "mean {}, p50 {}, p99 {}",
+            seconds(mean),
+            bound(0.5),
+            bound(0.99)
+        ),
+        None => "-".to_owned(),
+    }
 }
 
 fn metrics_table(scrapes: &[(String, Scrape)]) -> String {

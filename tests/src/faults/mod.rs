@@ -260,7 +260,7 @@ impl ChildWorker {
         command
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info")
             .env("AVSYNC_AMQP_URL", support::AMQP_URL)
             .env("AVSYNC_TOPOLOGY", &spec.prefix)
             .env("AVSYNC_PARTITIONS", spec.partitions.to_string())
@@ -294,17 +294,32 @@ impl ChildWorker {
     }
 
     async fn wait_ready(&self) {
-        let what = format!("worker {} ready (log: {})", self.name, self.log.display());
-        wait_until(&what, Duration::from_secs(30), || async {
-            let ready = self
-                .client
-                .get(format!("{}/readyz", self.metrics_url))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().as_u16() == 200);
-            ready.then_some(())
+        self.wait_readiness(true, Duration::from_secs(30)).await;
+    }
+
+    /// What `/readyz` answers now (no answer counts as not ready).
+    pub async fn ready(&self) -> bool {
+        self.client
+            .get(format!("{}/readyz", self.metrics_url))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().as_u16() == 200)
+    }
+
+    /// Waits (at most `deadline`) until `/readyz` says `ready`; returns how long that took.
+    pub async fn wait_readiness(&self, ready: bool, deadline: Duration) -> Duration {
+        let started = Instant::now();
+        let what = format!(
+            "worker {} {}ready (log: {})",
+            self.name,
+            if ready { "" } else { "not " },
+            self.log.display()
+        );
+        wait_until(&what, deadline, || async {
+            (self.ready().await == ready).then_some(())
         })
         .await;
+        started.elapsed()
     }
 
     /// SIGKILL: no chance to finish, ack or close anything.
@@ -375,14 +390,28 @@ fn run_quietly(program: &str, args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn wait_blocking(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
+/// How long a guard keeps trying to bring a stopped service back. A PostgreSQL server holding
+/// many databases takes well over a minute to checkpoint and start.
+const SERVICE_BACK: Duration = Duration::from_secs(300);
+
+/// Runs `attempt` until `ready` holds or `deadline` passes; true when it holds. Never panics, so
+/// a guard can call it from `Drop` while the test unwinds (a panic there aborts the process and
+/// would leave the service down for every test after it).
+fn bring_back(
+    deadline: Duration,
+    mut attempt: impl FnMut(),
+    mut ready: impl FnMut() -> bool,
+) -> bool {
     let start = Instant::now();
-    while !check() {
-        assert!(
-            start.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
+    loop {
+        if ready() {
+            return true;
+        }
+        if start.elapsed() > deadline {
+            return false;
+        }
+        attempt();
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
@@ -408,10 +437,16 @@ impl RabbitStopped {
 
 impl Drop for RabbitStopped {
     fn drop(&mut self) {
-        run_quietly("rabbitmqctl", &["-q", "start_app"]);
-        wait_blocking("RabbitMQ to answer again", Duration::from_secs(120), || {
-            rabbitmq_answers()
-        });
+        let back = bring_back(
+            SERVICE_BACK,
+            || {
+                run_quietly("rabbitmqctl", &["-q", "start_app"]);
+            },
+            rabbitmq_answers,
+        );
+        if !back {
+            eprintln!("RabbitMQ did not answer within {SERVICE_BACK:?} of start_app; start it with `rabbitmq-server -detached`");
+        }
     }
 }
 
@@ -431,16 +466,31 @@ fn pg_ready() -> bool {
 /// Restarts the shared PostgreSQL cluster (`pg_ctlcluster … restart`: every connection is cut).
 /// The guard makes sure, when dropped and also when the test fails, that the cluster runs and
 /// answers.
-pub struct PgRestart(());
+pub struct PgRestart {
+    version: String,
+}
 
 impl PgRestart {
     pub fn restart() -> PgRestart {
-        let guard = PgRestart(());
         let version = pg_version();
+        let guard = PgRestart {
+            version: version.clone(),
+        };
+        let timeout = SERVICE_BACK.as_secs().to_string();
         assert!(
             run_quietly(
                 "pg_ctlcluster",
-                &["--skip-systemctl-redirect", &version, "main", "restart"],
+                &[
+                    "--skip-systemctl-redirect",
+                    &version,
+                    "main",
+                    "restart",
+                    "--mode",
+                    "fast",
+                    "--",
+                    "-t",
+                    &timeout,
+                ],
             ),
             "pg_ctlcluster {version} main restart"
         );
@@ -450,18 +500,30 @@ impl PgRestart {
 
 impl Drop for PgRestart {
     fn drop(&mut self) {
-        if !pg_ready() {
-            let version = pg_version();
-            run_quietly(
-                "pg_ctlcluster",
-                &["--skip-systemctl-redirect", &version, "main", "start"],
-            );
-        }
-        wait_blocking(
-            "PostgreSQL to answer again",
-            Duration::from_secs(60),
+        let version = &self.version;
+        let timeout = SERVICE_BACK.as_secs().to_string();
+        // `start` of a running cluster fails harmlessly; one that is still starting is waited on.
+        let back = bring_back(
+            SERVICE_BACK,
+            || {
+                run_quietly(
+                    "pg_ctlcluster",
+                    &[
+                        "--skip-systemctl-redirect",
+                        version,
+                        "main",
+                        "start",
+                        "--",
+                        "-t",
+                        &timeout,
+                    ],
+                );
+            },
             pg_ready,
         );
+        if !back {
+            eprintln!("PostgreSQL did not answer within {SERVICE_BACK:?}; start it with `pg_ctlcluster --skip-systemctl-redirect {version} main start`");
+        }
     }
 }
 

@@ -1,0 +1,299 @@
+//! `avsync-worker reconcile (--tenant T | --all) [--dry-run] [--json] [--force]`, which tenants
+//! `--all` means, and the same as a schedule inside `run` (`AVSYNC_RECONCILE_INTERVAL`).
+//!
+//! `--all` is every enabled tenant of the registry. In template mode there is no list of
+//! tenants, so it is every database on the template's server whose name the template gives for
+//! some tenant id (e.g. `tenant_acme` for `.../tenant_{tenant_id}`); with a template without
+//! `{tenant_id}` (one database for all tenants) it is every tenant that has a row in it. A tenant
+//! with no database (or no row) yet is reconciled with `--tenant`, which creates and migrates its
+//! database as the worker would.
+
+use crate::consume::Worker;
+use crate::failure::Failure;
+use crate::metrics::{ReconcileMetrics, RunOutcome};
+use crate::pools::{connect, migrator, quote_identifier};
+use crate::reconcile::{Mode, Reconciler, Report};
+use crate::settings::Settings;
+use crate::tenants::{template_url, Resolver, TenantDb, PLACEHOLDER};
+use anyhow::Context as _;
+use avsync_shared::TenantId;
+use clap::{ArgGroup, Args};
+use rand::Rng;
+use sqlx::Connection as _;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Which tenants to reconcile (exactly one of `--tenant`, `--all`), and how.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("target").required(true).multiple(false)))]
+pub struct ReconcileArgs {
+    /// This tenant (its database is created and migrated as the worker would).
+    #[arg(long, group = "target")]
+    pub tenant: Option<String>,
+    /// Every tenant: the enabled registry tenants, or in template mode every tenant database on
+    /// the template's server.
+    #[arg(long, group = "target")]
+    pub all: bool,
+    /// Show what would change without writing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// One JSON object per tenant on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Apply a snapshot that a guard rail refuses.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// A tenant to reconcile and its database, or why it has none.
+type Target = (String, Result<TenantDb, Failure>);
+
+/// A tenant id that cannot occur in a real template's output, to find where ids go.
+const MARKER: &str = "AVSYNCxTENANTxMARKER";
+
+/// Every tenant `--all` names (see the module doc).
+pub async fn every_tenant(resolver: &Resolver, template: &str) -> anyhow::Result<Vec<Target>> {
+    if let Some(entries) = resolver.registry_entries().await? {
+        return Ok(entries
+            .into_iter()
+            .filter(|entry| {
+                if !entry.enabled {
+                    tracing::info!(tenant = entry.tenant_id, "skipped disabled tenant");
+                }
+                entry.enabled
+            })
+            .map(|entry| {
+                let db = TenantDb::from_url(&entry.database_url);
+                (entry.tenant_id, db)
+            })
+            .collect());
+    }
+    if !template.contains(PLACEHOLDER) {
+        return tenants_in_shared_database(template).await;
+    }
+    let marker = TenantId::parse(MARKER).expect("a valid tenant id");
+    let marked = TenantDb::from_url(&template_url(template, &marker))?;
+    let (prefix, suffix) = match marked.database().split_once(MARKER) {
+        Some(parts) if template.matches(PLACEHOLDER).count() == 1 => parts,
+        _ => anyhow::bail!(
+            "--all in template mode needs {PLACEHOLDER} exactly once, in the database name of AVSYNC_TENANT_DATABASE_URL; use --tenant, or a tenant registry"
+        ),
+    };
+    let mut admin =
+        sqlx::PgConnection::connect_with(&marked.options().clone().database("postgres"))
+            .await
+            .context("cannot list the databases on the server of AVSYNC_TENANT_DATABASE_URL")?;
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datallowconn ORDER BY datname")
+            .fetch_all(&mut admin)
+            .await?;
+    let _ = admin.close().await;
+    Ok(names
+        .iter()
+        .filter_map(|name| name.strip_prefix(prefix)?.strip_suffix(suffix))
+        .filter_map(|id| TenantId::parse(id).ok())
+        .filter(|id| id.as_str() != MARKER)
+        .map(|id| {
+            let db = TenantDb::from_url(&template_url(template, &id));
+            (id.as_str().to_owned(), db)
+        })
+        .collect())
+}
+
+async fn tenants_in_shared_database(url: &str) -> anyhow::Result<Vec<Target>> {
+    let db = TenantDb::from_url(url)?;
+    let mut conn = connect(&db, false).await?;
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('av_identities') IS NOT NULL")
+        .fetch_one(&mut conn)
+        .await?;
+    let ids: Vec<String> = if exists {
+        sqlx::query_scalar(&format!(
+            "SELECT DISTINCT tenant_id FROM {} WHERE tenant_id IS NOT NULL ORDER BY 1",
+            quote_identifier("av_identities")
+        ))
+        .fetch_all(&mut conn)
+        .await?
+    } else {
+        Vec::new()
+    };
+    let _ = conn.close().await;
+    Ok(ids.into_iter().map(|id| (id, Ok(db.clone()))).collect())
+}
+
+/// A reconciler as the command and the schedule build it from the settings.
+pub fn reconciler(settings: &Settings, metrics: ReconcileMetrics) -> anyhow::Result<Reconciler> {
+    let (api, application_id) = settings.reconcile_settings()?;
+    let api = crate::authvital::AuthVital::new(api, metrics.clone())
+        .context("cannot build the HTTP client for AuthVital")?;
+    Ok(Reconciler {
+        api,
+        application_id,
+        max_left_percent: settings.reconcile_max_left_percent,
+        metrics,
+    })
+}
+
+/// Runs the command, one report per tenant on `out`, progress of `--all` on stderr. Every tenant
+/// is tried; the result is an error when any was refused or failed.
+pub async fn run<W: Write>(
+    args: &ReconcileArgs,
+    settings: &Settings,
+    out: &mut W,
+) -> anyhow::Result<()> {
+    let metrics = ReconcileMetrics::register(&prometheus::Registry::new())?;
+    let reconciler = reconciler(settings, metrics)?;
+    let resolver = Resolver::new(
+        &settings.tenant_database_url,
+        settings.tenant_registry_url.as_deref(),
+    )?;
+    let targets = match &args.tenant {
+        Some(tenant) => {
+            let id = TenantId::parse(tenant)?;
+            vec![(tenant.clone(), resolver.resolve(&id).await)]
+        }
+        None => every_tenant(&resolver, &settings.tenant_database_url).await?,
+    };
+    resolver.close().await;
+    let mode = Mode {
+        dry_run: args.dry_run,
+        force: args.force,
+        not_within: None,
+    };
+    let total = targets.len();
+    let mut not_ok = 0usize;
+    for (i, (tenant, db)) in targets.into_iter().enumerate() {
+        if args.all {
+            eprintln!("[{}/{total}] reconciling tenant {tenant}", i + 1);
+        }
+        let report = match (TenantId::parse(&tenant), db) {
+            (Ok(id), Ok(db)) => reconcile_direct(&reconciler, settings, &db, &id, mode).await,
+            (Err(e), _) => reconciler.failed(&tenant, &e),
+            (_, Err(e)) => reconciler.failed(&tenant, &e),
+        };
+        if !report.ok() {
+            not_ok += 1;
+        }
+        if args.json {
+            writeln!(out, "{}", serde_json::to_string(&report)?)?;
+        } else {
+            writeln!(out, "{report}")?;
+        }
+    }
+    if args.all {
+        eprintln!("reconciled {total} tenant(s), {not_ok} refused or failed");
+    }
+    if not_ok > 0 {
+        anyhow::bail!("{not_ok} tenant(s) refused or failed");
+    }
+    Ok(())
+}
+
+/// One tenant on a connection of its own, created and migrated as the worker's pools would.
+async fn reconcile_direct(
+    reconciler: &Reconciler,
+    settings: &Settings,
+    db: &TenantDb,
+    tenant: &TenantId,
+    mode: Mode,
+) -> Report {
+    let opened = async {
+        let mut conn = connect(db, settings.create_tenant_databases).await?;
+        if settings.auto_migrate {
+            migrator().run_direct(&mut conn).await?;
+        }
+        Ok::<_, Failure>(conn)
+    };
+    match opened.await {
+        Ok(mut conn) => {
+            let report = reconciler.reconcile(&mut conn, tenant, mode).await;
+            let _ = conn.close().await;
+            report
+        }
+        Err(e) => reconciler.failed(tenant.as_str(), &e),
+    }
+}
+
+/// A wait of about `interval`: between three quarters and five quarters of it, so that workers
+/// started together spread out.
+fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(rand::rng().random_range(0.75..1.25))
+}
+
+/// The schedule inside `run`: every tenant, about every `interval`, through the worker's own
+/// pools. On shutdown a run in progress is dropped: its transaction rolls back, so it writes
+/// nothing half.
+pub async fn schedule(
+    worker: Arc<Worker>,
+    settings: Settings,
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let reconciler = reconciler(&settings, worker.metrics.reconcile.clone())?;
+    // The first round comes at a random point of the first interval.
+    let mut wait = interval.mul_f64(rand::rng().random_range(0.0..1.0));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(wait) => {}
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = round(&worker, &settings, &reconciler, interval) => {}
+        }
+        wait = jittered(interval);
+    }
+}
+
+async fn round(worker: &Worker, settings: &Settings, reconciler: &Reconciler, interval: Duration) {
+    let targets = match every_tenant(&worker.resolver, &settings.tenant_database_url).await {
+        Ok(targets) => targets,
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "cannot list the tenants to reconcile");
+            return;
+        }
+    };
+    // Another worker's round of this interval may have come first.
+    let mode = Mode {
+        not_within: Some(interval / 2),
+        ..Mode::default()
+    };
+    for (tenant, db) in targets {
+        let id = match TenantId::parse(&tenant) {
+            Ok(id) => id,
+            Err(e) => {
+                reconciler.failed(&tenant, &e);
+                continue;
+            }
+        };
+        let report = async {
+            let lease = worker.pools.lease(&db?).await?;
+            let mut conn = lease.connection().await?;
+            Ok::<_, Failure>(reconciler.reconcile(&mut conn, &id, mode).await)
+        }
+        .await
+        .unwrap_or_else(|e| reconciler.failed(&tenant, &e));
+        if report.outcome == RunOutcome::Refused.as_str() {
+            let refusals: Vec<String> = report.refusals.iter().map(ToString::to_string).collect();
+            tracing::warn!(
+                tenant,
+                refusals = refusals.join("; "),
+                "reconcile refused; run `avsync-worker reconcile --tenant` to look, --force to apply"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_near_the_interval() {
+        for _ in 0..100 {
+            let d = jittered(Duration::from_secs(100));
+            assert!(d >= Duration::from_secs(75) && d < Duration::from_secs(125));
+        }
+    }
+}
