@@ -10,6 +10,7 @@
 
 use crate::apply;
 use crate::batch::{Batch, Batcher, Limits};
+use crate::breaker::{Admitted, Held, SetAsideReason, Tenants};
 use crate::dlq::{self, DeadLetter, ErrorClass};
 use crate::failure::{Failure, FailureClass};
 use crate::metrics::{Metrics, Outcome};
@@ -33,7 +34,7 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -44,6 +45,9 @@ const TRANSIENT_PAUSE: Duration = Duration::from_secs(1);
 /// Backoff between attempts while PostgreSQL cannot be reached at all.
 const OUTAGE_MIN: Duration = Duration::from_secs(1);
 const OUTAGE_MAX: Duration = Duration::from_secs(30);
+/// Backoff between connection attempts while a server refuses them for lack of slots.
+const REFUSAL_MIN: Duration = Duration::from_millis(100);
+const REFUSAL_MAX: Duration = Duration::from_secs(5);
 const MIN_RECONNECT: Duration = Duration::from_millis(250);
 const MAX_RECONNECT: Duration = Duration::from_secs(30);
 /// Longest a connection attempt, or the declarations and consumers set up on it, may take: a
@@ -80,6 +84,9 @@ const MAX_BATCH: usize = 250;
 /// Longest an event waits for others of its tenant: a few milliseconds add little to the lag and
 /// let busy tenants fill their batches.
 const LINGER: Duration = Duration::from_millis(5);
+/// The same for a cold tenant (see `breaker::WARM`), whose batch likely opens a session: one
+/// open then serves more of its events.
+const COLD_LINGER: Duration = Duration::from_millis(100);
 
 /// Everything a consuming worker shares between its tasks.
 pub struct Worker {
@@ -92,6 +99,10 @@ pub struct Worker {
     pub retry: RetryPolicy,
     pub metrics: Metrics,
     pub ready: Arc<AtomicBool>,
+    pub tenants: Tenants,
+    /// Messages held because PostgreSQL cannot be reached at all: while any is, no tenant is
+    /// singled out as stalled.
+    pub outage_holds: AtomicUsize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +173,15 @@ pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
 /// One partition queue's share of AVSYNC_PREFETCH: quorum queues have no channel-wide prefetch.
 fn per_queue_prefetch(prefetch: u16, partitions: u16) -> u16 {
     (prefetch / partitions.max(1)).max(1)
+}
+
+/// The most unsettled messages a stalled tenant holds: `AVSYNC_TENANT_MAX_UNSETTLED`, but never
+/// more than half its partition's prefetch, so its neighbours always have room.
+pub fn tenant_bound(max_unsettled: u32, prefetch: u16, partitions: u16) -> usize {
+    let half = usize::from(per_queue_prefetch(prefetch, partitions) / 2).max(1);
+    usize::try_from(max_unsettled)
+        .unwrap_or(usize::MAX)
+        .min(half)
 }
 
 async fn check_partitions(conn: &Connection, topology: &Topology) -> Result<(), SessionError> {
@@ -336,6 +356,7 @@ async fn consume_on(
     let mut batcher = Batcher::new(Limits {
         max_events: MAX_BATCH,
         linger: LINGER,
+        cold_linger: COLD_LINGER,
     });
     let mut tasks = JoinSet::new();
     let mut outcome = Ok(());
@@ -413,6 +434,34 @@ async fn consume_on(
                 match triage(worker, &delivery) {
                     Some((envelope, effect)) => {
                         let tenant = envelope.tenant_id.clone();
+                        let calm = worker.outage_holds.load(Ordering::Acquire) == 0;
+                        let held = match worker.tenants.admit(&tenant, calm) {
+                            Admitted::Hold(held) => held,
+                            Admitted::SetAside { reason, wait } => {
+                                let worker = worker.clone();
+                                let publish = publish.clone();
+                                let gate = gate.clone();
+                                let label = type_label(&envelope.event_type);
+                                let span = tracing::info_span!("event", event_id = envelope.id, tenant = %tenant, r#type = label, partition);
+                                tasks.spawn(
+                                    async move {
+                                        let settler = Settler {
+                                            worker: &worker,
+                                            publish: &publish,
+                                            partition,
+                                            delivery: &delivery,
+                                            label,
+                                            gate: &gate,
+                                        };
+                                        settler.set_aside(&tenant, reason, wait).await;
+                                        drop(permit);
+                                    }
+                                    .instrument(span),
+                                );
+                                while tasks.try_join_next().is_some() {}
+                                continue;
+                            }
+                        };
                         let item = Item {
                             partition,
                             label: type_label(&envelope.event_type),
@@ -420,11 +469,15 @@ async fn consume_on(
                             envelope,
                             effect,
                             received: Instant::now(),
+                            held,
                             _permit: permit,
                         };
                         let stalled = gate.holds(partition) >= usize::from(per_queue);
                         let now = tokio::time::Instant::now();
-                        if let Some(batch) = batcher.push(&tenant, partition, item, now, stalled) {
+                        let cold = worker.tenants.is_cold(&tenant);
+                        if let Some(batch) =
+                            batcher.push(&tenant, partition, item, now, stalled, cold)
+                        {
                             flush(&mut tasks, vec![batch], worker, publish, &gate);
                         }
                     }
@@ -512,6 +565,8 @@ struct Item {
     effect: Effect,
     label: &'static str,
     received: Instant,
+    /// Its place in its tenant's count; dropped when the message is settled.
+    held: Held,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -547,21 +602,97 @@ fn flush(
     }
 }
 
-/// Resolves the tenant once and applies its batch in one statement.
-async fn commit(worker: &Worker, batch: &Batch<Item>) -> Result<(), Failure> {
+/// Why a batch was not committed.
+enum NotCommitted {
+    /// Its tenant was marked slow while the batch waited for a connection.
+    MarkedSlow,
+    Failed(Failure),
+}
+
+impl From<Failure> for NotCommitted {
+    fn from(failure: Failure) -> Self {
+        NotCommitted::Failed(failure)
+    }
+}
+
+/// Resolves the tenant once and applies its batch in one statement. While the server refuses
+/// connections for lack of slots the batch waits here, with backoff, counting no attempt; it
+/// gives up its wait for a connection when its tenant is marked slow.
+async fn commit(
+    worker: &Worker,
+    batch: &Batch<Item>,
+    marked_slow: &Notify,
+    shutdown: &CancellationToken,
+) -> Result<(), NotCommitted> {
+    let marked = marked_slow.notified();
+    tokio::pin!(marked);
+    marked.as_mut().enable();
+    let probe = batch.items.iter().any(|item| item.held.is_probe());
+    if !probe && worker.tenants.is_slow(&batch.tenant) {
+        return Err(NotCommitted::MarkedSlow);
+    }
     let db = worker.resolver.resolve(&batch.tenant).await?;
-    let lease = worker.pools.lease(&db).await?;
-    let mut conn = lease.connection().await?;
-    apply::apply_batch(&mut conn, batch.items.iter().map(|item| &item.effect)).await?;
-    Ok(())
+    let mut refused: Option<Box<dyn Iterator<Item = Duration> + Send>> = None;
+    loop {
+        let lease = worker.pools.lease(&db).await?;
+        let connection = tokio::select! {
+            connection = lease.connection() => connection,
+            _ = marked.as_mut() => return Err(NotCommitted::MarkedSlow),
+        };
+        match connection {
+            Ok(mut conn) => {
+                apply::apply_batch(&mut conn, batch.items.iter().map(|item| &item.effect))
+                    .await
+                    .map_err(Failure::from)?;
+                return Ok(());
+            }
+            Err(Failure::PoolTimeout(_))
+                if lease.budget_contended() && !shutdown.is_cancelled() =>
+            {
+                tracing::debug!("the connection budget is contended; the batch keeps waiting");
+            }
+            Err(failure) if failure.is_server_refusal() && !shutdown.is_cancelled() => {
+                let delays = refused.get_or_insert_with(|| Box::new(refusal_backoff()));
+                let delay = delays.next().unwrap_or(REFUSAL_MAX);
+                tracing::info!(error = %failure, retry_in = ?delay, "no connection slot on the server; the batch waits");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => return Err(NotCommitted::Failed(failure)),
+                }
+            }
+            Err(failure) => return Err(NotCommitted::Failed(failure)),
+        }
+    }
 }
 
 /// Applies a batch and acks it after the commit. When the batch fails, every message goes its own
 /// way: after a permanent failure each is applied alone (so one bad event cannot dead-letter the
 /// others), after a transient one each takes the retry path (or the outage hold) by itself.
 async fn apply_batch(worker: Arc<Worker>, publish: Channel, gate: SettleGate, batch: Batch<Item>) {
-    match commit(&worker, &batch).await {
+    let marked_slow = worker.tenants.marked(&batch.tenant);
+    let outcome = match commit(&worker, &batch, &marked_slow, &gate.shutdown).await {
+        Ok(()) => Ok(()),
+        Err(NotCommitted::MarkedSlow) => {
+            set_aside_all(&worker, &publish, &gate, batch).await;
+            return;
+        }
+        Err(NotCommitted::Failed(failure))
+            if failure.marks_slow()
+                && !worker
+                    .resolver
+                    .postgres_unreachable(&batch.tenant, &failure)
+                    .await =>
+        {
+            tracing::warn!(error = %failure, "tenant marked slow; its events are set aside until a probe succeeds");
+            worker.tenants.mark_slow(&batch.tenant);
+            set_aside_all(&worker, &publish, &gate, batch).await;
+            return;
+        }
+        Err(NotCommitted::Failed(failure)) => Err(failure),
+    };
+    match outcome {
         Ok(()) => {
+            worker.tenants.committed(&batch.tenant);
             let now = Utc::now();
             let acked = gate
                 .ack_all(
@@ -608,7 +739,9 @@ async fn apply_batch(worker: Arc<Worker>, publish: Channel, gate: SettleGate, ba
                 let worker = &worker;
                 let publish = &publish;
                 let gate = &gate;
+                let held = item.held;
                 async move {
+                    let _held = held;
                     settle(
                         worker,
                         publish,
@@ -625,6 +758,32 @@ async fn apply_batch(worker: Arc<Worker>, publish: Channel, gate: SettleGate, ba
             futures_util::future::join_all(alone).await;
         }
     }
+}
+
+/// Sets every message of a slow tenant's batch aside, to come back after about the time its
+/// tenant stays marked slow.
+async fn set_aside_all(worker: &Worker, publish: &Channel, gate: &SettleGate, batch: Batch<Item>) {
+    let wait = worker.tenants.open_for(&batch.tenant);
+    let tenant = &batch.tenant;
+    let aside = batch.items.iter().map(|item| {
+        let span = tracing::info_span!(
+            "event",
+            event_id = item.envelope.id,
+            tenant = %tenant,
+            r#type = item.label,
+            partition = item.partition
+        );
+        let settler = Settler {
+            worker,
+            publish,
+            partition: item.partition,
+            delivery: &item.delivery,
+            label: item.label,
+            gate,
+        };
+        async move { settler.set_aside(tenant, SetAsideReason::Slow, wait).await }.instrument(span)
+    });
+    futures_util::future::join_all(aside).await;
 }
 
 /// How a session stops. Settling a message gives the broker credit to deliver another, and a
@@ -764,9 +923,11 @@ async fn settle(
         None => process(worker, &envelope, &delivery.data).await,
     };
     let mut outage: Option<Box<dyn Iterator<Item = Duration> + Send>> = None;
+    let mut refused: Option<Box<dyn Iterator<Item = Duration> + Send>> = None;
     loop {
         let failure = match result {
             Ok(Handled::Applied { lag }) => {
+                worker.tenants.committed(&envelope.tenant_id);
                 if gate.ack(partition, delivery).await {
                     worker.metrics.count(label, Outcome::Applied);
                     worker
@@ -801,16 +962,41 @@ async fn settle(
                 let delays = outage.get_or_insert_with(|| Box::new(outage_backoff()));
                 let delay = delays.next().unwrap_or(OUTAGE_MAX);
                 tracing::warn!(error = %failure, retry_in = ?delay, "PostgreSQL unreachable; holding the message and backing off");
+                worker.outage_holds.fetch_add(1, Ordering::AcqRel);
+                let stopping = tokio::select! {
+                    _ = tokio::time::sleep(delay) => false,
+                    _ = gate.shutdown.cancelled() => true,
+                };
+                worker.outage_holds.fetch_sub(1, Ordering::AcqRel);
+                if stopping {
+                    // It cannot be finished while the database is down; another worker
+                    // (or this one, restarted) takes it when it is back.
+                    gate.requeue(partition, delivery).await;
+                    return;
+                }
+                result = process(worker, &envelope, &delivery.data).await;
+            }
+            FailureClass::Transient if failure.is_server_refusal() => {
+                let delays = refused.get_or_insert_with(|| Box::new(refusal_backoff()));
+                let delay = delays.next().unwrap_or(REFUSAL_MAX);
+                tracing::info!(error = %failure, retry_in = ?delay, "no connection slot on the server; the message waits");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = gate.shutdown.cancelled() => {
-                        // It cannot be finished while the database is down; another worker
-                        // (or this one, restarted) takes it when it is back.
                         gate.requeue(partition, delivery).await;
                         return;
                     }
                 }
                 result = process(worker, &envelope, &delivery.data).await;
+            }
+            FailureClass::Transient if failure.marks_slow() => {
+                tracing::warn!(error = %failure, "tenant marked slow; its events are set aside until a probe succeeds");
+                worker.tenants.mark_slow(&envelope.tenant_id);
+                let wait = worker.tenants.open_for(&envelope.tenant_id);
+                settler
+                    .set_aside(&envelope.tenant_id, SetAsideReason::Slow, wait)
+                    .await;
+                return;
             }
             FailureClass::Transient => {
                 settler
@@ -829,6 +1015,27 @@ fn outage_backoff() -> impl Iterator<Item = Duration> + Send {
         .with_jitter()
         .without_max_times()
         .build()
+}
+
+fn refusal_backoff() -> impl Iterator<Item = Duration> + Send {
+    ExponentialBuilder::default()
+        .with_min_delay(REFUSAL_MIN)
+        .with_max_delay(REFUSAL_MAX)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// The retry tier a set-aside message waits in: the longest configured delay within `wait`
+/// (how long its tenant stays marked slow), else the shortest.
+fn set_aside_delay(delays: &[Duration], wait: Duration) -> Duration {
+    delays
+        .iter()
+        .copied()
+        .filter(|d| *d <= wait)
+        .max()
+        .or_else(|| delays.iter().copied().min())
+        .unwrap_or(wait)
 }
 
 /// Settles one failed message: into a retry tier or the dead-letter queue, confirmed, then acked.
@@ -898,6 +1105,34 @@ impl Settler<'_> {
                 };
                 self.dead_letter(&letter).await;
             }
+        }
+    }
+
+    /// Publishes the message, confirmed, into a delay tier and acks it, counting no attempt: it
+    /// comes back to its partition after about `wait` (see [`set_aside_delay`]).
+    async fn set_aside(&self, tenant: &TenantId, reason: SetAsideReason, wait: Duration) {
+        let history = History::of(self.delivery);
+        let delay = set_aside_delay(&self.worker.retry.delays, wait);
+        let error = format!(
+            "set aside ({}): its tenant cannot take it now",
+            reason.as_str()
+        );
+        let retry = Retry {
+            tenant,
+            delay,
+            failed_attempts: history.failed_attempts,
+            first_failure: history.first_failure.unwrap_or_else(Utc::now),
+            error: &error,
+        };
+        match retry::publish_retry(self.publish, &self.worker.topology, self.delivery, &retry).await
+        {
+            Ok(()) => {
+                tracing::debug!(reason = reason.as_str(), back_in = ?delay, "set aside");
+                if self.gate.ack(self.partition, self.delivery).await {
+                    self.worker.metrics.set_aside(reason);
+                }
+            }
+            Err(e) => self.hand_back(&e.to_string()).await,
         }
     }
 
@@ -1021,6 +1256,22 @@ impl SettleGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stalled_tenant_leaves_half_its_partition_to_others() {
+        assert_eq!(tenant_bound(64, 4096, 16), 64);
+        assert_eq!(tenant_bound(500, 4096, 16), 128);
+        assert_eq!(tenant_bound(64, 32, 4), 4);
+        assert_eq!(tenant_bound(64, 1, 1), 1);
+    }
+
+    #[test]
+    fn set_aside_waits_in_the_longest_tier_within_the_wait() {
+        let delays = [1, 5, 30].map(Duration::from_secs);
+        assert_eq!(set_aside_delay(&delays, Duration::ZERO), delays[0]);
+        assert_eq!(set_aside_delay(&delays, Duration::from_secs(7)), delays[1]);
+        assert_eq!(set_aside_delay(&delays, Duration::from_secs(60)), delays[2]);
+    }
 
     #[test]
     fn prefetch_is_split_over_partitions() {

@@ -43,6 +43,15 @@ pub enum Failure {
     #[error("tenant database unreachable: {0}")]
     Unreachable(String),
 
+    #[error("the PostgreSQL server refused a connection for lack of slots ({0}); the work waits and this worker holds fewer connections there for a while; keep workers × AVSYNC_MAX_CONNECTIONS below the server's max_connections")]
+    Refused(String),
+
+    #[error("tenant database {database:?} refused a connection: its own CONNECTION LIMIT is reached; its events are set aside until it accepts one (raise the limit with ALTER DATABASE … CONNECTION LIMIT)")]
+    DatabaseRefused { database: String },
+
+    #[error("tenant database did not answer within {0:?}")]
+    NoAnswer(Duration),
+
     #[error("no connection to the tenant database within {0:?}: its pool (AVSYNC_TENANT_POOL_SIZE) stayed busy")]
     PoolTimeout(Duration),
 
@@ -78,6 +87,9 @@ impl Failure {
             | Failure::Registry(_)
             | Failure::NotProvisioned { .. }
             | Failure::Unreachable(_)
+            | Failure::Refused(_)
+            | Failure::DatabaseRefused { .. }
+            | Failure::NoAnswer(_)
             | Failure::PoolTimeout(_)
             | Failure::NoPoolSlot(_)
             | Failure::Migration(_) => FailureClass::Transient,
@@ -91,7 +103,7 @@ impl Failure {
     /// that is not provisioned, not registered or busy.
     pub fn is_connection_level(&self) -> bool {
         match self {
-            Failure::Unreachable(_) | Failure::Registry(_) => true,
+            Failure::Unreachable(_) | Failure::Registry(_) | Failure::NoAnswer(_) => true,
             Failure::Database(e) => match e.as_ref() {
                 // 08: connection exception; 57P0x: the server is shutting down or starting up.
                 sqlx::Error::Database(db) => db
@@ -105,6 +117,27 @@ impl Failure {
                 | sqlx::Error::WorkerCrashed => true,
                 _ => false,
             },
+            _ => false,
+        }
+    }
+}
+
+impl Failure {
+    /// The server refused a connection for lack of slots: backpressure, never an attempt.
+    pub fn is_server_refusal(&self) -> bool {
+        matches!(self, Failure::Refused(_))
+    }
+
+    /// The tenant's database is in trouble of its own (its statements time out, it does not
+    /// answer, or it refuses this worker): the tenant is marked slow and its events set aside.
+    pub fn marks_slow(&self) -> bool {
+        match self {
+            Failure::DatabaseRefused { .. } | Failure::NoAnswer(_) => true,
+            // 57014 query_canceled (statement_timeout), 55P03 lock_not_available (lock_timeout).
+            Failure::Database(e) => matches!(
+                e.as_ref(),
+                sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("57014" | "55P03"))
+            ),
             _ => false,
         }
     }
@@ -225,9 +258,39 @@ mod tests {
             sqlstate("57P01"),
             sqlstate("42P01"),
             sqlstate("08006"),
+            Failure::Refused("sorry, too many clients already".into()),
+            Failure::DatabaseRefused {
+                database: "tenant_a".into(),
+            },
+            Failure::NoAnswer(Duration::from_secs(10)),
         ] {
             assert_eq!(f.class(), FailureClass::Transient, "{f}");
         }
+    }
+
+    #[test]
+    fn timeouts_and_a_database_of_its_own_refusing_mark_a_tenant_slow() {
+        for f in [
+            sqlstate("57014"),
+            sqlstate("55P03"),
+            Failure::NoAnswer(Duration::from_secs(10)),
+            Failure::DatabaseRefused {
+                database: "tenant_a".into(),
+            },
+        ] {
+            assert!(f.marks_slow(), "{f}");
+            assert!(!f.is_server_refusal(), "{f}");
+        }
+        for f in [
+            sqlstate("40001"),
+            Failure::Unreachable("connection refused".into()),
+            Failure::NotProvisioned {
+                database: "tenant_a".into(),
+            },
+        ] {
+            assert!(!f.marks_slow(), "{f}");
+        }
+        assert!(Failure::Refused("sorry, too many clients already".into()).is_server_refusal());
     }
 
     #[test]

@@ -7,6 +7,8 @@
 pub mod apply;
 pub mod authvital;
 pub mod batch;
+pub mod breaker;
+pub mod budget;
 pub mod cli;
 pub mod consume;
 pub mod depth;
@@ -21,18 +23,20 @@ pub mod retry;
 pub mod settings;
 pub mod tenants;
 
+use crate::breaker::Tenants;
 use crate::consume::Worker;
 use crate::depth::DepthPoller;
 use crate::metrics::Metrics;
 use crate::pools::{PoolSettings, Pools};
 use crate::retry::RetryPolicy;
 use crate::settings::Settings;
-use crate::tenants::Resolver;
+use crate::tenants::{template_url, Resolver, TenantDb};
 use anyhow::Context as _;
 use avsync_shared::admin;
+use avsync_shared::TenantId;
 use std::future::IntoFuture;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -88,14 +92,30 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     if let Some(soonest) = retry.soonest_return() {
         resolver = resolver.unknown_for(soonest);
     }
-    let pools = Pools::new(
+    let pools = Pools::with_max_connections(
         PoolSettings {
             capacity: settings.tenant_pool_capacity,
             size: settings.tenant_pool_size,
             create_databases: settings.create_tenant_databases,
             auto_migrate: settings.auto_migrate,
         },
+        settings.max_connections,
         metrics.tenant_pools.clone(),
+    );
+    if settings.tenant_registry_url.is_none() {
+        // Template mode names one server: its connection series exist from the start.
+        let any = TenantId::parse("x").context("a placeholder tenant id")?;
+        let db = TenantDb::from_url(&template_url(&settings.tenant_database_url, &any))?;
+        pools.announce_server(&db);
+    }
+    let tenants = Tenants::new(
+        consume::tenant_bound(
+            settings.tenant_max_unsettled,
+            settings.prefetch,
+            topology.partitions(),
+        ),
+        metrics.tenants_marked_slow.clone(),
+        metrics.tenants_slow.clone(),
     );
     let ready = Arc::new(AtomicBool::new(false));
     let worker = Arc::new(Worker {
@@ -108,6 +128,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         retry,
         metrics,
         ready: ready.clone(),
+        tenants,
+        outage_holds: AtomicUsize::new(0),
     });
 
     let listener = tokio::net::TcpListener::bind(settings.common.metrics_listen)

@@ -1,6 +1,7 @@
 //! The worker's Prometheus metrics. Every labelled counter exists from the start (at 0 for each
 //! label value it can take); no label holds a tenant id.
 
+use crate::breaker::SetAsideReason;
 use avsync_shared::admin::LATENCY_BUCKETS;
 use avsync_shared::event::KNOWN_TYPES;
 use avsync_shared::topology::format_duration;
@@ -49,7 +50,20 @@ pub struct PoolMetrics {
     pub opens: IntCounter,
     pub evictions: IntCounter,
     pub wait_seconds: Histogram,
+    /// Sessions open per server (`host:port`), and the budget in force there.
+    pub connections: IntGaugeVec,
+    pub connection_budget: IntGaugeVec,
+    /// Connections refused, by `scope`: `server` (lack of slots) or `database` (its own limit).
+    pub refusals: IntCounterVec,
+    /// New tenant sessions opened (cold opens).
+    pub sessions: IntCounter,
+    /// Idle sessions closed to make room in a server's budget for another tenant.
+    pub budget_closes: IntCounter,
+    pub migrations_skipped: IntCounter,
 }
+
+/// The `scope` label values of `avsync_worker_connection_refusals_total`.
+pub const REFUSAL_SCOPES: [&str; 2] = ["server", "database"];
 
 impl PoolMetrics {
     fn register(registry: &Registry) -> prometheus::Result<Self> {
@@ -72,15 +86,63 @@ impl PoolMetrics {
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
         )?;
+        let connections = IntGaugeVec::new(
+            Opts::new(
+                "avsync_worker_connections",
+                "Tenant sessions this worker holds open, by PostgreSQL server (host:port).",
+            ),
+            &["server"],
+        )?;
+        let connection_budget = IntGaugeVec::new(
+            Opts::new(
+                "avsync_worker_connection_budget",
+                "Most tenant sessions this worker may hold to the server now: AVSYNC_MAX_CONNECTIONS, or less for a while after a refusal.",
+            ),
+            &["server"],
+        )?;
+        let refusals = IntCounterVec::new(
+            Opts::new(
+                "avsync_worker_connection_refusals_total",
+                "Tenant connections refused: scope `server` for lack of slots (the budget is lowered, the work waits), `database` for a database's own CONNECTION LIMIT (its tenant's events are set aside).",
+            ),
+            &["scope"],
+        )?;
+        for scope in REFUSAL_SCOPES {
+            refusals.with_label_values(&[scope]);
+        }
+        let sessions = IntCounter::new(
+            "avsync_worker_connection_opens_total",
+            "New tenant sessions opened (cold opens).",
+        )?;
+        let budget_closes = IntCounter::new(
+            "avsync_worker_connection_budget_closes_total",
+            "Idle tenant sessions closed to make room in a server's budget (AVSYNC_MAX_CONNECTIONS) for another tenant.",
+        )?;
+        let migrations_skipped = IntCounter::new(
+            "avsync_worker_migrations_skipped_total",
+            "New tenant sessions that skipped the migration check: this worker already migrated their database.",
+        )?;
         registry.register(Box::new(open.clone()))?;
         registry.register(Box::new(opens.clone()))?;
         registry.register(Box::new(evictions.clone()))?;
         registry.register(Box::new(wait_seconds.clone()))?;
+        registry.register(Box::new(connections.clone()))?;
+        registry.register(Box::new(connection_budget.clone()))?;
+        registry.register(Box::new(refusals.clone()))?;
+        registry.register(Box::new(sessions.clone()))?;
+        registry.register(Box::new(budget_closes.clone()))?;
+        registry.register(Box::new(migrations_skipped.clone()))?;
         Ok(Self {
             open,
             opens,
             evictions,
             wait_seconds,
+            connections,
+            connection_budget,
+            refusals,
+            sessions,
+            budget_closes,
+            migrations_skipped,
         })
     }
 }
@@ -207,6 +269,9 @@ pub struct Metrics {
     pub apply_seconds: Histogram,
     pub lag_seconds: Histogram,
     pub tenant_pools: PoolMetrics,
+    set_aside: IntCounterVec,
+    pub tenants_marked_slow: IntCounter,
+    pub tenants_slow: IntGauge,
     /// `avsync_worker_queue_messages{queue}`, kept by the queue depth poller (`depth`).
     pub queue_messages: IntGaugeVec,
     pub ready: IntGauge,
@@ -273,8 +338,29 @@ impl Metrics {
             "avsync_worker_ready",
             "1 while this worker consumes every partition queue, else 0.",
         )?;
+        let set_aside = IntCounterVec::new(
+            Opts::new(
+                "avsync_worker_events_set_aside_total",
+                "Events set aside through a delay tier without counting an attempt, by reason: `slow` (its tenant is marked slow), `backlog` (its stalled tenant holds AVSYNC_TENANT_MAX_UNSETTLED).",
+            ),
+            &["reason"],
+        )?;
+        for reason in SetAsideReason::ALL {
+            set_aside.with_label_values(&[reason.as_str()]);
+        }
+        let tenants_marked_slow = IntCounter::new(
+            "avsync_worker_tenants_marked_slow_total",
+            "Times a tenant was marked slow (statements timed out, its database did not answer or refused it).",
+        )?;
+        let tenants_slow = IntGauge::new(
+            "avsync_worker_tenants_slow",
+            "Tenants marked slow right now, whose new events are set aside until a probe succeeds.",
+        )?;
         registry.register(Box::new(events.clone()))?;
         registry.register(Box::new(retries.clone()))?;
+        registry.register(Box::new(set_aside.clone()))?;
+        registry.register(Box::new(tenants_marked_slow.clone()))?;
+        registry.register(Box::new(tenants_slow.clone()))?;
         registry.register(Box::new(apply_seconds.clone()))?;
         registry.register(Box::new(lag_seconds.clone()))?;
         registry.register(Box::new(queue_messages.clone()))?;
@@ -287,10 +373,22 @@ impl Metrics {
             apply_seconds,
             lag_seconds,
             tenant_pools,
+            set_aside,
+            tenants_marked_slow,
+            tenants_slow,
             queue_messages,
             ready,
             reconcile,
         })
+    }
+
+    /// One message set aside (published, confirmed, to a delay tier) with no attempt counted.
+    pub fn set_aside(&self, reason: SetAsideReason) {
+        self.set_aside.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    pub fn set_aside_total(&self, reason: SetAsideReason) -> u64 {
+        self.set_aside.with_label_values(&[reason.as_str()]).get()
     }
 
     /// `type_label` is one of `KNOWN_TYPES` or `other` (see `event::type_label`).
@@ -352,10 +450,23 @@ mod tests {
             "avsync_worker_tenant_pool_evictions_total",
             "avsync_worker_tenant_pool_wait_seconds",
             "avsync_worker_ready",
+            "avsync_worker_connection_opens_total",
+            "avsync_worker_connection_budget_closes_total",
+            "avsync_worker_migrations_skipped_total",
+            "avsync_worker_tenants_marked_slow_total",
+            "avsync_worker_tenants_slow",
         ] {
             assert!(families.iter().any(|f| f.name() == name), "{name}");
         }
         let text = text(&registry);
+        for line in [
+            "avsync_worker_connection_refusals_total{scope=\"server\"} 0\n",
+            "avsync_worker_connection_refusals_total{scope=\"database\"} 0\n",
+            "avsync_worker_events_set_aside_total{reason=\"slow\"} 0\n",
+            "avsync_worker_events_set_aside_total{reason=\"backlog\"} 0\n",
+        ] {
+            assert!(text.contains(line), "{line}");
+        }
         for delay in ["1s", "5s", "30s", "2m", "10m", "1h"] {
             let line = format!("avsync_worker_retries_total{{delay=\"{delay}\"}} 0\n");
             assert!(text.contains(&line), "{line}");

@@ -9,6 +9,7 @@
 //! - Two tasks that need the same new tenant at once open one pool (`try_get_with` is
 //!   single-flight). The first opening of a database creates it (when allowed) and migrates it.
 
+use crate::budget::{Budgets, ServerBudget, Slot};
 use crate::failure::Failure;
 use crate::metrics::PoolMetrics;
 use crate::tenants::TenantDb;
@@ -20,8 +21,10 @@ use moka::policy::EvictionPolicy;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
@@ -33,6 +36,22 @@ const SLOT_WAIT: Duration = Duration::from_secs(30);
 const IDLE_POOL_TTI: Duration = Duration::from_secs(600);
 /// Marks a pool that was chosen for eviction: no new lease may take it.
 const EVICTING: usize = usize::MAX;
+/// How often a session waiting for room in its server's budget looks again (besides being woken
+/// when a slot comes back), since a lowered budget grows back without waking anyone.
+const BUDGET_POLL: Duration = Duration::from_millis(50);
+/// While other tenants wait for room in the budget, a session this old is closed when next
+/// taken, so that the budget goes round the tenants instead of staying with the busiest.
+const FAIR_SHARE: Duration = Duration::from_millis(200);
+/// Every tenant session says who it is, so operators find them in `pg_stat_activity`.
+pub const APPLICATION_NAME: &str = "avsync-worker";
+/// Longest one statement of a tenant session may run: an apply of a full batch takes
+/// milliseconds, so this only ends statements of a database in trouble.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest a statement waits for a lock another session holds (a long migration or
+/// transaction): then its tenant is marked slow and its events are set aside.
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
+/// `AVSYNC_MAX_CONNECTIONS` when not set.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 20;
 
 /// The tenant schema. A worker older than a database's schema keeps working during a rolling
 /// upgrade instead of refusing migrations it does not know.
@@ -42,24 +61,162 @@ pub fn migrator() -> Migrator {
     migrator
 }
 
+/// The `server` label and budget key of a tenant database: `host:port`.
+pub fn server_of(db: &TenantDb) -> String {
+    format!("{}:{}", db.options().get_host(), db.options().get_port())
+}
+
+/// One tenant session and its place in its server's budget.
+pub struct Session {
+    conn: PgConnection,
+    _slot: Slot,
+}
+
+impl Deref for Session {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        &self.conn
+    }
+}
+
+impl DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+}
+
 pub struct PgManager {
+    db: TenantDb,
+    /// The tenant's options, tagged and with the session timeouts.
     options: PgConnectOptions,
+    budget: Arc<ServerBudget>,
+    shared: Weak<Shared>,
 }
 
 impl managed::Manager for PgManager {
-    type Type = PgConnection;
-    type Error = sqlx::Error;
+    type Type = Session;
+    type Error = Failure;
 
-    async fn create(&self) -> Result<PgConnection, sqlx::Error> {
-        PgConnection::connect_with(&self.options).await
+    async fn create(&self) -> Result<Session, Failure> {
+        let slot = self.slot().await;
+        let Some(shared) = self.shared.upgrade() else {
+            return Err(Failure::Unreachable("the worker is stopping".to_owned()));
+        };
+        let created = open_session(&self.db, &self.options, shared.settings.create_databases).await;
+        let mut conn = match created {
+            Ok(conn) => conn,
+            Err(failure) => {
+                if matches!(failure, Failure::NotProvisioned { .. }) {
+                    shared.forget_migrated(self.db.key());
+                }
+                match &failure {
+                    Failure::Refused(_) => {
+                        shared.metrics.refusals.with_label_values(&["server"]).inc();
+                        tracing::warn!(
+                            server = self.budget.server(),
+                            "PostgreSQL refused a connection for lack of slots; lowering this worker's budget"
+                        );
+                        self.budget.refused(slot);
+                    }
+                    Failure::DatabaseRefused { .. } => {
+                        shared
+                            .metrics
+                            .refusals
+                            .with_label_values(&["database"])
+                            .inc();
+                    }
+                    _ => {}
+                }
+                return Err(failure);
+            }
+        };
+        shared.metrics.sessions.inc();
+        if shared.settings.auto_migrate {
+            if shared.is_migrated(self.db.key()) {
+                shared.metrics.migrations_skipped.inc();
+            } else {
+                migrate_untimed(&mut conn).await?;
+                shared.remember_migrated(self.db.key());
+            }
+        }
+        Ok(Session { conn, _slot: slot })
     }
 
-    async fn recycle(&self, conn: &mut PgConnection, _: &Metrics) -> RecycleResult<sqlx::Error> {
-        conn.ping().await.map_err(RecycleError::Backend)
+    async fn recycle(&self, session: &mut Session, metrics: &Metrics) -> RecycleResult<Failure> {
+        if self.budget.contended() && metrics.age() >= FAIR_SHARE {
+            // Sessions of other tenants wait for room: this one's place goes to the next of
+            // them, and this tenant queues for a new one behind them.
+            return Err(RecycleError::message(
+                "its place in the connection budget goes to a waiting tenant",
+            ));
+        }
+        session
+            .conn
+            .ping()
+            .await
+            .map_err(|e| RecycleError::Backend(Failure::from(e)))
     }
 }
 
-pub type PooledConnection = managed::Object<PgManager>;
+impl PgManager {
+    /// Room in the server's budget for one more session: when it is full, an idle session of
+    /// the least recently used tenant on that server is closed to make it. Never fails; the
+    /// wait ends when a session closes (or the budget grows back).
+    async fn slot(&self) -> Slot {
+        if !self.budget.contended() {
+            if let Some(slot) = self.budget.try_take() {
+                return slot;
+            }
+        }
+        let _line = self.budget.wait_in_line().await;
+        loop {
+            let freed = self.budget.freed();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(slot) = self.budget.try_take() {
+                return slot;
+            }
+            if let Some(shared) = self.shared.upgrade() {
+                shared.close_least_recently_used_idle(self.budget.server());
+            }
+            tokio::select! {
+                _ = freed => {}
+                _ = tokio::time::sleep(BUDGET_POLL) => {}
+            }
+        }
+    }
+}
+
+/// The migrator's statements may run long and wait on locks (its own advisory lock included):
+/// the session timeouts are lifted while it runs.
+async fn migrate_untimed(conn: &mut PgConnection) -> Result<(), Failure> {
+    for lift in ["SET statement_timeout = 0", "SET lock_timeout = 0"] {
+        sqlx::query(lift).execute(&mut *conn).await?;
+    }
+    // `run` goes through `Acquire`, whose future is not Send for every lifetime, which a
+    // spawned task needs; `run_direct` is the same migration (advisory lock included).
+    migrator().run_direct(&mut *conn).await?;
+    for reset in ["RESET statement_timeout", "RESET lock_timeout"] {
+        sqlx::query(reset).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// A pooled tenant session, used as a `PgConnection`.
+pub struct PooledConnection(managed::Object<PgManager>);
+
+impl Deref for PooledConnection {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        &self.0.conn
+    }
+}
+
+impl DerefMut for PooledConnection {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.0.conn
+    }
+}
 
 /// One tenant database's pool and the slot it holds.
 pub struct TenantPool {
@@ -69,10 +226,7 @@ pub struct TenantPool {
     epoch: Instant,
     metrics: PoolMetrics,
     idle: Arc<Notify>,
-    /// Its database is gone (dropped under it): the next lease opens the pool anew, which
-    /// creates (when allowed) and migrates the database again.
-    stale: AtomicBool,
-    database: String,
+    server: String,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -114,6 +268,8 @@ impl Lease {
         Some(Self { pool })
     }
 
+    /// A session of the tenant's pool: an idle one, or a new one once its server's budget has
+    /// room (the first of a database not yet known migrated also migrates it).
     pub async fn connection(&self) -> Result<PooledConnection, Failure> {
         let started = Instant::now();
         let connection = self.pool.pool.get().await;
@@ -121,17 +277,17 @@ impl Lease {
             .metrics
             .wait_seconds
             .observe(started.elapsed().as_secs_f64());
-        connection.map_err(|e| match e {
+        connection.map(PooledConnection).map_err(|e| match e {
             PoolError::Timeout(_) => Failure::PoolTimeout(WAIT_TIMEOUT),
-            PoolError::Backend(e) if is_missing_database(&e) => {
-                self.pool.stale.store(true, Ordering::Release);
-                Failure::NotProvisioned {
-                    database: self.pool.database.clone(),
-                }
-            }
-            PoolError::Backend(e) => Failure::Unreachable(e.to_string()),
+            PoolError::Backend(failure) => failure,
             other => Failure::Unreachable(other.to_string()),
         })
+    }
+
+    /// Whether sessions of this tenant's server wait for room in the budget: then a wait for
+    /// the tenant's own pool is the budget's backpressure, not the tenant's failure.
+    pub fn budget_contended(&self) -> bool {
+        self.pool.pool.manager().budget.contended()
     }
 }
 
@@ -153,20 +309,94 @@ pub struct PoolSettings {
     pub auto_migrate: bool,
 }
 
-#[derive(Clone)]
-pub struct Pools {
+/// What every pool's manager reaches back to: the other pools (to free budget), and which
+/// databases this worker has seen migrated to the current schema.
+struct Shared {
     cache: Cache<String, Arc<TenantPool>>,
-    slots: Arc<Semaphore>,
     settings: PoolSettings,
     metrics: PoolMetrics,
+    migrated: Mutex<HashSet<String>>,
+}
+
+impl Shared {
+    fn is_migrated(&self, key: &str) -> bool {
+        self.migrated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(key)
+    }
+
+    fn remember_migrated(&self, key: &str) {
+        self.migrated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_owned());
+    }
+
+    fn forget_migrated(&self, key: &str) {
+        self.migrated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+
+    /// Closes one idle session of the least recently used pool on `server` that has one; false
+    /// when none is idle. A session in use is never touched.
+    fn close_least_recently_used_idle(&self, server: &str) -> bool {
+        let mut candidates: Vec<Arc<TenantPool>> = self
+            .cache
+            .iter()
+            .filter(|(_, pool)| pool.server == server)
+            .map(|(_, pool)| pool)
+            .collect();
+        candidates.sort_by_key(|pool| pool.last_used_ms.load(Ordering::Relaxed));
+        for pool in candidates {
+            // An idle session may sit in a pool whose other users wait for room themselves.
+            let mut first = true;
+            let removed = pool
+                .pool
+                .retain(|_, _| !std::mem::replace(&mut first, false))
+                .removed;
+            if removed.is_empty() {
+                continue;
+            }
+            self.metrics.budget_closes.inc();
+            for session in removed {
+                tokio::spawn(async move {
+                    let Session { conn, _slot } = session;
+                    let _ = conn.close().await;
+                    drop(_slot);
+                });
+            }
+            return true;
+        }
+        false
+    }
+}
+
+#[derive(Clone)]
+pub struct Pools {
+    shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
+    budgets: Budgets,
     /// The clock of every pool's last use, so that uses compare across pools.
     epoch: Instant,
     idle: Arc<Notify>,
 }
 
 impl Pools {
-    /// `metrics` are the `avsync_worker_tenant_pool*` series.
+    /// `metrics` are the `avsync_worker_tenant_pool*` and connection series. The connection
+    /// budget is [`DEFAULT_MAX_CONNECTIONS`] per server; see [`Pools::with_max_connections`].
     pub fn new(settings: PoolSettings, metrics: PoolMetrics) -> Self {
+        Self::with_max_connections(settings, DEFAULT_MAX_CONNECTIONS, metrics)
+    }
+
+    /// As [`Pools::new`], with at most `max_connections` sessions to any one server.
+    pub fn with_max_connections(
+        settings: PoolSettings,
+        max_connections: u32,
+        metrics: PoolMetrics,
+    ) -> Self {
         let evictions = metrics.evictions.clone();
         let cache = Cache::builder()
             .max_capacity(u64::from(settings.capacity))
@@ -184,66 +414,82 @@ impl Pools {
             })
             .build();
         let permits = usize::try_from(settings.capacity).unwrap_or(usize::MAX);
+        let budgets = Budgets::new(
+            usize::try_from(max_connections).unwrap_or(usize::MAX),
+            metrics.connections.clone(),
+            metrics.connection_budget.clone(),
+        );
         Self {
-            cache,
+            shared: Arc::new(Shared {
+                cache,
+                settings,
+                metrics,
+                migrated: Mutex::new(HashSet::new()),
+            }),
             slots: Arc::new(Semaphore::new(permits)),
-            settings,
-            metrics,
+            budgets,
             epoch: Instant::now(),
             idle: Arc::new(Notify::new()),
         }
+    }
+
+    /// Creates the connection series of `db`'s server now, so they exist before its first use.
+    pub fn announce_server(&self, db: &TenantDb) {
+        self.budgets.server(&server_of(db));
     }
 
     /// A lease on the pool of `db`, opening the pool on first use.
     pub async fn lease(&self, db: &TenantDb) -> Result<Lease, Failure> {
         loop {
             let pool = self
+                .shared
                 .cache
                 .try_get_with(db.key().to_owned(), self.open(db))
                 .await
                 .map_err(|shared| (*shared).clone())?;
-            if pool.stale.load(Ordering::Acquire) {
-                self.cache.invalidate(db.key()).await;
-                continue;
-            }
             if let Some(lease) = Lease::take(pool) {
                 return Ok(lease);
             }
             // Chosen for eviction between lookup and lease: drop it from the cache, open anew.
-            self.cache.invalidate(db.key()).await;
+            self.shared.cache.invalidate(db.key()).await;
         }
     }
 
+    /// A pool opens no session yet: its first `connection` does, within the budget.
     async fn open(&self, db: &TenantDb) -> Result<Arc<TenantPool>, Failure> {
         let slot = self.slot().await?;
-        let mut conn = connect(db, self.settings.create_databases).await?;
-        if self.settings.auto_migrate {
-            // `run` goes through `Acquire`, whose future is not Send for every lifetime, which a
-            // spawned task needs; `run_direct` is the same migration (advisory lock included).
-            migrator().run_direct(&mut conn).await?;
-        }
-        let _ = conn.close().await;
+        let server = server_of(db);
+        let options = db
+            .options()
+            .clone()
+            .application_name(APPLICATION_NAME)
+            .options([
+                ("statement_timeout", millis(STATEMENT_TIMEOUT)),
+                ("lock_timeout", millis(LOCK_TIMEOUT)),
+            ]);
         let pool = managed::Pool::builder(PgManager {
-            options: db.options().clone(),
+            db: db.clone(),
+            options,
+            budget: self.budgets.server(&server),
+            shared: Arc::downgrade(&self.shared),
         })
-        .max_size(usize::try_from(self.settings.size).unwrap_or(usize::MAX))
+        .max_size(usize::try_from(self.shared.settings.size).unwrap_or(usize::MAX))
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(WAIT_TIMEOUT))
-        .create_timeout(Some(CONNECT_TIMEOUT))
         .recycle_timeout(Some(RECYCLE_TIMEOUT))
         .build()
         .map_err(|e| Failure::Unreachable(e.to_string()))?;
-        self.metrics.open.inc();
-        self.metrics.opens.inc();
+        let metrics = self.shared.metrics.clone();
+        metrics.open.inc();
+        metrics.opens.inc();
         let pool = TenantPool {
             pool,
             busy: AtomicUsize::new(0),
             last_used_ms: AtomicU64::new(0),
             epoch: self.epoch,
-            metrics: self.metrics.clone(),
+            metrics,
             idle: self.idle.clone(),
-            stale: AtomicBool::new(false),
-            database: db.database().to_owned(),
+            server,
             _slot: slot,
         };
         pool.touch();
@@ -275,37 +521,43 @@ impl Pools {
     /// The idle pool used least recently, claimed for eviction.
     fn claim_least_recently_used_idle(&self) -> Option<Arc<String>> {
         let (key, pool) = self
+            .shared
             .cache
             .iter()
             .filter(|(_, pool)| pool.busy.load(Ordering::Acquire) == 0)
             .min_by_key(|(_, pool)| pool.last_used_ms.load(Ordering::Relaxed))?;
         let claimed = pool.claim_idle();
         if claimed {
-            self.metrics.evictions.inc();
+            self.shared.metrics.evictions.inc();
         }
         claimed.then_some(key)
     }
 
     async fn evict_least_recently_used_idle(&self) {
         if let Some(key) = self.claim_least_recently_used_idle() {
-            self.cache.invalidate(key.as_str()).await;
+            self.shared.cache.invalidate(key.as_str()).await;
         }
-        self.cache.run_pending_tasks().await;
+        self.shared.cache.run_pending_tasks().await;
     }
 
     /// Open pools, as the gauge counts them.
     pub fn open_pools(&self) -> i64 {
-        self.metrics.open.get()
+        self.shared.metrics.open.get()
     }
 
     /// Closes every pool; connections in use are closed when handed back.
     pub async fn close_all(&self) {
-        let keys: Vec<Arc<String>> = self.cache.iter().map(|(key, _)| key).collect();
+        let keys: Vec<Arc<String>> = self.shared.cache.iter().map(|(key, _)| key).collect();
         for key in keys {
-            self.cache.invalidate(key.as_str()).await;
+            self.shared.cache.invalidate(key.as_str()).await;
         }
-        self.cache.run_pending_tasks().await;
+        self.shared.cache.run_pending_tasks().await;
     }
+}
+
+/// A duration as PostgreSQL reads a setting in milliseconds.
+fn millis(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
 }
 
 fn is_missing_database(e: &sqlx::Error) -> bool {
@@ -317,29 +569,59 @@ fn is_already_created(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("42P04" | "23505")))
 }
 
-async fn connect_once(options: &PgConnectOptions) -> Result<PgConnection, sqlx::Error> {
-    tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(options))
-        .await
-        .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+/// Whether a refused connection is the server's lack of slots (too many clients, the reserved
+/// slots, a role's limit, not accepting connections now) or one database's own
+/// `CONNECTION LIMIT`. PostgreSQL gives both SQLSTATE 53300; only the text tells them apart.
+fn connect_failure(e: sqlx::Error, database: &str) -> Failure {
+    if let sqlx::Error::Database(db) = &e {
+        match db.code().as_deref() {
+            Some("53300")
+                if db
+                    .message()
+                    .starts_with("too many connections for database") =>
+            {
+                return Failure::DatabaseRefused {
+                    database: database.to_owned(),
+                };
+            }
+            Some("53300" | "57P03") => return Failure::Refused(db.message().to_owned()),
+            _ => {}
+        }
+    }
+    Failure::Unreachable(e.to_string())
+}
+
+async fn connect_once(options: &PgConnectOptions, database: &str) -> Result<PgConnection, Failure> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(options)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) if is_missing_database(&e) => Err(Failure::NotProvisioned {
+            database: database.to_owned(),
+        }),
+        Ok(Err(e)) => Err(connect_failure(e, database)),
+        Err(_) => Err(Failure::NoAnswer(CONNECT_TIMEOUT)),
+    }
 }
 
 /// A connection to the tenant database, creating the database first when it is missing and
-/// `create` allows it.
+/// `create` allows it; tagged like every tenant session, without the session timeouts.
 pub async fn connect(db: &TenantDb, create: bool) -> Result<PgConnection, Failure> {
-    match connect_once(db.options()).await {
-        Ok(conn) => Ok(conn),
-        Err(e) if is_missing_database(&e) => {
-            if !create {
-                return Err(Failure::NotProvisioned {
-                    database: db.database().to_owned(),
-                });
-            }
-            create_database(db).await?;
-            connect_once(db.options())
-                .await
-                .map_err(|e| Failure::Unreachable(e.to_string()))
+    let tagged = db.options().clone().application_name(APPLICATION_NAME);
+    open_session(db, &tagged, create).await
+}
+
+/// As [`connect`], with `options` (the tenant's, tagged) for the session and for the
+/// maintenance session that creates the database.
+async fn open_session(
+    db: &TenantDb,
+    options: &PgConnectOptions,
+    create: bool,
+) -> Result<PgConnection, Failure> {
+    match connect_once(options, db.database()).await {
+        Err(Failure::NotProvisioned { .. }) if create => {
+            create_database(db, options).await?;
+            connect_once(options, db.database()).await
         }
-        Err(e) => Err(Failure::Unreachable(e.to_string())),
+        other => other,
     }
 }
 
@@ -348,10 +630,8 @@ pub fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-async fn create_database(db: &TenantDb) -> Result<(), Failure> {
-    let mut admin = connect_once(&db.options().clone().database("postgres"))
-        .await
-        .map_err(|e| Failure::Unreachable(e.to_string()))?;
+async fn create_database(db: &TenantDb, options: &PgConnectOptions) -> Result<(), Failure> {
+    let mut admin = connect_once(&options.clone().database("postgres"), "postgres").await?;
     let created = sqlx::query(&format!(
         "CREATE DATABASE {}",
         quote_identifier(db.database())

@@ -56,6 +56,16 @@ pub struct Settings {
     #[arg(long, global = true, env = "AVSYNC_TENANT_POOL_SIZE", value_name = "N", default_value_t = 4, value_parser = number_from_to(1u32, 1_000))]
     pub tenant_pool_size: u32,
 
+    /// Most sessions this worker holds to any one PostgreSQL server, across all its tenant
+    /// databases; when full, an idle session of the least recently used tenant is closed.
+    #[arg(long, env = "AVSYNC_MAX_CONNECTIONS", value_name = "N", default_value_t = crate::pools::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_connections: u32,
+
+    /// Most unsettled messages a tenant that commits nothing holds in this worker (at most half
+    /// a partition's prefetch); what it receives beyond that is set aside through a delay tier.
+    #[arg(long, env = "AVSYNC_TENANT_MAX_UNSETTLED", value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub tenant_max_unsettled: u32,
+
     /// Wait before each retry of a transient failure (comma-separated durations); after the
     /// last, the message is dead-lettered.
     #[arg(long, global = true, env = "AVSYNC_RETRY_DELAYS", value_name = "DURATIONS", default_value = "1s,5s,30s,2m,10m,1h", value_parser = parse_retry_delays)]
