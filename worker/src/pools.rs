@@ -102,9 +102,16 @@ impl managed::Manager for PgManager {
         let Some(shared) = self.shared.upgrade() else {
             return Err(Failure::Unreachable("the worker is stopping".to_owned()));
         };
-        let created = open_session(&self.db, &self.options, shared.settings.create_databases).await;
-        let mut conn = match created {
-            Ok(conn) => conn,
+        let opened = open_session(&self.db, &self.options, shared.settings.create_databases).await;
+        let mut conn = match opened {
+            Ok(Opened { conn, created }) => {
+                if created {
+                    // A database created now (first use, or dropped under the worker and made
+                    // again) has none of the schema it may have had when it was remembered.
+                    shared.forget_migrated(self.db.key());
+                }
+                conn
+            }
             Err(failure) => {
                 if matches!(failure, Failure::NotProvisioned { .. }) {
                     shared.forget_migrated(self.db.key());
@@ -606,7 +613,13 @@ async fn connect_once(options: &PgConnectOptions, database: &str) -> Result<PgCo
 /// `create` allows it; tagged like every tenant session, without the session timeouts.
 pub async fn connect(db: &TenantDb, create: bool) -> Result<PgConnection, Failure> {
     let tagged = db.options().clone().application_name(APPLICATION_NAME);
-    open_session(db, &tagged, create).await
+    open_session(db, &tagged, create).await.map(|o| o.conn)
+}
+
+/// A session, and whether its database had to be created for it.
+struct Opened {
+    conn: PgConnection,
+    created: bool,
 }
 
 /// As [`connect`], with `options` (the tenant's, tagged) for the session and for the
@@ -615,13 +628,20 @@ async fn open_session(
     db: &TenantDb,
     options: &PgConnectOptions,
     create: bool,
-) -> Result<PgConnection, Failure> {
+) -> Result<Opened, Failure> {
     match connect_once(options, db.database()).await {
         Err(Failure::NotProvisioned { .. }) if create => {
             create_database(db, options).await?;
-            connect_once(options, db.database()).await
+            let conn = connect_once(options, db.database()).await?;
+            Ok(Opened {
+                conn,
+                created: true,
+            })
         }
-        other => other,
+        other => other.map(|conn| Opened {
+            conn,
+            created: false,
+        }),
     }
 }
 
