@@ -1,4 +1,4 @@
-//! The demo (`cargo run --release -p avsync-tests --bin demo`), run in-process: it reports every
+//! The demo (`cargo run -p avsync-tests --bin demo`), run in-process: it reports every
 //! tenant's rows and the key metrics, stops cleanly, and leaves nothing behind but, with
 //! `--keep`, its databases.
 

@@ -1,4 +1,4 @@
-//! `cargo run --release -p avsync-tests --bin demo`: avsync end to end on the local PostgreSQL
+//! `cargo run -p avsync-tests --bin demo`: avsync end to end on the local PostgreSQL
 //! and RabbitMQ, in one command (`--help` for the options).
 
 use avsync_shared::config::parse_or_exit;

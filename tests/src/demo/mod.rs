@@ -1,4 +1,4 @@
-//! The demo a new user runs with one command (`cargo run --release -p avsync-tests --bin demo`):
+//! The demo a new user runs with one command (`cargo run -p avsync-tests --bin demo`):
 //! avsync end to end on the local PostgreSQL and RabbitMQ, explained by its own output.
 //!
 //! - `story`: the events, and the order and duplication they are delivered in;
