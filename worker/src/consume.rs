@@ -75,8 +75,8 @@ fn close_bound<T, E>(outcome: &Result<T, E>) -> Duration {
     }
 }
 /// On shutdown, the longest wait for the broker to use up its credit before cancelling: a
-/// delivery still under way when the cancel is confirmed is dropped by lapin and handed back, and
-/// on a loaded machine the broker takes more than a moment to send what it may.
+/// delivery still under way when the cancel is confirmed is dropped by lapin and handed back,
+/// and on a loaded machine the broker takes more than a moment to send what it may.
 const QUIESCE: Duration = Duration::from_secs(2);
 /// A tenant's events are applied together, up to this many in one statement: larger batches
 /// gain little once a commit's cost is shared by a few hundred rows.
@@ -790,8 +790,9 @@ async fn set_aside_all(worker: &Worker, publish: &Channel, gate: &SettleGate, ba
 /// quorum queue may still deliver after confirming a consumer's cancel; the client drops such a
 /// delivery and the broker hands it back on close, counting a delivery. So on shutdown the
 /// worker first stops settling and lets the broker use up its credit (every consumer holds its
-/// full prefetch, or the queues had no more within a moment), then cancels, then settles and
-/// finishes everything it received.
+/// full prefetch, or `QUIESCE` passed), then cancels, then settles and finishes everything it
+/// received. A delivery the broker still sends after confirming the cancel cannot be helped: it
+/// goes back with one more delivery counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Consuming,
