@@ -4,6 +4,7 @@
 
 use avsync_shared::event::KNOWN_TYPES;
 use avsync_shared::topology::Topology;
+use avsync_shared::TenantId;
 use avsync_tests::ingress_harness::TopologyCleanup;
 use avsync_tests::support::{self, queue_depth, wait_until};
 use avsync_tests::worker_harness::{
@@ -12,6 +13,7 @@ use avsync_tests::worker_harness::{
 };
 use avsync_worker::breaker::SetAsideReason;
 use avsync_worker::metrics::Outcome;
+use lapin::Channel;
 use sqlx::{Connection, PgConnection};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -25,6 +27,13 @@ fn total(worker: &TestWorker, outcome: Outcome) -> u64 {
         .chain(["other"])
         .map(|t| worker.events(t, outcome))
         .sum()
+}
+
+/// The worker retried and dead-lettered nothing, and nothing waits in the dead-letter queue.
+async fn nothing_retried_or_dead_lettered(worker: &TestWorker, ch: &Channel, topology: &Topology) {
+    assert_eq!(total(worker, Outcome::Retried), 0);
+    assert_eq!(total(worker, Outcome::DeadLettered), 0);
+    assert_eq!(queue_depth(ch, &topology.dead_queue()).await, Some(0));
 }
 
 /// Samples, until dropped, how many sessions the worker holds to this test's databases.
@@ -119,9 +128,7 @@ async fn the_budget_is_never_exceeded() {
         "{most} sessions of the worker at once, over its budget of 8"
     );
     assert!(most >= 1, "the sampler saw the worker's sessions");
-    assert_eq!(total(&worker, Outcome::Retried), 0);
-    assert_eq!(total(&worker, Outcome::DeadLettered), 0);
-    assert_eq!(queue_depth(&ch, &topology.dead_queue()).await, Some(0));
+    nothing_retried_or_dead_lettered(&worker, &ch, &topology).await;
     let metrics = worker.running().metrics();
     assert!(
         metrics.tenant_pools.budget_closes.get() > 0,
@@ -269,9 +276,7 @@ async fn a_refused_connection_is_backpressure() {
         Duration::from_secs(60),
     )
     .await;
-    assert_eq!(total(&worker, Outcome::Retried), 0);
-    assert_eq!(total(&worker, Outcome::DeadLettered), 0);
-    assert_eq!(queue_depth(&ch, &topology.dead_queue()).await, Some(0));
+    nothing_retried_or_dead_lettered(&worker, &ch, &topology).await;
     worker.stop().await;
     drop(dbs);
     drop(role);
@@ -341,9 +346,7 @@ async fn a_server_out_of_slots_is_backpressure() {
             > 0,
         "the role's limit was reached"
     );
-    assert_eq!(total(&worker, Outcome::Retried), 0);
-    assert_eq!(total(&worker, Outcome::DeadLettered), 0);
-    assert_eq!(queue_depth(&ch, &topology.dead_queue()).await, Some(0));
+    nothing_retried_or_dead_lettered(&worker, &ch, &topology).await;
     worker.stop().await;
     drop(dbs);
     drop(role);
@@ -409,9 +412,105 @@ async fn a_stuck_tenant_holds_neither_its_partition_nor_the_budget() {
         Duration::from_secs(90),
     )
     .await;
-    assert_eq!(total(&worker, Outcome::DeadLettered), 0);
-    assert_eq!(total(&worker, Outcome::Retried), 0);
-    assert_eq!(queue_depth(&ch, &topology.dead_queue()).await, Some(0));
+    nothing_retried_or_dead_lettered(&worker, &ch, &topology).await;
     worker.stop().await;
     support::delete_topology(&prefix, PARTITIONS, &["200ms", "1s"]).await;
+}
+
+/// A busy tenant with a large backlog and a budget of 2: the tenants waiting for a connection
+/// take turns, so a few small tenants (in other partitions, so that only the budget is shared)
+/// are all applied while the busy one still has most of its backlog to go.
+#[tokio::test]
+async fn a_busy_tenant_does_not_starve_small_ones() {
+    const PARTITIONS: u16 = 4;
+    let prefix = support::unique("wfair");
+    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS);
+    let topology = Topology::new(&prefix, PARTITIONS).unwrap();
+    let dbs = TestDatabases::new("wfair");
+    let busy_partition = topology.partition_of(&TenantId::parse("busy").unwrap());
+    let small: Vec<String> = (0..)
+        .map(|i| format!("small{i}"))
+        .filter(|t| topology.partition_of(&TenantId::parse(t).unwrap()) != busy_partition)
+        .take(6)
+        .collect();
+    let busy = random_history(301, "busy", 5_000, 20_000);
+    let smalls: Vec<Vec<Vec<u8>>> = small
+        .iter()
+        .zip(302..)
+        .map(|(t, seed)| random_history(seed, t, 3, 10))
+        .collect();
+    let (_conn, ch) = publisher(&topology).await;
+    let worker = TestWorker::start(settings(
+        &prefix,
+        PARTITIONS,
+        &dbs,
+        &["--max-connections", "2", "--prefetch", "32"],
+    ))
+    .await;
+    publish_all(&ch, &topology, &busy).await;
+    publish_all(&ch, &topology, &smalls.concat()).await;
+    for (tenant, history) in small.iter().zip(&smalls) {
+        dbs.wait_for_rows(
+            tenant,
+            &model_of(history).identities(),
+            Duration::from_secs(30),
+        )
+        .await;
+    }
+    let busy_model = model_of(&busy).identities();
+    let busy_rows = dbs.rows("busy").await.unwrap_or_default();
+    assert_ne!(
+        busy_rows, busy_model,
+        "the busy tenant finished before the small ones were served"
+    );
+    dbs.wait_for_rows("busy", &busy_model, Duration::from_secs(180))
+        .await;
+    nothing_retried_or_dead_lettered(&worker, &ch, &topology).await;
+    worker.stop().await;
+    support::delete_topology(&prefix, PARTITIONS, &["1s", "5s", "30s", "2m", "10m", "1h"]).await;
+}
+
+/// A tenant database emptied under the worker (its schema dropped and made again while the
+/// worker keeps its sessions and remembers the database as migrated): the worker forgets that
+/// memory and migrates it again, instead of retrying its events into the dead-letter queue.
+#[tokio::test]
+async fn a_database_emptied_under_the_worker_is_migrated_again() {
+    const PARTITIONS: u16 = 1;
+    let prefix = support::unique("wgone");
+    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS);
+    let topology = Topology::new(&prefix, PARTITIONS).unwrap();
+    let dbs = TestDatabases::new("wgone");
+    let worker = TestWorker::start(settings(&prefix, PARTITIONS, &dbs, &[])).await;
+    let (_conn, ch) = publisher(&topology).await;
+    let before = random_history(401, "gone", 3, 20);
+    publish_all(&ch, &topology, &before).await;
+    dbs.wait_for_rows(
+        "gone",
+        &model_of(&before).identities(),
+        Duration::from_secs(30),
+    )
+    .await;
+
+    let mut conn = dbs.connect(&dbs.name("gone")).await;
+    sqlx::query("DROP SCHEMA public CASCADE")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("CREATE SCHEMA public")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let _ = conn.close().await;
+
+    let after = random_history(402, "gone", 3, 20);
+    publish_all(&ch, &topology, &after).await;
+    dbs.wait_for_rows(
+        "gone",
+        &model_of(&after).identities(),
+        Duration::from_secs(30),
+    )
+    .await;
+    nothing_retried_or_dead_lettered(&worker, &ch, &topology).await;
+    worker.stop().await;
+    support::delete_topology(&prefix, PARTITIONS, &["1s", "5s", "30s", "2m", "10m", "1h"]).await;
 }

@@ -8,8 +8,8 @@
 //! commutative and idempotent, so any order and any number of redeliveries give the same row.
 //!
 //! [`Model`] is the same rule in plain Rust (the property tests check it against shuffled,
-//! duplicated histories); [`apply`] is the rule as one SQL statement, tested against the model,
-//! and [`apply_batch`] the same rule for many events of one tenant in one statement.
+//! duplicated histories); [`apply_batch`] is the rule as one SQL statement for many events of one
+//! tenant, tested against the model, and [`apply`] one event as a batch of one.
 //!
 //! A reconcile snapshot sets fields under the same rule with a version of its own
 //! ([`snapshot_version`]), written by [`apply_versioned`]: it wins over older events, loses to
@@ -17,9 +17,7 @@
 
 use avsync_shared::event::{Change, Effect, EventKey, EventTime, Field};
 use chrono::{DateTime, Utc};
-use sqlx::postgres::PgArguments;
-use sqlx::query::Query;
-use sqlx::{PgConnection, Postgres};
+use sqlx::PgConnection;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
@@ -174,79 +172,9 @@ impl Model {
     }
 }
 
-/// The one statement that applies `effect`: insert the row, or on conflict overwrite each field
-/// the event sets only where the event is newer than that field's version. `ON CONFLICT DO
-/// UPDATE` locks the row, so concurrent events of one user serialise on it and none is lost.
-fn statement(effect: &Effect) -> String {
-    let newer = |column: &str| {
-        format!(
-            "($2::text COLLATE \"C\" > COALESCE(t.field_versions->>'{column}', '') COLLATE \"C\")"
-        )
-    };
-    let mut columns = String::from("id, field_versions");
-    let mut params = String::new();
-    let mut initial_versions = Vec::new();
-    let mut sets = String::new();
-    let mut new_versions = Vec::new();
-    let mut changed = Vec::new();
-    for (i, change) in effect.changes.iter().enumerate() {
-        let column = change.field().column();
-        let cond = newer(column);
-        let _ = write!(columns, ", {column}");
-        let _ = write!(params, ", ${}", i + 3);
-        initial_versions.push(format!("'{column}', $2::text"));
-        let _ = write!(
-            sets,
-            "{column} = CASE WHEN {cond} THEN EXCLUDED.{column} ELSE t.{column} END, "
-        );
-        new_versions.push(format!("'{column}', CASE WHEN {cond} THEN $2::text END"));
-        changed.push(format!(
-            "({cond} AND EXCLUDED.{column} IS DISTINCT FROM t.{column})"
-        ));
-    }
-    format!(
-        "INSERT INTO av_identities AS t ({columns}) \
-         VALUES ($1, jsonb_build_object({initial}){params}) \
-         ON CONFLICT (id) DO UPDATE SET {sets}\
-         field_versions = t.field_versions || jsonb_strip_nulls(jsonb_build_object({new})), \
-         updated_at = CASE WHEN {changed} THEN now() ELSE t.updated_at END, \
-         synced_at = now()",
-        initial = initial_versions.join(", "),
-        new = new_versions.join(", "),
-        changed = changed.join(" OR "),
-    )
-}
-
-fn bind<'q>(
-    query: Query<'q, Postgres, PgArguments>,
-    change: &Change,
-) -> Query<'q, Postgres, PgArguments> {
-    match change {
-        Change::TenantId(v) => query.bind(v.as_str().to_owned()),
-        Change::Email(v)
-        | Change::GivenName(v)
-        | Change::FamilyName(v)
-        | Change::AppRole(v)
-        | Change::AppRoleId(v)
-        | Change::AppRoleName(v) => query.bind(v.clone()),
-        Change::SubjectType(v) | Change::MembershipId(v) => query.bind(v.clone()),
-        Change::MembershipStatus(v) => query.bind(v.as_str()),
-        Change::IsActive(v) | Change::HasAppAccess(v) => query.bind(*v),
-        Change::DeletedAt(v) => query.bind(v.map(|t| t.to_utc())),
-        Change::TenantRoles(v) => query.bind(v.clone()),
-    }
-}
-
-/// Applies one event to its row in one atomic statement.
+/// Applies one event to its row: a batch of one, so under the one statement of [`apply_batch`].
 pub async fn apply(conn: &mut PgConnection, effect: &Effect) -> Result<(), sqlx::Error> {
-    let sql = statement(effect);
-    let mut query = sqlx::query(&sql)
-        .bind(effect.sub.as_str())
-        .bind(effect.key.version());
-    for change in &effect.changes {
-        query = bind(query, change);
-    }
-    query.execute(conn).await.map(|_| ())
+    apply_batch(conn, std::iter::once(effect)).await
 }
 
 /// Per field (indexed like [`Field::ALL`]), the greatest event of a batch that set it and what it set.
@@ -858,12 +786,7 @@ mod tests {
 
     #[test]
     fn the_statement_names_only_static_columns() {
-        let e = effect(
-            json!({"id": "x'; drop table av_identities; --", "type": "member.left",
-            "tenant_id": "t", "timestamp": "2026-08-21T02:00:00Z", "data": {"sub": "'"}}),
-        );
-        let sql = statement(&e);
-        assert!(!sql.contains("drop table"));
+        let sql = batch_statement();
         assert!(sql.contains("membership_status = CASE WHEN"));
         assert!(sql.contains("tenant_id = CASE WHEN"));
     }

@@ -6,14 +6,17 @@
 //! worker holds there, and the budget grows back by one every [`GROW_EVERY`] without a refusal.
 //! A session's slot comes back [`CLOSE_GRACE`] after it is closed: the server counts a backend
 //! against `max_connections` until it has exited, which takes a moment after the client goes.
+//!
+//! When the budget is full, the tenants waiting for room on a server are served round-robin
+//! ([`Rotation`]): one session per turn, so a busy tenant with many batches waiting takes one
+//! turn like any other and cannot take the whole budget.
 
 use prometheus::{IntGauge, IntGaugeVec};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::futures::Notified;
-use tokio::sync::{Notify, Semaphore, SemaphorePermit};
+use tokio::sync::Notify;
 
 /// A lowered budget regains one connection this long after the last refusal, and one more every
 /// such interval after that.
@@ -79,15 +82,74 @@ impl Limit {
     }
 }
 
+/// The order in which the tenants waiting for room in one server's budget are served:
+/// round-robin over tenants, one session per turn. A tenant joins the back when its first
+/// session starts waiting, and goes to the back again after each turn while it has more waiting.
+#[derive(Debug, Default)]
+pub struct Rotation {
+    order: VecDeque<String>,
+    waiting: HashMap<String, usize>,
+}
+
+impl Rotation {
+    /// One more session of `tenant` waits.
+    pub fn join(&mut self, tenant: &str) {
+        let n = self.waiting.entry(tenant.to_owned()).or_insert(0);
+        if *n == 0 {
+            self.order.push_back(tenant.to_owned());
+        }
+        *n += 1;
+    }
+
+    /// Whether the next slot is `tenant`'s.
+    pub fn is_turn(&self, tenant: &str) -> bool {
+        self.order.front().is_some_and(|t| t == tenant)
+    }
+
+    /// `tenant`, whose turn it was, took a slot for one of its sessions.
+    pub fn served(&mut self, tenant: &str) {
+        if !self.is_turn(tenant) {
+            return;
+        }
+        self.order.pop_front();
+        if self.remove_one(tenant) {
+            self.order.push_back(tenant.to_owned());
+        }
+    }
+
+    /// A session of `tenant` stopped waiting without a slot.
+    pub fn leave(&mut self, tenant: &str) {
+        if !self.remove_one(tenant) {
+            self.order.retain(|t| t != tenant);
+        }
+    }
+
+    /// Counts one session of `tenant` out; true while others of it still wait.
+    fn remove_one(&mut self, tenant: &str) -> bool {
+        match self.waiting.get_mut(tenant) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                true
+            }
+            _ => {
+                self.waiting.remove(tenant);
+                false
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+}
+
 /// One server's budget, shared by every tenant pool on that server. Sessions waiting for room
-/// are served first come, first served.
+/// are served round-robin over their tenants.
 pub struct ServerBudget {
     server: String,
     limit: Mutex<Limit>,
     freed: Notify,
-    /// One waiter at a time tries for a slot; the others queue here in order.
-    turnstile: Semaphore,
-    waiting: AtomicUsize,
+    line: Mutex<Rotation>,
     open_gauge: IntGauge,
     budget_gauge: IntGauge,
 }
@@ -117,19 +179,21 @@ impl ServerBudget {
 
     /// Whether sessions wait for room now.
     pub fn contended(&self) -> bool {
-        self.waiting.load(Ordering::Acquire) > 0
+        !self.with_line(|line| line.is_empty())
     }
 
-    /// A place at the head of the line of sessions waiting for room: while it is held, nobody
-    /// else takes a slot ahead of it.
-    pub async fn wait_in_line(&self) -> InLine<'_> {
-        self.waiting.fetch_add(1, Ordering::AcqRel);
-        let mut line = InLine {
-            budget: self,
-            _turn: None,
-        };
-        line._turn = self.turnstile.acquire().await.ok();
-        line
+    fn with_line<T>(&self, f: impl FnOnce(&mut Rotation) -> T) -> T {
+        f(&mut self.line.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// A place in the line of sessions waiting for room, for a session of `tenant`.
+    pub fn wait_in_line(self: &Arc<Self>, tenant: &str) -> InLine {
+        self.with_line(|line| line.join(tenant));
+        InLine {
+            budget: self.clone(),
+            tenant: tenant.to_owned(),
+            served: false,
+        }
     }
 
     /// Resolves when a slot may have come free; take it before trying, to miss no wake-up.
@@ -154,15 +218,51 @@ impl ServerBudget {
     }
 }
 
-/// A waiter's place in line; leaving it (with a slot or not) lets the next one try.
-pub struct InLine<'a> {
-    budget: &'a ServerBudget,
-    _turn: Option<SemaphorePermit<'a>>,
+/// A waiting session's place in line; leaving it without a slot lets the next tenant try.
+pub struct InLine {
+    budget: Arc<ServerBudget>,
+    tenant: String,
+    served: bool,
 }
 
-impl Drop for InLine<'_> {
+impl InLine {
+    /// Whether the next slot is this session's tenant's: only then may it make room by closing
+    /// another tenant's idle session.
+    pub fn is_turn(&self) -> bool {
+        self.budget.with_line(|line| line.is_turn(&self.tenant))
+    }
+
+    /// A slot, when it is this tenant's turn and the budget has room now.
+    pub fn try_take(&mut self) -> Option<Slot> {
+        if self.served {
+            return None;
+        }
+        let budget = &self.budget;
+        let tenant = &self.tenant;
+        self.served = budget.with_line(|line| {
+            let taken = line.is_turn(tenant) && budget.with_limit(|l| l.take(Instant::now()));
+            if taken {
+                line.served(tenant);
+            }
+            taken
+        });
+        if !self.served {
+            return None;
+        }
+        // The next tenant in line may find room too.
+        budget.freed.notify_waiters();
+        Some(Slot {
+            budget: Some(budget.clone()),
+        })
+    }
+}
+
+impl Drop for InLine {
     fn drop(&mut self) {
-        self.budget.waiting.fetch_sub(1, Ordering::AcqRel);
+        if !self.served {
+            self.budget.with_line(|line| line.leave(&self.tenant));
+            self.budget.freed.notify_waiters();
+        }
     }
 }
 
@@ -220,8 +320,7 @@ impl Budgets {
                     server: server.to_owned(),
                     limit: Mutex::new(Limit::new(self.max)),
                     freed: Notify::new(),
-                    turnstile: Semaphore::new(1),
-                    waiting: AtomicUsize::new(0),
+                    line: Mutex::new(Rotation::default()),
                     open_gauge: self.open.with_label_values(&[server]),
                     budget_gauge,
                 })
@@ -269,6 +368,106 @@ mod tests {
         assert_eq!(l.at(now), 1);
         assert!(l.take(now));
         assert!(!l.take(now));
+    }
+
+    /// Serves the line until it is empty; the tenants in the order they got slots.
+    fn serve_all(line: &mut Rotation) -> Vec<String> {
+        let mut served = Vec::new();
+        while let Some(next) = line.order.front().cloned() {
+            line.served(&next);
+            served.push(next);
+        }
+        served
+    }
+
+    #[test]
+    fn a_busy_tenant_takes_one_turn_like_any_other() {
+        let mut line = Rotation::default();
+        for _ in 0..4 {
+            line.join("busy");
+        }
+        line.join("a");
+        line.join("b");
+        line.join("busy");
+        line.join("a");
+        assert!(line.is_turn("busy"));
+        assert_eq!(
+            serve_all(&mut line),
+            ["busy", "a", "b", "busy", "a", "busy", "busy", "busy"]
+        );
+        assert!(line.is_empty());
+    }
+
+    #[test]
+    fn a_tenant_that_stops_waiting_leaves_its_turn_to_the_next() {
+        let mut line = Rotation::default();
+        line.join("a");
+        line.join("b");
+        line.join("b");
+        line.leave("a");
+        assert!(line.is_turn("b"));
+        line.leave("b");
+        assert!(line.is_turn("b"), "one session of b still waits");
+        line.leave("b");
+        assert!(line.is_empty());
+    }
+
+    #[test]
+    fn only_the_tenant_whose_turn_it_is_is_served() {
+        let mut line = Rotation::default();
+        line.join("a");
+        line.join("b");
+        line.served("b");
+        assert!(line.is_turn("a"));
+        assert_eq!(serve_all(&mut line), ["a", "b"]);
+    }
+
+    proptest! {
+        /// However sessions join, are served and leave, no tenant is served twice while another
+        /// waited the whole time in between, and the line empties exactly when nobody waits.
+        #[test]
+        fn round_robin_never_skips_a_waiting_tenant(steps in proptest::collection::vec((0..3u8, 0..4u8), 0..300)) {
+            let mut line = Rotation::default();
+            let mut waiting: HashMap<String, usize> = HashMap::new();
+            // Per tenant, the tenants served since it last joined or was served.
+            let mut since: HashMap<String, Vec<String>> = HashMap::new();
+            for (op, t) in steps {
+                let tenant = format!("t{t}");
+                match op {
+                    0 => {
+                        if waiting.get(&tenant).copied().unwrap_or(0) == 0 {
+                            since.insert(tenant.clone(), Vec::new());
+                        }
+                        line.join(&tenant);
+                        *waiting.entry(tenant).or_insert(0) += 1;
+                    }
+                    1 => {
+                        if let Some(next) = line.order.front().cloned() {
+                            prop_assert!(waiting.get(&next).copied().unwrap_or(0) > 0);
+                            line.served(&next);
+                            *waiting.get_mut(&next).unwrap() -= 1;
+                            for (other, served) in since.iter_mut() {
+                                if *other != next && waiting.get(other).copied().unwrap_or(0) > 0 {
+                                    prop_assert!(
+                                        !served.contains(&next),
+                                        "{next} served twice while {other} waited"
+                                    );
+                                    served.push(next.clone());
+                                }
+                            }
+                            since.insert(next, Vec::new());
+                        }
+                    }
+                    _ => {
+                        if waiting.get(&tenant).copied().unwrap_or(0) > 0 {
+                            line.leave(&tenant);
+                            *waiting.get_mut(&tenant).unwrap() -= 1;
+                        }
+                    }
+                }
+                prop_assert_eq!(line.is_empty(), waiting.values().all(|n| *n == 0));
+            }
+        }
     }
 
     proptest! {

@@ -99,6 +99,12 @@ impl Failure {
 }
 
 impl Failure {
+    /// A statement found no tenant table (SQLSTATE 42P01 `undefined_table`): the database lost
+    /// its schema, so migrating it again helps where retrying would not.
+    pub fn is_schema_missing(&self) -> bool {
+        matches!(self, Failure::Database(e) if matches!(&**e, sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01")))
+    }
+
     /// The database server itself could not be reached or talked to, as opposed to a tenant
     /// that is not provisioned, not registered or busy.
     pub fn is_connection_level(&self) -> bool {

@@ -1,8 +1,9 @@
 //! The avsync worker: consumes identity events from RabbitMQ and applies them to each tenant's
 //! PostgreSQL database, order-insensitive and idempotent.
 //!
-//! Data flows: `consume` (queue) → `tenants` (which database) → `pools` (a connection) →
-//! `apply` (the event rules) → ack. `failure` decides what a failure means.
+//! Data flows: `session` (queue) → `fate` (what a delivery is) → `schedule` (batches per
+//! tenant) → `tenants` (which database) → `pools` + `budget` (a connection) → `apply` (the event
+//! rules) → `settle` (ack, retry, set aside, dead letter). `failure` decides what a failure means.
 
 pub mod apply;
 pub mod authvital;
@@ -10,25 +11,28 @@ pub mod batch;
 pub mod breaker;
 pub mod budget;
 pub mod cli;
-pub mod consume;
 pub mod depth;
 pub mod dlq;
 pub mod failure;
+pub mod fate;
 pub mod metrics;
 pub mod migrate;
 pub mod pools;
 pub mod reconcile;
 pub mod reconcile_cli;
 pub mod retry;
+pub mod schedule;
+pub mod session;
 pub mod settings;
+pub mod settle;
 pub mod tenants;
 
 use crate::breaker::Tenants;
-use crate::consume::Worker;
 use crate::depth::DepthPoller;
 use crate::metrics::Metrics;
 use crate::pools::{PoolSettings, Pools};
 use crate::retry::RetryPolicy;
+use crate::session::Worker;
 use crate::settings::Settings;
 use crate::tenants::{template_url, Resolver, TenantDb};
 use anyhow::Context as _;
@@ -109,7 +113,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         pools.announce_server(&db);
     }
     let tenants = Tenants::new(
-        consume::tenant_bound(
+        schedule::tenant_bound(
             settings.tenant_max_unsettled,
             settings.prefetch,
             topology.partitions(),
@@ -170,7 +174,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
             shutdown.clone(),
         ))
     });
-    let mut consumer = tokio::spawn(consume::run(worker.clone(), shutdown.clone()));
+    let mut consumer = tokio::spawn(session::run(worker.clone(), shutdown.clone()));
     let stopping = worker.clone();
     let handle = tokio::spawn(async move {
         let drain_limit = async {

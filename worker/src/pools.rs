@@ -166,8 +166,9 @@ impl managed::Manager for PgManager {
 }
 
 impl PgManager {
-    /// Room in the server's budget for one more session: when it is full, an idle session of
-    /// the least recently used tenant on that server is closed to make it. Never fails; the
+    /// Room in the server's budget for one more session: when it is full, the tenants waiting
+    /// take turns (see [`crate::budget::Rotation`]), and the one whose turn it is closes an idle
+    /// session of the least recently used tenant on that server to make it. Never fails; the
     /// wait ends when a session closes (or the budget grows back).
     async fn slot(&self) -> Slot {
         if !self.budget.contended() {
@@ -175,16 +176,18 @@ impl PgManager {
                 return slot;
             }
         }
-        let _line = self.budget.wait_in_line().await;
+        let mut line = self.budget.wait_in_line(self.db.key());
         loop {
             let freed = self.budget.freed();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if let Some(slot) = self.budget.try_take() {
+            if let Some(slot) = line.try_take() {
                 return slot;
             }
-            if let Some(shared) = self.shared.upgrade() {
-                shared.close_least_recently_used_idle(self.budget.server());
+            if line.is_turn() {
+                if let Some(shared) = self.shared.upgrade() {
+                    shared.close_least_recently_used_idle(self.budget.server());
+                }
             }
             tokio::select! {
                 _ = freed => {}
@@ -222,6 +225,23 @@ impl Deref for PooledConnection {
 impl DerefMut for PooledConnection {
     fn deref_mut(&mut self) -> &mut PgConnection {
         &mut self.0.conn
+    }
+}
+
+impl PooledConnection {
+    /// The session found the tenant schema gone (the database was recreated empty under the
+    /// worker, which kept its sessions): the worker forgets that the database is migrated, and
+    /// this session and the pool's idle ones are closed instead of used again, so that the next
+    /// session migrates.
+    pub fn schema_missing(self) {
+        if let Some(pool) = managed::Object::pool(&self.0) {
+            let manager = pool.manager();
+            if let Some(shared) = manager.shared.upgrade() {
+                shared.forget_migrated(manager.db.key());
+            }
+            pool.retain(|_, _| false);
+        }
+        drop(managed::Object::take(self.0));
     }
 }
 

@@ -8,11 +8,11 @@
 //! with no database (or no row) yet is reconciled with `--tenant`, which creates and migrates its
 //! database as the worker would.
 
-use crate::consume::Worker;
 use crate::failure::Failure;
 use crate::metrics::{ReconcileMetrics, RunOutcome};
 use crate::pools::{connect, migrator, quote_identifier};
 use crate::reconcile::{Mode, Reconciler, Report};
+use crate::session::Worker;
 use crate::settings::Settings;
 use crate::tenants::{template_url, Resolver, TenantDb, PLACEHOLDER};
 use anyhow::Context as _;

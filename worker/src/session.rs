@@ -1,0 +1,465 @@
+//! The broker session: connect, declare the topology, consume every partition queue, and
+//! reconnect with backoff whenever the broker goes away; ready only while consuming. What a
+//! session receives goes to the [`Scheduler`]; how it stops keeps every ack (see [`Phase`]).
+
+use crate::breaker::Tenants;
+use crate::metrics::Metrics;
+use crate::pools::Pools;
+use crate::retry::RetryPolicy;
+use crate::schedule::Scheduler;
+use crate::settle::SettleGate;
+use crate::tenants::Resolver;
+use avsync_shared::broker::FailureLog;
+use avsync_shared::topology::Topology;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::stream::{self, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+const MIN_RECONNECT: Duration = Duration::from_millis(250);
+const MAX_RECONNECT: Duration = Duration::from_secs(30);
+/// Longest a connection attempt, or the declarations and consumers set up on it, may take: a
+/// broker that accepts TCP while it is still starting must not hold a session forever.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a consuming session checks that its channels are still open. lapin does not
+/// always end a consumer's stream when the connection under it dies (seen on RabbitMQ
+/// restarts: the channels were closed, the consumers stayed silent), so the session does not
+/// rely on the stream alone to notice.
+const LIVENESS_CHECK: Duration = Duration::from_millis(500);
+/// After the broker went away, the longest wait for in-flight work before it is abandoned:
+/// what was not acked comes back from the broker anyway.
+const ABANDON_AFTER: Duration = Duration::from_secs(30);
+/// Bound on closing a channel or the connection of a session whose broker went away, which may
+/// never answer. A session that stops because the worker stops waits for the answers instead:
+/// they tell that every ack sent before reached the broker.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// On shutdown, the longest wait for the broker to use up its credit before cancelling: a
+/// delivery still under way when the cancel is confirmed is dropped by lapin and handed back,
+/// and on a loaded machine the broker takes more than a moment to send what it may.
+const QUIESCE: Duration = Duration::from_secs(2);
+/// How long the end of a session waits for the broker (or for the work in flight): at most
+/// `failed` when the session failed, since a broker that went away may never answer; else for
+/// as long as it takes, since the answers tell that every ack sent before reached the broker.
+fn end_bound<T, E>(outcome: &Result<T, E>, failed: Duration) -> Duration {
+    if outcome.is_err() {
+        failed
+    } else {
+        Duration::MAX
+    }
+}
+
+/// Everything a consuming worker shares between its tasks.
+pub struct Worker {
+    pub topology: Topology,
+    pub amqp_url: String,
+    pub prefetch: u16,
+    pub application_id: Option<String>,
+    pub resolver: Resolver,
+    pub pools: Pools,
+    pub retry: RetryPolicy,
+    pub metrics: Metrics,
+    pub ready: Arc<AtomicBool>,
+    pub tenants: Tenants,
+    /// Messages held because PostgreSQL cannot be reached at all: while any is, no tenant is
+    /// singled out as stalled.
+    pub outage_holds: AtomicUsize,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("queue {queue} exists beyond AVSYNC_PARTITIONS={partitions}: the ingress publishes to more partitions than this worker consumes; give every process of this topology the same AVSYNC_PARTITIONS")]
+    TooFewPartitions { queue: String, partitions: u16 },
+    #[error("the broker cancelled a consumer (was a partition queue deleted?)")]
+    ConsumerCancelled,
+    #[error("a channel to the broker closed under the session")]
+    ChannelLost,
+    #[error("no answer from the broker within {0:?} while connecting and setting up")]
+    SetupTimeout(Duration),
+}
+
+impl Worker {
+    fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+        self.metrics.ready.set(i64::from(ready));
+    }
+}
+
+fn backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(MIN_RECONNECT)
+        .with_max_delay(MAX_RECONNECT)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Consumes until `shutdown`, reconnecting with backoff. On shutdown, stops consuming, finishes
+/// every message already received, and returns.
+pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
+    let mut delays = backoff();
+    let mut failures = FailureLog::default();
+    while !shutdown.is_cancelled() {
+        let mut consumed = false;
+        let result = session(&worker, &shutdown, &mut consumed).await;
+        worker.set_ready(false);
+        match result {
+            Ok(()) => break,
+            Err(e) => {
+                if consumed {
+                    delays = backoff();
+                    failures.connected();
+                }
+                let delay = delays.next().unwrap_or(MAX_RECONNECT);
+                match &e {
+                    SessionError::TooFewPartitions { .. } => tracing::error!(
+                        retry_in = ?delay,
+                        topology = worker.topology.prefix(),
+                        "{e}"
+                    ),
+                    SessionError::Broker(e) => failures.failed("not consuming", e, delay),
+                    _ => tracing::warn!(retry_in = ?delay, "not consuming: {e}"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        }
+    }
+}
+
+/// One partition queue's share of AVSYNC_PREFETCH: quorum queues have no channel-wide prefetch.
+pub fn per_queue_prefetch(prefetch: u16, partitions: u16) -> u16 {
+    (prefetch / partitions.max(1)).max(1)
+}
+
+async fn check_partitions(conn: &Connection, topology: &Topology) -> Result<(), SessionError> {
+    // A passive declare of a missing queue closes its channel: use a throwaway one. lapin logs
+    // that expected close at ERROR; `telemetry::DEFAULT_FILTER` keeps lapin's own lines out.
+    let probe = conn.create_channel().await?;
+    let beyond = topology.partition_queue(topology.partitions());
+    let found = probe
+        .queue_declare(
+            beyond.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    if found {
+        let _ = probe.close(200, "probe".into()).await;
+        return Err(SessionError::TooFewPartitions {
+            queue: beyond,
+            partitions: topology.partitions(),
+        });
+    }
+    Ok(())
+}
+
+async fn session(
+    worker: &Arc<Worker>,
+    shutdown: &CancellationToken,
+    consumed: &mut bool,
+) -> Result<(), SessionError> {
+    let name = format!("avsync-worker {}", worker.topology.prefix());
+    let conn = tokio::time::timeout(
+        SETUP_TIMEOUT,
+        Connection::connect(
+            &worker.amqp_url,
+            ConnectionProperties::default().with_connection_name(name.as_str().into()),
+        ),
+    )
+    .await
+    .map_err(|_| SessionError::SetupTimeout(SETUP_TIMEOUT))??;
+    let result = consume_on(&conn, worker, shutdown, consumed).await;
+    let _ = tokio::time::timeout(
+        end_bound(&result, CLOSE_TIMEOUT),
+        conn.close(200, "worker stopping".into()),
+    )
+    .await;
+    result
+}
+
+/// The channels a session consumes and publishes on, set up on one connection.
+struct Channels {
+    setup: Channel,
+    publish: Channel,
+    consume: Channel,
+}
+
+impl Channels {
+    /// Declares the topology and starts one consumer per partition queue.
+    async fn open(
+        conn: &Connection,
+        worker: &Worker,
+    ) -> Result<(Channels, Vec<lapin::Consumer>), SessionError> {
+        let setup = conn.create_channel().await?;
+        worker.topology.declare(&setup).await?;
+        for delay in &worker.retry.delays {
+            worker.topology.declare_retry_tier(&setup, *delay).await?;
+        }
+        check_partitions(conn, &worker.topology).await?;
+        let publish = conn.create_channel().await?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let consume = conn.create_channel().await?;
+        consume
+            .basic_qos(
+                per_queue_prefetch(worker.prefetch, worker.topology.partitions()),
+                BasicQosOptions::default(),
+            )
+            .await?;
+        let mut consumers = Vec::new();
+        for partition in 0..worker.topology.partitions() {
+            consumers.push(
+                consume
+                    .basic_consume(
+                        worker.topology.partition_queue(partition).as_str().into(),
+                        "".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?,
+            );
+        }
+        Ok((
+            Channels {
+                setup,
+                publish,
+                consume,
+            },
+            consumers,
+        ))
+    }
+
+    fn all_open(&self) -> bool {
+        [&self.setup, &self.publish, &self.consume]
+            .iter()
+            .all(|c| c.status().connected())
+    }
+}
+
+/// Resolves once a channel of the session is no longer open.
+async fn channel_lost(channels: &Channels) {
+    let mut every = tokio::time::interval(LIVENESS_CHECK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if !channels.all_open() {
+            return;
+        }
+    }
+}
+
+async fn consume_on(
+    conn: &Connection,
+    worker: &Arc<Worker>,
+    shutdown: &CancellationToken,
+    consumed: &mut bool,
+) -> Result<(), SessionError> {
+    let (channels, consumers) = tokio::time::timeout(SETUP_TIMEOUT, Channels::open(conn, worker))
+        .await
+        .map_err(|_| SessionError::SetupTimeout(SETUP_TIMEOUT))??;
+    let Channels {
+        setup,
+        publish,
+        consume,
+    } = &channels;
+    let tags: Vec<_> = consumers.iter().map(lapin::Consumer::tag).collect();
+    let mut deliveries = Deliveries {
+        consumers: stream::select_all(
+            consumers
+                .into_iter()
+                .zip(0..)
+                .map(|(consumer, partition)| consumer.map(move |delivery| (partition, delivery))),
+        ),
+        lost: Box::pin(channel_lost(&channels)),
+    };
+    worker.set_ready(true);
+    *consumed = true;
+    tracing::info!(
+        topology = worker.topology.prefix(),
+        partitions = worker.topology.partitions(),
+        "consuming"
+    );
+
+    // The broker never has more than this many unsettled deliveries out to this worker, so
+    // this also bounds how many messages are applied at once.
+    let per_queue = per_queue_prefetch(worker.prefetch, worker.topology.partitions());
+    let bound = Arc::new(Semaphore::new(
+        usize::from(per_queue) * usize::from(worker.topology.partitions()),
+    ));
+    let gate = SettleGate::new(shutdown.clone(), worker.topology.partitions());
+    let mut scheduler = Scheduler::new(worker, publish, gate.clone(), usize::from(per_queue));
+    let mut outcome = Ok(());
+    let mut phase = Phase::Consuming;
+    loop {
+        let linger = scheduler.next_deadline();
+        let lingered = async {
+            match linger {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        let next = match phase {
+            Phase::Consuming => tokio::select! {
+                next = deliveries.next() => next,
+                _ = lingered => {
+                    scheduler.flush_due();
+                    continue;
+                }
+                _ = shutdown.cancelled() => {
+                    worker.set_ready(false);
+                    phase = Phase::Quiescing(tokio::time::Instant::now() + QUIESCE);
+                    continue;
+                }
+            },
+            Phase::Quiescing(deadline) => {
+                if gate.all_full(usize::from(per_queue)) {
+                    phase = Phase::Cancelling;
+                    continue;
+                }
+                tokio::select! {
+                    next = deliveries.next() => next,
+                    _ = lingered => {
+                        scheduler.flush_due();
+                        continue;
+                    }
+                    _ = tokio::time::sleep_until(deadline) => {
+                        phase = Phase::Cancelling;
+                        continue;
+                    }
+                }
+            }
+            Phase::Cancelling => {
+                // Those already received still arrive; then each consumer's stream ends.
+                for tag in &tags {
+                    let _ = consume
+                        .basic_cancel(tag.clone(), BasicCancelOptions::default())
+                        .await;
+                }
+                gate.consumers_stopped.cancel();
+                phase = Phase::Draining;
+                continue;
+            }
+            Phase::Draining => tokio::select! {
+                next = deliveries.next() => next,
+                _ = lingered => {
+                    scheduler.flush_due();
+                    continue;
+                }
+            },
+        };
+        match next {
+            Some((partition, Ok(delivery))) => {
+                let permit = tokio::select! {
+                    permit = bound.clone().acquire_owned() => permit,
+                    () = &mut deliveries.lost => {
+                        outcome = Err(SessionError::ChannelLost);
+                        break;
+                    }
+                };
+                let Ok(permit) = permit else {
+                    break;
+                };
+                scheduler.receive(partition, delivery, permit);
+            }
+            Some((_, Err(e))) => {
+                outcome = Err(e);
+                break;
+            }
+            None if phase == Phase::Draining => break,
+            None => {
+                outcome = Err(SessionError::ConsumerCancelled);
+                break;
+            }
+        }
+    }
+    worker.set_ready(false);
+    gate.consumers_stopped.cancel();
+    // What was received is finished, not handed back (contract section 7). With the broker
+    // gone, nothing in flight can be acked any more; it is not waited on for ever, since the
+    // broker hands every unacked message back.
+    scheduler.finish(end_bound(&outcome, ABANDON_AFTER)).await;
+    // The broker answers a channel's close only after it has processed every frame sent on it
+    // before, so once these return, every ack above has reached it; closing the connection
+    // straight away could drop acks still queued and hand applied messages back.
+    for channel in [consume, publish, setup] {
+        let _ = tokio::time::timeout(
+            end_bound(&outcome, CLOSE_TIMEOUT),
+            channel.close(200, "worker stopping".into()),
+        )
+        .await;
+    }
+    outcome
+}
+
+/// Every partition's deliveries, ended by an error as soon as a channel of the session is lost.
+struct Deliveries<C, L> {
+    consumers: C,
+    lost: std::pin::Pin<Box<L>>,
+}
+
+impl<C, L> Deliveries<C, L>
+where
+    C: futures_util::Stream<Item = (u16, lapin::Result<Delivery>)> + Unpin,
+    L: std::future::Future<Output = ()>,
+{
+    async fn next(&mut self) -> Option<(u16, Result<Delivery, SessionError>)> {
+        tokio::select! {
+            next = self.consumers.next() => next.map(|(p, d)| (p, d.map_err(SessionError::Broker))),
+            () = &mut self.lost => Some((0, Err(SessionError::ChannelLost))),
+        }
+    }
+}
+
+/// How a session stops. Settling a message gives the broker credit to deliver another, and a
+/// quorum queue may still deliver after confirming a consumer's cancel; the client drops such a
+/// delivery and the broker hands it back on close, counting a delivery. So on shutdown the
+/// worker first stops settling and lets the broker use up its credit (every consumer holds its
+/// full prefetch, or `QUIESCE` passed), then cancels, then settles and finishes everything it
+/// received. A delivery the broker still sends after confirming the cancel cannot be helped: it
+/// goes back with one more delivery counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Consuming,
+    Quiescing(tokio::time::Instant),
+    Cancelling,
+    Draining,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetch_is_split_over_partitions() {
+        assert_eq!(per_queue_prefetch(64, 16), 4);
+        assert_eq!(per_queue_prefetch(8, 16), 1);
+        assert_eq!(per_queue_prefetch(10, 1), 10);
+    }
+
+    #[test]
+    fn only_a_failed_session_bounds_its_end() {
+        let failed: Result<(), ()> = Err(());
+        assert_eq!(end_bound(&failed, CLOSE_TIMEOUT), CLOSE_TIMEOUT);
+        assert_eq!(end_bound(&Ok::<(), ()>(()), ABANDON_AFTER), Duration::MAX);
+    }
+}
