@@ -433,7 +433,7 @@ async fn a_busy_tenant_does_not_starve_small_ones() {
         .filter(|t| topology.partition_of(&TenantId::parse(t).unwrap()) != busy_partition)
         .take(6)
         .collect();
-    let busy = random_history(301, "busy", 5_000, 20_000);
+    let busy = random_history(301, "busy", 2_000, 5_000);
     let smalls: Vec<Vec<Vec<u8>>> = small
         .iter()
         .zip(302..)
