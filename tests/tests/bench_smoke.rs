@@ -3,6 +3,7 @@
 //! the command itself. No test here asserts a speed.
 
 use avsync_shared::Topology;
+use avsync_tests::bench::args::TenantCounts;
 use avsync_tests::bench::broker::{self, Target};
 use avsync_tests::bench::report::{keys, Figure, Machine, Report};
 use avsync_tests::bench::workload::{tenant_ids, Generator};
@@ -181,7 +182,7 @@ async fn the_report_is_written_as_json_with_every_check() {
         &[],
     ));
     report.note("a note");
-    report.check();
+    report.check(&TenantCounts::parse("5,50,1000").unwrap());
     let path = std::env::temp_dir().join(format!("{}.json", support::unique("bench-report")));
     report.write_json(&path).expect("report written");
     let text = std::fs::read_to_string(&path).unwrap();
@@ -196,7 +197,7 @@ async fn the_report_is_written_as_json_with_every_check() {
     assert_eq!(json["figures"][0]["summary"]["median"], 110.0);
     assert_eq!(json["figures"][1]["summary"]["min"], 40.0);
     let checks = json["checks"].as_array().unwrap();
-    assert_eq!(checks.len(), 5);
+    assert_eq!(checks.len(), 11);
     let ingress = checks
         .iter()
         .find(|c| c["name"] == "ingress / broker limit")
@@ -300,6 +301,90 @@ async fn the_command_measures_prints_reports_and_leaves_nothing_behind() {
             "{queue} left"
         );
     }
+}
+
+/// The worker phases at toy sizes, with the debug worker: every figure of the scale and
+/// noisy-neighbour phases is reported, the chart is drawn, and nothing is left behind.
+#[tokio::test]
+async fn the_scale_and_neighbour_phases_report_their_figures_and_draw_the_chart() {
+    let path = std::env::temp_dir().join(format!("{}.json", support::unique("bench-report")));
+    let chart = path.with_extension("svg");
+    let worker = avsync_tests::processes::binary("avsync-worker");
+    let out = bench(&[
+        "--only",
+        "scale,neighbour",
+        "--repetitions",
+        "1",
+        "--partitions",
+        "2",
+        "--events",
+        "300",
+        "--scale-tenants",
+        "2,4",
+        "--neighbour-tenants",
+        "4",
+        "--neighbour-burst",
+        "300",
+        "--neighbour-rate",
+        "40",
+        "--lag-duration",
+        "500ms",
+        "--worker-bin",
+        worker.to_str().unwrap(),
+        "--report",
+        path.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    let report = std::fs::read_to_string(&path);
+    let svg = std::fs::read_to_string(&chart);
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&chart);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&report.unwrap()).unwrap();
+    let figure = |key: &str| {
+        report["figures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["key"] == key)
+            .cloned()
+            .unwrap_or_else(|| panic!("{key} in {report}"))
+    };
+    for (tenants, zipf) in [(2, false), (4, false), (4, true)] {
+        let drain = figure(&keys::scale(tenants, zipf, keys::Scale::Drain));
+        assert!(
+            drain["summary"]["median"].as_f64().unwrap() > 0.0,
+            "{drain}"
+        );
+        let dead = figure(&keys::scale(tenants, zipf, keys::Scale::DeadLettered));
+        assert_eq!(dead["summary"]["median"], 0.0, "{dead}");
+        let peak = figure(&keys::scale(tenants, zipf, keys::Scale::PeakConnections));
+        assert!(peak["summary"]["median"].as_f64().unwrap() >= 1.0, "{peak}");
+    }
+    let caught_up = figure(keys::NEIGHBOUR_CATCH_UP);
+    assert!(
+        caught_up["summary"]["median"].as_f64().is_some(),
+        "{report}"
+    );
+    assert!(figure(keys::OTHERS_P99)["summary"]["median"]
+        .as_f64()
+        .is_some());
+    assert!(stdout.contains("4 Zipf / 2 tenants"), "{stdout}");
+    let svg = svg.expect("the chart beside the report");
+    assert!(svg.contains("<svg") && svg.contains("events/s"), "{svg}");
+
+    let prefix = prefix_of(&stderr);
+    let mut admin = support::pg_admin().await;
+    let left: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE starts_with(datname, $1)")
+            .bind(&prefix)
+            .fetch_all(&mut admin)
+            .await
+            .unwrap();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[test]

@@ -55,9 +55,6 @@ pub enum Failure {
     #[error("no connection to the tenant database within {0:?}: its pool (AVSYNC_TENANT_POOL_SIZE) stayed busy")]
     PoolTimeout(Duration),
 
-    #[error("no tenant pool could be opened within {0:?}: every pool (AVSYNC_TENANT_POOL_CAPACITY) stayed busy")]
-    NoPoolSlot(Duration),
-
     #[error("tenant database migration failed: {0}")]
     Migration(String),
 
@@ -91,7 +88,6 @@ impl Failure {
             | Failure::DatabaseRefused { .. }
             | Failure::NoAnswer(_)
             | Failure::PoolTimeout(_)
-            | Failure::NoPoolSlot(_)
             | Failure::Migration(_) => FailureClass::Transient,
             Failure::Database(e) => database_class(e),
         }
@@ -253,7 +249,6 @@ mod tests {
             },
             Failure::Unreachable("connection refused".into()),
             Failure::PoolTimeout(Duration::from_secs(10)),
-            Failure::NoPoolSlot(Duration::from_secs(30)),
             Failure::Migration("connection reset".into()),
             Failure::from(sqlx::Error::PoolTimedOut),
             Failure::from(sqlx::Error::Io(std::io::Error::from(

@@ -31,7 +31,6 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const WAIT_TIMEOUT: Duration = Duration::from_secs(10);
 const RECYCLE_TIMEOUT: Duration = Duration::from_secs(5);
-const SLOT_WAIT: Duration = Duration::from_secs(30);
 /// An idle tenant pool is closed after this long without use, even below the capacity.
 const IDLE_POOL_TTI: Duration = Duration::from_secs(600);
 /// Marks a pool that was chosen for eviction: no new lease may take it.
@@ -370,14 +369,16 @@ impl Shared {
     /// Closes one idle session of the least recently used pool on `server` that has one; false
     /// when none is idle. A session in use is never touched.
     fn close_least_recently_used_idle(&self, server: &str) -> bool {
-        let mut candidates: Vec<Arc<TenantPool>> = self
+        // Sorted by a snapshot of each pool's last use: the clocks move while we sort, and a
+        // sort whose keys change under it may panic.
+        let mut candidates: Vec<(u64, Arc<TenantPool>)> = self
             .cache
             .iter()
             .filter(|(_, pool)| pool.server == server)
-            .map(|(_, pool)| pool)
+            .map(|(_, pool)| (pool.last_used_ms.load(Ordering::Relaxed), pool))
             .collect();
-        candidates.sort_by_key(|pool| pool.last_used_ms.load(Ordering::Relaxed));
-        for pool in candidates {
+        candidates.sort_unstable_by_key(|(last_used, _)| *last_used);
+        for (_, pool) in candidates {
             // An idle session may sit in a pool whose other users wait for room themselves.
             let mut first = true;
             let removed = pool
@@ -524,8 +525,9 @@ impl Pools {
     }
 
     /// A free slot for a new pool, evicting the least recently used idle pool while none is free.
+    /// Waiting is never a failure: every pool is busy only while its tenants' events are being
+    /// applied, and the wait is bounded by the prefetch like the connection budget's.
     async fn slot(&self) -> Result<OwnedSemaphorePermit, Failure> {
-        let deadline = Instant::now() + SLOT_WAIT;
         loop {
             if let Ok(permit) = self.slots.clone().try_acquire_owned() {
                 return Ok(permit);
@@ -534,13 +536,10 @@ impl Pools {
             self.evict_least_recently_used_idle().await;
             tokio::select! {
                 permit = self.slots.clone().acquire_owned() => {
-                    return permit.map_err(|_| Failure::NoPoolSlot(SLOT_WAIT));
+                    return permit.map_err(|_| Failure::Unreachable("the worker is stopping".to_owned()));
                 }
                 _ = became_idle => {}
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
-            if Instant::now() >= deadline {
-                return Err(Failure::NoPoolSlot(SLOT_WAIT));
             }
         }
     }

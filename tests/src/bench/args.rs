@@ -25,7 +25,7 @@ pub struct BenchArgs {
         long,
         value_name = "PHASES",
         value_delimiter = ',',
-        default_value = "broker,ingress,pipeline,worker,scale"
+        default_value = "broker,ingress,pipeline,worker,scale,neighbour"
     )]
     pub only: Vec<Phase>,
 
@@ -73,13 +73,28 @@ pub struct BenchArgs {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = positive_duration)]
     pub lag_duration: Duration,
 
-    /// (5) The few and the many tenants whose drain rates are compared.
-    #[arg(long, value_name = "FEW,MANY", default_value = "10,1000", value_parser = tenant_pair)]
-    pub scale_tenants: TenantPair,
+    /// (5) Tenant counts of the uniform drains, ascending; the first is the baseline the others'
+    /// rates are compared with. The last is also drained with Zipf-distributed activity.
+    #[arg(long, value_name = "T,T,...", default_value = "5,50,1000", value_parser = TenantCounts::parse)]
+    pub scale_tenants: TenantCounts,
 
-    /// (5) AVSYNC_TENANT_POOL_CAPACITY of the workers in the scale phase.
-    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
-    pub scale_pool_capacity: u32,
+    /// (5) Exponent s of the Zipf-distributed drain over the most tenants (tenant k gets a share
+    /// proportional to 1/k^s); 0 leaves that drain out.
+    #[arg(long, value_name = "S", default_value_t = 1.1, value_parser = zipf_exponent)]
+    pub zipf_exponent: f64,
+
+    /// (6) Events of the burst for the one tenant whose table is locked.
+    #[arg(long, value_name = "N", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub neighbour_burst: u64,
+
+    /// (6) Tenants of the noisy-neighbour run: the locked one and the others, whose partition
+    /// neighbours' lag is measured.
+    #[arg(long, value_name = "T", default_value_t = 50, value_parser = clap::value_parser!(u32).range(2..=10_000))]
+    pub neighbour_tenants: u32,
+
+    /// (6) Events per second published to the other tenants while one is locked.
+    #[arg(long, value_name = "N", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub neighbour_rate: u32,
 
     /// The worker binary; by default `avsync-worker` beside this one (target/release).
     #[arg(long, value_name = "PATH")]
@@ -103,13 +118,42 @@ pub enum Phase {
     Pipeline,
     Worker,
     Scale,
+    Neighbour,
 }
 
-/// Two tenant counts, few then many.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TenantPair {
-    pub few: u32,
-    pub many: u32,
+/// Tenant counts, ascending, at least two.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantCounts(Vec<u32>);
+
+impl TenantCounts {
+    /// Counts like `5,50,1000`.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        let usage = || {
+            format!("`{value}` is not two or more ascending tenant counts between 1 and 10000 (e.g. 5,50,1000)")
+        };
+        let counts = value
+            .split(',')
+            .map(|c| c.trim().parse::<u32>().map_err(|_| usage()))
+            .collect::<Result<Vec<u32>, String>>()?;
+        let ascending = counts.windows(2).all(|w| w[0] < w[1]);
+        if counts.len() < 2 || !ascending || counts[0] == 0 || counts[counts.len() - 1] > 10_000 {
+            return Err(usage());
+        }
+        Ok(Self(counts))
+    }
+
+    pub fn all(&self) -> &[u32] {
+        &self.0
+    }
+
+    /// The count every other one's rate is compared with.
+    pub fn baseline(&self) -> u32 {
+        self.0[0]
+    }
+
+    pub fn most(&self) -> u32 {
+        self.0[self.0.len() - 1]
+    }
 }
 
 impl BenchArgs {
@@ -125,17 +169,13 @@ fn positive_duration(value: &str) -> Result<Duration, String> {
     }
 }
 
-fn tenant_pair(value: &str) -> Result<TenantPair, String> {
-    let usage = || {
-        format!("`{value}` is not two tenant counts FEW,MANY between 1 and 10000, FEW below MANY (e.g. 10,1000)")
-    };
-    let (few, many) = value.split_once(',').ok_or_else(usage)?;
-    let few: u32 = few.trim().parse().map_err(|_| usage())?;
-    let many: u32 = many.trim().parse().map_err(|_| usage())?;
-    if few == 0 || many > 10_000 || few >= many {
-        return Err(usage());
+fn zipf_exponent(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(s) if (0.0..=5.0).contains(&s) => Ok(s),
+        _ => Err(format!(
+            "`{value}` is not an exponent between 0 and 5 (e.g. 1.1)"
+        )),
     }
-    Ok(TenantPair { few, many })
 }
 
 fn key_value(value: &str) -> Result<(String, String), String> {
@@ -159,14 +199,11 @@ mod tests {
     fn defaults_run_every_phase_at_the_issue_sizes() {
         let a = parse(&[]).unwrap();
         assert_eq!(a.events, 100_000);
-        assert_eq!(
-            a.scale_tenants,
-            TenantPair {
-                few: 10,
-                many: 1000
-            }
-        );
-        assert_eq!(a.scale_pool_capacity, 64);
+        assert_eq!(a.scale_tenants.all(), [5, 50, 1000]);
+        assert_eq!(a.scale_tenants.baseline(), 5);
+        assert_eq!(a.scale_tenants.most(), 1000);
+        assert_eq!(a.zipf_exponent, 1.1);
+        assert_eq!(a.neighbour_burst, 20_000);
         assert_eq!(a.report, PathBuf::from("bench-report.json"));
         for phase in Phase::value_variants() {
             assert!(a.runs(*phase), "{phase:?}");
@@ -210,6 +247,9 @@ mod tests {
             &["--scale-tenants", "10"],
             &["--scale-tenants", "0,10"],
             &["--scale-tenants", "10,20000"],
+            &["--scale-tenants", "5,50,50"],
+            &["--zipf-exponent", "-1"],
+            &["--neighbour-tenants", "1"],
             &["--worker-env", "NOEQUALS"],
             &["--worker-env", "=value"],
             &["--partitions", "0"],

@@ -1,13 +1,15 @@
 //! Phases 4 and 5: the real worker binary draining pre-filled partition queues, its lag at half
-//! that rate, and the same drain over few and over many tenants with a bounded pool cache.
+//! that rate, and the same drain over more and more tenants with the worker's defaults. The
+//! noisy-neighbour phase 6 is in `neighbour`.
 
 use crate::bench::broker::{self, Target};
 use crate::bench::cpu::{CpuShare, Snapshot};
+use crate::bench::report::keys::Scale;
 use crate::bench::report::{keys, Figure, Report};
 use crate::bench::run::{migrated_database, seed, Bench, Runs};
 use crate::bench::stats::{percentile, sorted};
 use crate::bench::worker::{self, Counts, WorkerConfig, Workers};
-use crate::bench::workload::{tenant_ids, Event, Generator};
+use crate::bench::workload::{tenant_ids, Activity, Event, Generator};
 use crate::bench::BenchError;
 use crate::support;
 use chrono::{DateTime, Utc};
@@ -24,12 +26,8 @@ const DRAIN_POLL: Duration = Duration::from_millis(50);
 const STALL: Duration = Duration::from_secs(20);
 /// A worker's graceful stop slower than this is worth a note: restarts would be that slow.
 const SLOW_STOP: Duration = Duration::from_secs(5);
-/// The worker's AVSYNC_TENANT_POOL_CAPACITY and AVSYNC_TENANT_POOL_SIZE defaults.
-const DEFAULT_POOL_CAPACITY: u32 = 256;
-const DEFAULT_POOL_SIZE: u32 = 4;
-/// Connections left free beside the workers' pools: the bench's own, and the short-lived one a
-/// worker opens to check migrations before it opens a pool.
-const CONNECTION_MARGIN: u32 = 10;
+/// How often the tenant sessions in `pg_stat_activity` are counted during a drain.
+const CONNECTION_SAMPLE: Duration = Duration::from_millis(100);
 /// Tenant databases created at once: enough to overlap their round trips and WAL writes, few
 /// enough not to crowd two cores.
 const CREATE_CONCURRENCY: usize = 4;
@@ -37,8 +35,11 @@ const CREATE_CONCURRENCY: usize = 4;
 /// The result of draining a pre-filled queue with fresh workers, per repetition.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Drain {
-    tenants: u32,
     rates: Vec<f64>,
+    retried: Vec<f64>,
+    dead_lettered: Vec<f64>,
+    /// Most sessions of the workers (by `application_name`) to the run's databases at once.
+    peak_connections: Vec<f64>,
     peak_rss_mb: Vec<f64>,
     /// New PostgreSQL sessions in the tenant databases per 1,000 settled events.
     sessions_per_1k: Vec<f64>,
@@ -48,7 +49,7 @@ pub(super) struct Drain {
 impl Bench<'_> {
     /// Creates (from one migrated template) the databases of tenants `0..count` not made yet,
     /// so that neither creation nor migration is measured.
-    async fn tenant_databases(&mut self, count: u32) -> Result<(), BenchError> {
+    pub(super) async fn tenant_databases(&mut self, count: u32) -> Result<(), BenchError> {
         if count <= self.tenant_databases {
             return Ok(());
         }
@@ -94,19 +95,18 @@ impl Bench<'_> {
         report: &mut Report,
         config: &WorkerConfig,
         tenants: u32,
+        activity: Activity,
         tag: char,
     ) -> Result<Drain, BenchError> {
         self.tenant_databases(tenants).await?;
-        let config = self.fitted(report, config, tenants).await?;
         let ids = tenant_ids(tenants);
         let n = self.args.events;
-        let mut drain = Drain {
-            tenants,
-            ..Drain::default()
-        };
+        let mut drain = Drain::default();
         let mut log_lines = 0;
         for rep in 0..self.reps() {
-            let events = Generator::new(seed(6, rep), &format!("{tag}{rep}"), &ids, n).events(n);
+            let events =
+                Generator::with_activity(seed(6, rep), &format!("{tag}{rep}"), &ids, n, activity)
+                    .events(n);
             let filled = Instant::now();
             broker::publish_all(&self.publish, Target::Partitions(&self.topology), &events).await?;
             drop(events);
@@ -116,14 +116,16 @@ impl Bench<'_> {
                 filled.elapsed().as_secs_f64()
             );
             let sessions_before = tenant_sessions(&self.prefix).await?;
-            let mut workers = Workers::start(&config, self.args.workers, &self.http).await?;
+            let mut workers = Workers::start(config, self.args.workers, &self.http).await?;
             let pids = workers.pids();
             let before = Snapshot::take(&pids);
+            let sampler = ConnectionSampler::start(&self.prefix).await?;
             let waited = match workers.counts(&self.http).await {
                 Ok(start) => self.wait_settled(&mut workers, start, n).await,
                 Err(e) => Err(e),
             };
             let cpu = before.share_until(&Snapshot::take(&pids));
+            let peak_connections = sampler.stop().await;
             let peak_rss = workers.peak_rss();
             let stopped = workers.stop().await;
             log_lines += stopped.log_lines;
@@ -178,6 +180,9 @@ impl Bench<'_> {
                 ));
             }
             drain.rates.push(rate);
+            drain.retried.push(c.retried as f64);
+            drain.dead_lettered.push(c.dead_lettered as f64);
+            drain.peak_connections.push(peak_connections as f64);
             drain.peak_rss_mb.push(peak_rss.map_or(f64::NAN, mb));
             drain
                 .sessions_per_1k
@@ -193,45 +198,26 @@ impl Bench<'_> {
         Ok(drain)
     }
 
-    /// `config` with a pool size that fits PostgreSQL's free connections, when the default
-    /// would not: a worker holds up to (open pools × pool size) connections, and a server out of
-    /// connections turns every event into a retry, which measures nothing.
-    async fn fitted(
-        &self,
-        report: &mut Report,
-        config: &WorkerConfig,
-        tenants: u32,
-    ) -> Result<WorkerConfig, BenchError> {
-        let chosen_by_operator = config
-            .extra_env
-            .iter()
-            .any(|(k, _)| k == "AVSYNC_TENANT_POOL_SIZE");
-        if chosen_by_operator {
-            return Ok(config.clone());
-        }
-        let (max, in_use) = connection_use().await?;
-        let free = max.saturating_sub(in_use + CONNECTION_MARGIN);
-        let capacity = config.pool_capacity.unwrap_or(DEFAULT_POOL_CAPACITY);
-        let pools = tenants.min(capacity) * u32::from(self.args.workers);
-        let size = fit_pool_size(pools, free);
-        if let Some(size) = size {
-            report.note(format!(
-                "{tenants} tenants: workers run with AVSYNC_TENANT_POOL_SIZE={size}: {pools} pool(s) of the default {DEFAULT_POOL_SIZE} connections would exceed the {free} free of PostgreSQL's max_connections={max}"
-            ));
-        }
-        Ok(WorkerConfig {
-            pool_size: size,
-            ..config.clone()
-        })
-    }
-
     /// Polls the workers until they settled `n` more messages than `start` counted, or until
     /// nothing moved for [`STALL`] or the drain window passed.
-    async fn wait_settled(
+    pub(super) async fn wait_settled(
         &self,
         workers: &mut Workers,
         start: Counts,
         n: u64,
+    ) -> Result<Progress, BenchError> {
+        self.wait_settled_within(workers, start, n, self.args.drain_window, STALL)
+            .await
+    }
+
+    /// [`Self::wait_settled`] with its own window and stall.
+    pub(super) async fn wait_settled_within(
+        &self,
+        workers: &mut Workers,
+        start: Counts,
+        n: u64,
+        window: Duration,
+        stall: Duration,
     ) -> Result<Progress, BenchError> {
         let mut progress = Progress::new(start, Instant::now());
         loop {
@@ -242,11 +228,11 @@ impl Bench<'_> {
                 progress.ending = Ending::Complete;
                 return Ok(progress);
             }
-            if now.duration_since(progress.last_change.0) > STALL {
+            if now.duration_since(progress.last_change.0) > stall {
                 progress.ending = Ending::Stalled;
                 return Ok(progress);
             }
-            if now.duration_since(progress.started) > self.args.drain_window {
+            if now.duration_since(progress.started) > window {
                 progress.ending = Ending::Window;
                 return Ok(progress);
             }
@@ -256,7 +242,7 @@ impl Bench<'_> {
 
     /// Empties the partition, retry and dead-letter queues after a drain that did not finish,
     /// so the next repetition starts from the same state.
-    async fn purge_leftovers(&self) {
+    pub(super) async fn purge_leftovers(&self) {
         let mut queues: Vec<String> = (0..self.topology.partitions())
             .map(|p| self.topology.partition_queue(p))
             .collect();
@@ -281,13 +267,15 @@ impl Bench<'_> {
         &mut self,
         report: &mut Report,
         config: &WorkerConfig,
-    ) -> Result<Drain, BenchError> {
+    ) -> Result<(), BenchError> {
         let (t, w) = (self.args.tenants, self.args.workers);
         eprintln!(
             "[4] worker: {w} worker process(es) drain {} events over {t} tenants",
             self.args.events
         );
-        let drain = self.drain(report, config, t, 'w').await?;
+        let drain = self
+            .drain(report, config, t, Activity::Uniform, 'w')
+            .await?;
         report.add(Figure::new(
             keys::WORKER,
             4,
@@ -313,8 +301,7 @@ impl Bench<'_> {
             &[],
         ));
         let max_rate = report.median(keys::WORKER).unwrap_or(0.0);
-        self.lag(report, config, max_rate / 2.0).await?;
-        Ok(drain)
+        self.lag(report, config, max_rate / 2.0).await
     }
 
     /// Publishes fresh users' events at `rate` to running workers, stamping each with its
@@ -333,8 +320,7 @@ impl Bench<'_> {
         eprintln!(
             "[4] worker lag: {rate:.0} events/s (half the drain rate) for {d:?} per repetition"
         );
-        let config = self.fitted(report, config, self.args.tenants).await?;
-        let mut workers = Workers::start(&config, self.args.workers, &self.http).await?;
+        let mut workers = Workers::start(config, self.args.workers, &self.http).await?;
         let result = self.lag_runs(report, &mut workers, rate).await;
         let stopped = workers.stop().await;
         if stopped.log_lines > 0 {
@@ -443,100 +429,148 @@ impl Bench<'_> {
         Ok(runs)
     }
 
+    /// The drain over each tenant count, uniform, then over the most with Zipf activity.
     pub(super) async fn scale(
         &mut self,
         report: &mut Report,
         config: &WorkerConfig,
-        worker_drain: Option<Drain>,
     ) -> Result<(), BenchError> {
-        let pair = self.args.scale_tenants;
-        let capacity = self.args.scale_pool_capacity;
-        let config = WorkerConfig {
-            pool_capacity: Some(capacity),
-            ..config.clone()
-        };
+        let counts = self.args.scale_tenants.clone();
+        let zipf = self.args.zipf_exponent;
         eprintln!(
-            "[5] scale: {} events over {} and over {} tenants, AVSYNC_TENANT_POOL_CAPACITY={capacity}",
-            self.args.events, pair.few, pair.many
+            "[5] scale: {} events over {:?} tenants, and over {} with Zipf activity (s = {zipf}), worker defaults",
+            self.args.events,
+            counts.all(),
+            counts.most()
         );
-        // Below both capacities no pool is ever closed, so phase 4's runs are the same runs.
-        let reusable = worker_drain.filter(|d| d.tenants == pair.few && pair.few <= capacity);
-        let few = match reusable {
-            Some(d) => {
-                report.note(format!(
-                    "scale, {} tenants: phase 4's runs are reused (with {} tenants no pool is ever evicted at capacity 256 or {capacity})",
-                    pair.few, pair.few
-                ));
-                d
-            }
-            None => self.drain(report, &config, pair.few, 'f').await?,
-        };
-        let many = self.drain(report, &config, pair.many, 'm').await?;
-        for (drain, rate_key, rss_key, sessions_key) in [
-            (
-                &few,
-                keys::SCALE_FEW,
-                keys::SCALE_FEW_RSS,
-                keys::SCALE_FEW_SESSIONS,
-            ),
-            (
-                &many,
-                keys::SCALE_MANY,
-                keys::SCALE_MANY_RSS,
-                keys::SCALE_MANY_SESSIONS,
-            ),
-        ] {
+        let mut runs: Vec<(u32, Activity)> = counts
+            .all()
+            .iter()
+            .map(|&t| (t, Activity::Uniform))
+            .collect();
+        if zipf > 0.0 {
+            runs.push((counts.most(), Activity::Zipf(zipf)));
+        }
+        for (tenants, activity) in runs {
+            let is_zipf = matches!(activity, Activity::Zipf(_));
+            let label = if is_zipf {
+                format!("{tenants} tenants, Zipf s={zipf}")
+            } else {
+                format!("{tenants} tenants, uniform")
+            };
+            eprintln!("  {label}");
+            let drain = self
+                .drain(
+                    report,
+                    config,
+                    tenants,
+                    activity,
+                    if is_zipf { 'z' } else { 's' },
+                )
+                .await?;
+            let key = |measure| keys::scale(tenants, is_zipf, measure);
             report.add(Figure::new(
-                rate_key,
+                key(Scale::Drain),
                 5,
-                format!(
-                    "scale: drain, {} tenants, pool capacity {capacity}",
-                    drain.tenants
-                ),
+                format!("scale: drain, {label}"),
                 "events/s",
-                drain.rates.clone(),
+                drain.rates,
                 &drain.cpu,
             ));
-            report.add(Figure::new(
-                rss_key,
-                5,
-                format!("scale: worker peak RSS, {} tenants", drain.tenants),
-                "MB",
-                drain.peak_rss_mb.clone(),
-                &[],
-            ));
-            report.add(Figure::new(
-                sessions_key,
-                5,
-                format!(
-                    "scale: new PostgreSQL sessions per 1k events, {} tenants",
-                    drain.tenants
+            for (measure, title, unit, samples) in [
+                (Scale::Retried, "retried", "count", drain.retried),
+                (
+                    Scale::DeadLettered,
+                    "dead-lettered",
+                    "count",
+                    drain.dead_lettered,
                 ),
-                "count",
-                drain.sessions_per_1k.clone(),
-                &[],
-            ));
+                (
+                    Scale::PeakConnections,
+                    "peak tenant sessions (pg_stat_activity)",
+                    "count",
+                    drain.peak_connections,
+                ),
+                (
+                    Scale::SessionsPer1k,
+                    "new PostgreSQL sessions per 1k events",
+                    "count",
+                    drain.sessions_per_1k,
+                ),
+                (Scale::PeakRss, "worker peak RSS", "MB", drain.peak_rss_mb),
+            ] {
+                report.add(Figure::new(
+                    key(measure),
+                    5,
+                    format!("  {title}, {label}"),
+                    unit,
+                    samples,
+                    &[],
+                ));
+            }
         }
         Ok(())
     }
 }
 
+/// Counts the workers' sessions to the run's databases in `pg_stat_activity` until stopped,
+/// on a connection of its own, and keeps the most seen at once.
+struct ConnectionSampler {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<i64>,
+}
+
+impl ConnectionSampler {
+    async fn start(prefix: &str) -> Result<Self, BenchError> {
+        let mut admin = PgConnection::connect(support::PG_ADMIN_URL).await?;
+        let pattern = format!("{prefix}_");
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut peak = 0;
+            loop {
+                let count: Result<i64, _> = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND starts_with(datname, $2)",
+                )
+                .bind(avsync_worker::pools::APPLICATION_NAME)
+                .bind(&pattern)
+                .fetch_one(&mut admin)
+                .await;
+                if let Ok(count) = count {
+                    peak = peak.max(count);
+                }
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = tokio::time::sleep(CONNECTION_SAMPLE) => {}
+                }
+            }
+            let _ = admin.close().await;
+            peak
+        });
+        Ok(Self { stop, task })
+    }
+
+    async fn stop(self) -> i64 {
+        let _ = self.stop.send(());
+        self.task.await.unwrap_or(0)
+    }
+}
+
 /// What a drain looked like through the workers' counters.
 #[derive(Debug, Clone)]
-struct Progress {
-    started: Instant,
+pub(super) struct Progress {
+    pub(super) started: Instant,
     initial: Counts,
     /// The first sample that saw a message settled, with the events applied by then.
     first: Option<(Instant, u64)>,
     /// The last sample at which the settled count moved, with the events applied by then.
-    last_change: (Instant, u64),
-    counts: Counts,
-    ending: Ending,
+    pub(super) last_change: (Instant, u64),
+    pub(super) counts: Counts,
+    pub(super) ending: Ending,
 }
 
 /// Why a wait for settled messages ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ending {
+pub(super) enum Ending {
     /// Every message expected was settled.
     Complete,
     /// Nothing was settled for [`STALL`].
@@ -581,28 +615,6 @@ impl Progress {
             }
         }
     }
-}
-
-/// The pool size that lets `pools` pools fit in `free` connections, when the default does not.
-fn fit_pool_size(pools: u32, free: u32) -> Option<u32> {
-    let pools = pools.max(1);
-    (pools * DEFAULT_POOL_SIZE > free).then(|| (free / pools).max(1))
-}
-
-/// PostgreSQL's `max_connections` and the connections open now.
-async fn connection_use() -> Result<(u32, u32), BenchError> {
-    let mut admin = PgConnection::connect(support::PG_ADMIN_URL).await?;
-    let max: String = sqlx::query_scalar("SHOW max_connections")
-        .fetch_one(&mut admin)
-        .await?;
-    let in_use: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity")
-        .fetch_one(&mut admin)
-        .await?;
-    let _ = admin.close().await;
-    Ok((
-        max.parse().unwrap_or(100),
-        u32::try_from(in_use).unwrap_or(u32::MAX),
-    ))
 }
 
 /// Sessions ever opened to the run's databases (PostgreSQL counts each new connection). A
@@ -651,7 +663,7 @@ async fn create_from_template(template: &str, names: Vec<String>) -> Result<(), 
 }
 
 /// Each sent event's lag in milliseconds, read from its row; also how many rows were missing.
-async fn lags_ms(prefix: &str, sent: &[Event]) -> Result<(Vec<f64>, usize), BenchError> {
+pub(super) async fn lags_ms(prefix: &str, sent: &[Event]) -> Result<(Vec<f64>, usize), BenchError> {
     let mut by_tenant: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
     for e in sent {
         by_tenant.entry(e.tenant.as_str()).or_default().push(e);
@@ -714,15 +726,5 @@ mod tests {
         assert!((p.applied_per_second() - 2_000.0).abs() < 1e-6);
         let still = Progress::new(counts(50, 0), t0);
         assert_eq!(still.applied_per_second(), 0.0);
-    }
-
-    #[test]
-    fn pools_keep_the_default_size_while_they_fit() {
-        assert_eq!(fit_pool_size(10, 80), None);
-        assert_eq!(fit_pool_size(20, 80), None);
-        assert_eq!(fit_pool_size(64, 80), Some(1));
-        assert_eq!(fit_pool_size(30, 80), Some(2));
-        assert_eq!(fit_pool_size(64, 0), Some(1), "never below one connection");
-        assert_eq!(fit_pool_size(0, 0), Some(1));
     }
 }

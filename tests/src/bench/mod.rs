@@ -7,16 +7,21 @@
 //! 3. `pipeline`: a raw consumer applying batches of 100 in one transaction, and the naive one
 //!    upsert and one ack per message (the worker's ceiling and floor), plus raw upsert rates;
 //! 4. `worker`: the real worker binary draining a pre-filled queue, and its lag at half that rate;
-//! 5. `scale`: the same drain over few and over many tenants with a bounded pool cache.
+//! 5. `scale`: the same drain, with the worker's defaults, over a few, some and many tenants
+//!    equally busy, and over the many with Zipf-distributed activity; drawn as a chart;
+//! 6. `neighbour`: one tenant's table locked under a burst of its events, and the lag of the
+//!    other tenants, its partition's neighbours above all.
 //!
 //! Every figure is the median of several repetitions, with the CPU each part of the system used
 //! while it was measured, so a reader can tell what limited it.
 
 pub mod args;
 pub mod broker;
+mod chart;
 pub mod cpu;
 mod drain;
 pub mod loadgen;
+mod neighbour;
 pub mod pipeline;
 pub mod report;
 pub mod resources;

@@ -1,6 +1,7 @@
 //! The run's result: every figure with its repetitions and CPU, the checks against the issue's
 //! targets, printed as a table and written as JSON.
 
+use crate::bench::args::TenantCounts;
 use crate::bench::cpu::CpuShare;
 use crate::bench::stats::Summary;
 use crate::bench::BenchError;
@@ -25,17 +26,41 @@ pub mod keys {
     pub const LAG_RATE: &str = "worker_lag_publish_rate";
     pub const LAG_P50: &str = "worker_lag_p50";
     pub const LAG_P99: &str = "worker_lag_p99";
-    pub const SCALE_FEW: &str = "scale_few_tenants_drain";
-    pub const SCALE_MANY: &str = "scale_many_tenants_drain";
-    pub const SCALE_FEW_RSS: &str = "scale_few_tenants_peak_rss";
-    pub const SCALE_MANY_RSS: &str = "scale_many_tenants_peak_rss";
-    pub const SCALE_FEW_SESSIONS: &str = "scale_few_tenants_sessions_per_1k_events";
-    pub const SCALE_MANY_SESSIONS: &str = "scale_many_tenants_sessions_per_1k_events";
+    pub const NEIGHBOUR_P50: &str = "neighbour_lag_p50";
+    pub const NEIGHBOUR_P99: &str = "neighbour_lag_p99";
+    pub const OTHERS_P99: &str = "neighbour_other_partitions_lag_p99";
+    pub const NEIGHBOUR_SET_ASIDE: &str = "neighbour_locked_tenant_set_aside";
+    pub const NEIGHBOUR_CATCH_UP: &str = "neighbour_locked_tenant_catch_up";
+
+    /// What a scale drain reports of itself.
+    #[derive(Debug, Clone, Copy)]
+    pub enum Scale {
+        Drain,
+        Retried,
+        DeadLettered,
+        PeakConnections,
+        SessionsPer1k,
+        PeakRss,
+    }
+
+    /// `scale_<tenants>_<uniform|zipf>_<measure>`, e.g. `scale_1000_zipf_drain`.
+    pub fn scale(tenants: u32, zipf: bool, measure: Scale) -> String {
+        let activity = if zipf { "zipf" } else { "uniform" };
+        let measure = match measure {
+            Scale::Drain => "drain",
+            Scale::Retried => "retried",
+            Scale::DeadLettered => "dead_lettered",
+            Scale::PeakConnections => "peak_connections",
+            Scale::SessionsPer1k => "sessions_per_1k_events",
+            Scale::PeakRss => "peak_rss",
+        };
+        format!("scale_{tenants}_{activity}_{measure}")
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Figure {
-    pub key: &'static str,
+    pub key: String,
     /// The section (1 to 5) this figure answers.
     pub section: u8,
     pub title: String,
@@ -49,7 +74,7 @@ pub struct Figure {
 
 impl Figure {
     pub fn new(
-        key: &'static str,
+        key: impl Into<String>,
         section: u8,
         title: impl Into<String>,
         unit: &'static str,
@@ -57,7 +82,7 @@ impl Figure {
         cpu: &[CpuShare],
     ) -> Self {
         Self {
-            key,
+            key: key.into(),
             section,
             title: title.into(),
             unit,
@@ -93,7 +118,7 @@ pub enum Verdict {
 /// One of the targets, reported and never asserted.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
-    pub name: &'static str,
+    pub name: String,
     pub value: Option<f64>,
     pub bound: Bound,
     pub target: f64,
@@ -102,12 +127,12 @@ pub struct Check {
 }
 
 impl Check {
-    fn new(name: &'static str, value: Option<f64>, bound: Bound, target: f64) -> Self {
+    fn new(name: impl Into<String>, value: Option<f64>, bound: Bound, target: f64) -> Self {
         Self::with_unit(name, value, bound, target, "x")
     }
 
     fn with_unit(
-        name: &'static str,
+        name: impl Into<String>,
         value: Option<f64>,
         bound: Bound,
         target: f64,
@@ -120,7 +145,7 @@ impl Check {
             (Some(_), _) => Verdict::Miss,
         };
         Self {
-            name,
+            name: name.into(),
             value,
             bound,
             target,
@@ -219,13 +244,20 @@ impl Report {
         }
     }
 
-    /// Computes the checks from the figures measured so far.
-    pub fn check(&mut self) {
-        let peak_rss = [keys::SCALE_MANY_RSS, keys::SCALE_FEW_RSS, keys::WORKER_RSS]
+    /// Computes the checks from the figures measured so far; `scale` is the run's tenant counts,
+    /// the first the baseline, the last the most.
+    pub fn check(&mut self, scale: &TenantCounts) {
+        use keys::Scale;
+        let peak_rss = self
+            .figures
             .iter()
-            .filter_map(|k| self.median(k))
+            .filter(|f| f.unit == "MB" && f.key.ends_with("rss"))
+            .filter_map(Figure::median)
             .reduce(f64::max);
-        self.checks = vec![
+        let base = scale.baseline();
+        let most = scale.most();
+        let rate = |tenants, zipf| keys::scale(tenants, zipf, Scale::Drain);
+        let mut checks = vec![
             Check::new(
                 "worker / batched pipeline",
                 self.ratio(keys::WORKER, keys::PIPELINE_BATCHED),
@@ -244,14 +276,63 @@ impl Report {
                 Bound::AtLeast,
                 0.4,
             ),
-            Check::new(
-                "many tenants / few tenants",
-                self.ratio(keys::SCALE_MANY, keys::SCALE_FEW),
-                Bound::AtLeast,
-                0.4,
-            ),
-            Check::with_unit("worker peak RSS", peak_rss, Bound::AtMost, 150.0, "MB"),
         ];
+        for &tenants in &scale.all()[1..scale.all().len() - 1] {
+            checks.push(Check::new(
+                format!("{tenants} / {base} tenants"),
+                self.ratio(&rate(tenants, false), &rate(base, false)),
+                Bound::AtLeast,
+                0.9,
+            ));
+            let retried = self.median(&keys::scale(tenants, false, Scale::Retried));
+            let dead = self.median(&keys::scale(tenants, false, Scale::DeadLettered));
+            checks.push(Check::with_unit(
+                format!("{tenants} tenants retried+dead"),
+                retried.zip(dead).map(|(r, d)| r + d),
+                Bound::AtMost,
+                0.0,
+                "count",
+            ));
+        }
+        checks.push(Check::new(
+            format!("{most} / {base} tenants"),
+            self.ratio(&rate(most, false), &rate(base, false)),
+            Bound::AtLeast,
+            0.5,
+        ));
+        checks.push(Check::new(
+            format!("{most} Zipf / {base} tenants"),
+            self.ratio(&rate(most, true), &rate(base, false)),
+            Bound::AtLeast,
+            0.8,
+        ));
+        for zipf in [false, true] {
+            checks.push(Check::with_unit(
+                format!(
+                    "sessions/1k, {most} {}",
+                    if zipf { "Zipf" } else { "uniform" }
+                ),
+                self.median(&keys::scale(most, zipf, Scale::SessionsPer1k)),
+                Bound::AtMost,
+                20.0,
+                "count",
+            ));
+        }
+        checks.push(Check::with_unit(
+            "neighbours' lag p99",
+            self.median(keys::NEIGHBOUR_P99),
+            Bound::AtMost,
+            2_000.0,
+            "ms",
+        ));
+        checks.push(Check::with_unit(
+            "worker peak RSS",
+            peak_rss,
+            Bound::AtMost,
+            100.0,
+            "MB",
+        ));
+        self.checks = checks;
     }
 
     /// The human-readable table for stdout.
@@ -391,8 +472,9 @@ fn number(value: f64, unit: &str) -> String {
 mod tests {
     use super::*;
 
-    fn figure(key: &'static str, unit: &'static str, samples: &[f64]) -> Figure {
-        Figure::new(key, 1, key, unit, samples.to_vec(), &[])
+    fn figure(key: impl Into<String>, unit: &'static str, samples: &[f64]) -> Figure {
+        let key = key.into();
+        Figure::new(key.clone(), 1, key, unit, samples.to_vec(), &[])
     }
 
     #[test]
@@ -410,13 +492,35 @@ mod tests {
         r.add(figure(keys::WORKER, "events/s", &[900.0, 1000.0, 1100.0]));
         r.add(figure(keys::PIPELINE_BATCHED, "msg/s", &[2000.0]));
         r.add(figure(keys::PIPELINE_NAIVE, "msg/s", &[250.0]));
-        r.add(figure(keys::SCALE_MANY_RSS, "MB", &[151.0]));
-        r.check();
+        r.add(figure(
+            keys::scale(1000, false, keys::Scale::PeakRss),
+            "MB",
+            &[101.0],
+        ));
+        r.add(figure(
+            keys::scale(5, false, keys::Scale::Drain),
+            "events/s",
+            &[1000.0],
+        ));
+        r.add(figure(
+            keys::scale(50, false, keys::Scale::Drain),
+            "events/s",
+            &[950.0],
+        ));
+        r.add(figure(
+            keys::scale(1000, true, keys::Scale::Drain),
+            "events/s",
+            &[700.0],
+        ));
+        r.check(&TenantCounts::parse("5,50,1000").unwrap());
         let verdict = |name: &str| r.checks.iter().find(|c| c.name == name).unwrap().verdict;
         assert_eq!(verdict("worker / batched pipeline"), Verdict::Pass);
         assert_eq!(verdict("worker / naive pipeline"), Verdict::Miss);
         assert_eq!(verdict("ingress / broker limit"), Verdict::NotMeasured);
         assert_eq!(verdict("worker peak RSS"), Verdict::Miss);
+        assert_eq!(verdict("50 / 5 tenants"), Verdict::Pass);
+        assert_eq!(verdict("1000 Zipf / 5 tenants"), Verdict::Miss);
+        assert_eq!(verdict("1000 / 5 tenants"), Verdict::NotMeasured);
         let table = r.table();
         assert!(table.contains("worker / batched pipeline"), "{table}");
         assert!(table.contains("0.50") && table.contains("PASS"), "{table}");

@@ -4,6 +4,7 @@
 
 use crate::bench::args::{BenchArgs, Phase};
 use crate::bench::broker::{self, Target};
+use crate::bench::chart;
 use crate::bench::cpu::{CpuShare, Snapshot};
 use crate::bench::loadgen;
 use crate::bench::pipeline;
@@ -49,10 +50,21 @@ pub async fn bench(args: BenchArgs, command: String) -> Result<(), BenchError> {
     if let Err(e) = &outcome {
         report.error = Some(e.to_string());
     }
-    report.check();
+    report.check(&args.scale_tenants);
     print!("{}", report.table());
     report.write_json(&args.report)?;
     eprintln!("report written to {}", args.report.display());
+    let chart_path = args.report.with_extension("svg");
+    match chart::scale_chart(
+        &report,
+        &args.scale_tenants,
+        args.zipf_exponent,
+        &chart_path,
+    ) {
+        Ok(true) => eprintln!("chart written to {}", chart_path.display()),
+        Ok(false) => {}
+        Err(e) => eprintln!("no chart: {e}"),
+    }
     outcome
 }
 
@@ -78,8 +90,11 @@ fn settings(args: &BenchArgs) -> serde_json::Value {
         "events": args.events,
         "workers": args.workers,
         "lag_duration_seconds": args.lag_duration.as_secs_f64(),
-        "scale_tenants": [args.scale_tenants.few, args.scale_tenants.many],
-        "scale_pool_capacity": args.scale_pool_capacity,
+        "scale_tenants": args.scale_tenants.all(),
+        "zipf_exponent": args.zipf_exponent,
+        "neighbour_burst": args.neighbour_burst,
+        "neighbour_tenants": args.neighbour_tenants,
+        "neighbour_rate": args.neighbour_rate,
         "drain_window_seconds": args.drain_window.as_secs_f64(),
         "worker_retry_delays": worker::RETRY_DELAYS,
         "worker_env": worker_env,
@@ -121,7 +136,7 @@ async fn phases(
         .worker_bin
         .clone()
         .unwrap_or_else(worker::default_binary);
-    if args.runs(Phase::Worker) || args.runs(Phase::Scale) {
+    if args.runs(Phase::Worker) || args.runs(Phase::Scale) || args.runs(Phase::Neighbour) {
         if let Some(warning) = worker::check_binary(&worker_binary)? {
             report.note(warning);
         }
@@ -165,8 +180,6 @@ async fn phases(
         topology: bench.prefix.clone(),
         partitions: args.partitions,
         database_template: support::database_url(&format!("{}_{{tenant_id}}", bench.prefix)),
-        pool_capacity: None,
-        pool_size: None,
         extra_env: args.worker_env.clone(),
     };
     if args.runs(Phase::Broker) {
@@ -178,12 +191,14 @@ async fn phases(
     if args.runs(Phase::Pipeline) {
         bench.pipeline(report).await?;
     }
-    let mut worker_drain = None;
     if args.runs(Phase::Worker) {
-        worker_drain = Some(bench.worker(report, &config).await?);
+        bench.worker(report, &config).await?;
     }
     if args.runs(Phase::Scale) {
-        bench.scale(report, &config, worker_drain).await?;
+        bench.scale(report, &config).await?;
+    }
+    if args.runs(Phase::Neighbour) {
+        bench.neighbour(report, &config).await?;
     }
     let _ = bench.publish.close(200, "bench done".into()).await;
     let _ = bench.amqp.close(200, "bench done".into()).await;

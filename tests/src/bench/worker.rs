@@ -37,8 +37,6 @@ pub struct WorkerConfig {
     pub partitions: u16,
     /// `AVSYNC_TENANT_DATABASE_URL`, with `{tenant_id}`.
     pub database_template: String,
-    pub pool_capacity: Option<u32>,
-    pub pool_size: Option<u32>,
     pub extra_env: Vec<(String, String)>,
 }
 
@@ -81,6 +79,8 @@ pub struct Counts {
     pub ignored: u64,
     pub retried: u64,
     pub dead_lettered: u64,
+    /// Set aside through a delay tier, no attempt counted (a stuck or slow tenant).
+    pub set_aside: u64,
 }
 
 impl Counts {
@@ -94,6 +94,7 @@ impl Counts {
         self.ignored += other.ignored;
         self.retried += other.retried;
         self.dead_lettered += other.dead_lettered;
+        self.set_aside += other.set_aside;
     }
 }
 
@@ -101,6 +102,15 @@ impl Counts {
 pub fn parse_counts(metrics: &str) -> Counts {
     let mut counts = Counts::default();
     for line in metrics.lines() {
+        if let Some(rest) = line.strip_prefix("avsync_worker_events_set_aside_total{") {
+            if let Some(value) = rest
+                .rsplit_once('}')
+                .and_then(|(_, v)| v.trim().parse::<f64>().ok())
+            {
+                counts.set_aside += value as u64;
+            }
+            continue;
+        }
         let Some(rest) = line.strip_prefix("avsync_worker_events_total{") else {
             continue;
         };
@@ -176,13 +186,11 @@ impl WorkerProcess {
             .env("AVSYNC_TENANT_DATABASE_URL", &config.database_template)
             .env("AVSYNC_CREATE_TENANT_DATABASES", "true")
             .env("AVSYNC_RETRY_DELAYS", RETRY_DELAYS)
-            .env("RUST_LOG", "warn");
-        if let Some(capacity) = config.pool_capacity {
-            command.env("AVSYNC_TENANT_POOL_CAPACITY", capacity.to_string());
-        }
-        if let Some(size) = config.pool_size {
-            command.env("AVSYNC_TENANT_POOL_SIZE", size.to_string());
-        }
+            // The product's filter at warn: what an operator would see go wrong.
+            .env(
+                "RUST_LOG",
+                avsync_shared::telemetry::DEFAULT_FILTER.replacen("info", "warn", 1),
+            );
         for (key, value) in &config.extra_env {
             command.env(key, value);
         }
@@ -388,6 +396,8 @@ avsync_worker_events_total{outcome="applied",type="subject.created"} 80
 avsync_worker_events_total{outcome="ignored",type="other"} 3
 avsync_worker_events_total{outcome="retried",type="member.joined"} 2
 avsync_worker_events_total{outcome="dead_lettered",type="other"} 1
+avsync_worker_events_set_aside_total{reason="backlog"} 40
+avsync_worker_events_set_aside_total{reason="slow"} 2
 avsync_worker_apply_seconds_count 200
 "#;
         let c = parse_counts(text);
@@ -397,7 +407,8 @@ avsync_worker_apply_seconds_count 200
                 applied: 200,
                 ignored: 3,
                 retried: 2,
-                dead_lettered: 1
+                dead_lettered: 1,
+                set_aside: 42,
             }
         );
         assert_eq!(c.settled(), 204);

@@ -4,6 +4,8 @@
 
 use avsync_shared::TenantId;
 use chrono::{DateTime, SecondsFormat, Utc};
+use rand::distr::weighted::WeightedIndex;
+use rand::distr::Distribution;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
@@ -73,36 +75,73 @@ fn jsonb_object(mut entries: Vec<(&str, String)>) -> String {
     format!("{{{}}}", fields.join(","))
 }
 
+/// How activity spreads over the tenants.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activity {
+    /// Every tenant equally busy.
+    Uniform,
+    /// The k-th tenant gets a share proportional to 1/k^s, as real SaaS tenants do (s ≈ 1.1).
+    Zipf(f64),
+}
+
 /// Builds bodies from a seeded generator, so that every run sends the same kind of traffic.
 pub struct Generator {
     rng: StdRng,
     /// Makes subs unique to one batch of events, so that every repetition inserts new rows.
     run: String,
     tenants: Vec<TenantId>,
-    users_per_tenant: u64,
+    /// Which tenant each event goes to; `None` is uniform.
+    weights: Option<WeightedIndex<f64>>,
+    /// Users of each tenant, in proportion to its share of the events.
+    users: Vec<u64>,
 }
 
 impl Generator {
-    /// Events of `run` over `tenants`, about three per user, for `expected_events` events.
+    /// Events of `run` over `tenants`, equally busy, about three per user, for
+    /// `expected_events` events.
     pub fn new(seed: u64, run: &str, tenants: &[TenantId], expected_events: u64) -> Self {
-        let per_tenant = expected_events / (tenants.len().max(1) as u64);
+        Self::with_activity(seed, run, tenants, expected_events, Activity::Uniform)
+    }
+
+    pub fn with_activity(
+        seed: u64,
+        run: &str,
+        tenants: &[TenantId],
+        expected_events: u64,
+        activity: Activity,
+    ) -> Self {
+        let shares: Vec<f64> = match activity {
+            Activity::Uniform => vec![1.0; tenants.len()],
+            Activity::Zipf(s) => (1..=tenants.len()).map(|k| (k as f64).powf(-s)).collect(),
+        };
+        let total: f64 = shares.iter().sum();
+        let users = shares
+            .iter()
+            .map(|share| ((expected_events as f64 * share / total) as u64 / EVENTS_PER_USER).max(1))
+            .collect();
+        let weights = match activity {
+            Activity::Uniform => None,
+            Activity::Zipf(_) => WeightedIndex::new(&shares).ok(),
+        };
         Self {
             rng: StdRng::seed_from_u64(seed),
             run: run.to_owned(),
             tenants: tenants.to_vec(),
-            users_per_tenant: (per_tenant / EVENTS_PER_USER).max(1),
+            weights,
+            users,
         }
     }
 
-    /// `n` events, each for a random tenant and a random one of its users, timestamps a
-    /// millisecond apart from now.
+    /// `n` events, each for a tenant picked by the activity and a random one of its users,
+    /// timestamps a millisecond apart from now.
     pub fn events(&mut self, n: u64) -> Vec<Event> {
         let start = Utc::now();
         (0..n)
             .map(|i| {
                 let at = start + chrono::Duration::milliseconds(i as i64);
-                let tenant = self.random_tenant();
-                let user = self.rng.random_range(0..self.users_per_tenant);
+                let k = self.random_tenant();
+                let user = self.rng.random_range(0..self.users[k]);
+                let tenant = self.tenants[k].clone();
                 self.event(&tenant, user, at)
             })
             .collect()
@@ -111,16 +150,21 @@ impl Generator {
     /// One event for a user no other event names, stamped `at`: its row is its alone, so the
     /// row's commit time is this event's commit time.
     pub fn fresh_user_event(&mut self, serial: u64, at: DateTime<Utc>) -> Event {
-        let tenant = self.random_tenant();
-        let user = self.users_per_tenant + serial;
+        let k = self.random_tenant();
+        let user = self.users[k] + serial;
+        let tenant = self.tenants[k].clone();
         self.event(&tenant, user, at)
     }
 
-    fn random_tenant(&mut self) -> TenantId {
-        self.tenants
-            .choose(&mut self.rng)
-            .cloned()
-            .expect("a generator has at least one tenant (--tenants is at least 1)")
+    fn random_tenant(&mut self) -> usize {
+        assert!(
+            !self.tenants.is_empty(),
+            "a generator has at least one tenant (--tenants is at least 1)"
+        );
+        match &self.weights {
+            Some(weights) => weights.sample(&mut self.rng),
+            None => self.rng.random_range(0..self.tenants.len()),
+        }
     }
 
     fn random_type(&mut self) -> &'static str {
@@ -272,5 +316,26 @@ mod tests {
             .collect();
         assert!(fresh.iter().all(|s| !generated.contains(s)));
         assert_eq!(fresh.iter().collect::<BTreeSet<_>>().len(), 20);
+    }
+
+    #[test]
+    fn zipf_activity_makes_the_first_tenants_the_busiest() {
+        let tenants = tenant_ids(100);
+        let events =
+            Generator::with_activity(3, "z", &tenants, 20_000, Activity::Zipf(1.1)).events(20_000);
+        let of = |t: &TenantId| events.iter().filter(|e| &e.tenant == t).count();
+        let (first, tenth, last) = (of(&tenants[0]), of(&tenants[9]), of(&tenants[99]));
+        // Shares 1/k^1.1 over 100 tenants: about 23%, 1.8% and 0.15%.
+        assert!((3_800..5_400).contains(&first), "{first}");
+        assert!(
+            first > 8 * tenth && tenth > 5 * last,
+            "{first} {tenth} {last}"
+        );
+        let uniform = Generator::new(3, "u", &tenants, 20_000).events(20_000);
+        let busiest = tenants
+            .iter()
+            .map(|t| uniform.iter().filter(|e| &e.tenant == t).count())
+            .max();
+        assert!(busiest < Some(400), "{busiest:?}");
     }
 }
