@@ -2,8 +2,11 @@
 //! databases; random event histories and the model they must produce.
 
 use crate::support::{self, wait_until};
+use avsync_shared::broker::headers::{
+    ERROR_CLASS_HEADER, ERROR_HEADER, EVENT_TYPE_HEADER, TENANT_HEADER,
+};
 use avsync_shared::event::{Effect, KNOWN_TYPES};
-use avsync_shared::topology::{Topology, EVENT_TYPE_HEADER, TENANT_HEADER};
+use avsync_shared::topology::Topology;
 use avsync_shared::Envelope;
 use avsync_worker::apply::{self, Identity, Model};
 use avsync_worker::settings::Settings;
@@ -336,8 +339,8 @@ pub async fn take_dead_letters(ch: &Channel, topology: &Topology) -> Vec<DeadLet
                 .as_ref()
                 .map(|m| m.as_str().to_owned())
                 .unwrap_or_default(),
-            class: header_text(&d.properties, avsync_worker::dlq::ERROR_CLASS_HEADER),
-            error: header_text(&d.properties, avsync_worker::dlq::ERROR_HEADER),
+            class: header_text(&d.properties, ERROR_CLASS_HEADER),
+            error: header_text(&d.properties, ERROR_HEADER),
             body: d.data.clone(),
         });
         d.acker

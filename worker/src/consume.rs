@@ -17,7 +17,7 @@ use crate::metrics::{Metrics, Outcome};
 use crate::pools::Pools;
 use crate::retry::{self, History, NextStep, Retry, RetryPolicy};
 use crate::tenants::Resolver;
-use avsync_shared::broker::FailureLog;
+use avsync_shared::broker::{self, ConfirmedPublisher, FailureLog};
 use avsync_shared::event::{type_label, Effect};
 use avsync_shared::topology::Topology;
 use avsync_shared::{Envelope, TenantId};
@@ -27,10 +27,10 @@ use futures_util::stream::{self, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -216,15 +216,9 @@ async fn session(
     consumed: &mut bool,
 ) -> Result<(), SessionError> {
     let name = format!("avsync-worker {}", worker.topology.prefix());
-    let conn = tokio::time::timeout(
-        SETUP_TIMEOUT,
-        Connection::connect(
-            &worker.amqp_url,
-            ConnectionProperties::default().with_connection_name(name.as_str().into()),
-        ),
-    )
-    .await
-    .map_err(|_| SessionError::SetupTimeout(SETUP_TIMEOUT))??;
+    let conn = tokio::time::timeout(SETUP_TIMEOUT, broker::connect(&worker.amqp_url, &name))
+        .await
+        .map_err(|_| SessionError::SetupTimeout(SETUP_TIMEOUT))??;
     let result = consume_on(&conn, worker, shutdown, consumed).await;
     let _ = tokio::time::timeout(
         close_bound(&result),
@@ -237,7 +231,7 @@ async fn session(
 /// The channels a session consumes and publishes on, set up on one connection.
 struct Channels {
     setup: Channel,
-    publish: Channel,
+    publish: ConfirmedPublisher,
     consume: Channel,
 }
 
@@ -253,10 +247,7 @@ impl Channels {
             worker.topology.declare_retry_tier(&setup, *delay).await?;
         }
         check_partitions(conn, &worker.topology).await?;
-        let publish = conn.create_channel().await?;
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let publish = ConfirmedPublisher::open(conn.create_channel().await?).await?;
         let consume = conn.create_channel().await?;
         consume
             .basic_qos(
@@ -288,7 +279,7 @@ impl Channels {
     }
 
     fn all_open(&self) -> bool {
-        [&self.setup, &self.publish, &self.consume]
+        [&self.setup, self.publish.channel(), &self.consume]
             .iter()
             .all(|c| c.status().connected())
     }
@@ -528,7 +519,7 @@ async fn consume_on(
     // The broker answers a channel's close only after it has processed every frame sent on it
     // before, so once these return, every ack above has reached it; closing the connection
     // straight away could drop acks still queued and hand applied messages back.
-    for channel in [consume, publish, setup] {
+    for channel in [consume, publish.channel(), setup] {
         let _ = tokio::time::timeout(
             close_bound(&outcome),
             channel.close(200, "worker stopping".into()),
@@ -590,7 +581,7 @@ fn flush(
     tasks: &mut JoinSet<()>,
     batches: Vec<Batch<Item>>,
     worker: &Arc<Worker>,
-    publish: &Channel,
+    publish: &ConfirmedPublisher,
     gate: &SettleGate,
 ) {
     for batch in batches {
@@ -668,7 +659,12 @@ async fn commit(
 /// Applies a batch and acks it after the commit. When the batch fails, every message goes its own
 /// way: after a permanent failure each is applied alone (so one bad event cannot dead-letter the
 /// others), after a transient one each takes the retry path (or the outage hold) by itself.
-async fn apply_batch(worker: Arc<Worker>, publish: Channel, gate: SettleGate, batch: Batch<Item>) {
+async fn apply_batch(
+    worker: Arc<Worker>,
+    publish: ConfirmedPublisher,
+    gate: SettleGate,
+    batch: Batch<Item>,
+) {
     let marked_slow = worker.tenants.marked(&batch.tenant);
     let outcome = match commit(&worker, &batch, &marked_slow, &gate.shutdown).await {
         Ok(()) => Ok(()),
@@ -762,7 +758,12 @@ async fn apply_batch(worker: Arc<Worker>, publish: Channel, gate: SettleGate, ba
 
 /// Sets every message of a slow tenant's batch aside, to come back after about the time its
 /// tenant stays marked slow.
-async fn set_aside_all(worker: &Worker, publish: &Channel, gate: &SettleGate, batch: Batch<Item>) {
+async fn set_aside_all(
+    worker: &Worker,
+    publish: &ConfirmedPublisher,
+    gate: &SettleGate,
+    batch: Batch<Item>,
+) {
     let wait = worker.tenants.open_for(&batch.tenant);
     let tenant = &batch.tenant;
     let aside = batch.items.iter().map(|item| {
@@ -829,7 +830,7 @@ async fn process(worker: &Worker, envelope: &Envelope, body: &[u8]) -> Result<Ha
 
 async fn handle(
     worker: Arc<Worker>,
-    publish: Channel,
+    publish: ConfirmedPublisher,
     partition: u16,
     delivery: Delivery,
     gate: SettleGate,
@@ -874,7 +875,7 @@ enum Start {
 
 async fn settle(
     worker: &Worker,
-    publish: &Channel,
+    publish: &ConfirmedPublisher,
     partition: u16,
     delivery: &Delivery,
     start: Start,
@@ -1042,7 +1043,7 @@ fn set_aside_delay(delays: &[Duration], wait: Duration) -> Duration {
 /// Settles one failed message: into a retry tier or the dead-letter queue, confirmed, then acked.
 struct Settler<'a> {
     worker: &'a Worker,
-    publish: &'a Channel,
+    publish: &'a ConfirmedPublisher,
     partition: u16,
     delivery: &'a Delivery,
     label: &'static str,

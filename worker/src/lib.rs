@@ -13,6 +13,7 @@ pub mod cli;
 pub mod consume;
 pub mod depth;
 pub mod dlq;
+pub mod dlq_cli;
 pub mod failure;
 pub mod metrics;
 pub mod migrate;
