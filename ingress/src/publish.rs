@@ -2,7 +2,7 @@
 //! request. A request gets its 202 only after the broker confirmed its own message.
 
 use crate::metrics::Metrics;
-use avsync_shared::broker::headers::{long, EVENT_TYPE_HEADER, TENANT_HEADER};
+use avsync_shared::broker::headers::{long, EVENT_TYPE_HEADER, PERSISTENT, TENANT_HEADER};
 use avsync_shared::broker::{self, ConfirmedPublisher, FailureLog, CONNECT_TIMEOUT};
 use avsync_shared::{Envelope, Topology};
 use backon::{ExponentialBuilder, Retryable};
@@ -15,7 +15,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 /// How often the supervisor looks at the connection's state.
 const HEALTH_POLL: Duration = Duration::from_millis(200);
-const PERSISTENT: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {

@@ -2,7 +2,7 @@
 //! how a dead letter reads back (what `dlq list` shows). The operator commands are in `dlq_cli`.
 
 use avsync_shared::broker::headers::{
-    carried_headers, header, header_int, header_str, long, value_str, ATTEMPTS_HEADER,
+    carried_headers, header, header_int, header_str, long, republished, value_str, ATTEMPTS_HEADER,
     ERROR_CLASS_HEADER, ERROR_HEADER, EVENT_TYPE_HEADER, FIRST_FAILURE_HEADER, LAST_FAILURE_HEADER,
     TENANT_HEADER,
 };
@@ -11,7 +11,7 @@ use avsync_shared::topology::Topology;
 use avsync_shared::Envelope;
 use chrono::{DateTime, SecondsFormat, Utc};
 use lapin::message::Delivery;
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::AMQPValue;
 use lapin::BasicProperties;
 
 /// Why a message was dead-lettered.
@@ -73,11 +73,7 @@ pub async fn publish_dead_letter(
         LAST_FAILURE_HEADER.into(),
         long(&rfc3339(letter.last_failure)),
     );
-    let properties = delivery
-        .properties
-        .clone()
-        .with_headers(FieldTable::from(headers))
-        .with_delivery_mode(2);
+    let properties = republished(&delivery.properties, headers);
     publisher
         .publish("", &topology.dead_queue(), &delivery.data, properties)
         .await

@@ -6,8 +6,7 @@
 
 use crate::dlq::Listed;
 use avsync_shared::broker::headers::{
-    carried_headers, header_str, long, ATTEMPTS_HEADER, ERROR_CLASS_HEADER, ERROR_HEADER,
-    FIRST_FAILURE_HEADER, LAST_FAILURE_HEADER, TENANT_HEADER,
+    carried_headers, header_str, long, republished, FAILURE_HEADERS, TENANT_HEADER,
 };
 use avsync_shared::broker::{self, setting_problem, ConfirmedPublisher};
 use avsync_shared::config::CommonArgs;
@@ -268,22 +267,9 @@ async fn replay<W: Write>(
             );
             return Ok(Walk::On);
         };
-        let mut headers = carried_headers(
-            &delivery.properties,
-            &[
-                ERROR_CLASS_HEADER,
-                ERROR_HEADER,
-                ATTEMPTS_HEADER,
-                FIRST_FAILURE_HEADER,
-                LAST_FAILURE_HEADER,
-            ],
-        );
+        let mut headers = carried_headers(&delivery.properties, &FAILURE_HEADERS);
         headers.insert(TENANT_HEADER.into(), long(tenant.as_str()));
-        let properties = delivery
-            .properties
-            .clone()
-            .with_headers(FieldTable::from(headers))
-            .with_delivery_mode(2);
+        let properties = republished(&delivery.properties, headers);
         publisher
             .publish(
                 &topology.events_exchange(),

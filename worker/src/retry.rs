@@ -3,15 +3,15 @@
 //! as `exhausted`. The attempt count and the first failure time travel with the message.
 
 use avsync_shared::broker::headers::{
-    carried_headers, header, header_int, ATTEMPTS_HEADER, DELIVERY_COUNT_HEADER, ERROR_HEADER,
-    FIRST_FAILURE_HEADER, LAST_FAILURE_HEADER,
+    carried_headers, header, header_int, republished, ATTEMPTS_HEADER, DELIVERY_COUNT_HEADER,
+    ERROR_HEADER, FIRST_FAILURE_HEADER, LAST_FAILURE_HEADER,
 };
 use avsync_shared::broker::{ConfirmedPublisher, PublishError};
 use avsync_shared::topology::Topology;
 use avsync_shared::TenantId;
 use chrono::{DateTime, SecondsFormat, Utc};
 use lapin::message::Delivery;
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, LongString};
 use rand::Rng;
 use std::time::Duration;
 
@@ -155,12 +155,8 @@ pub async fn publish_retry(
         AMQPValue::LongString(LongString::from(error)),
     );
     let expiration = jittered(delay).as_millis().to_string();
-    let properties = delivery
-        .properties
-        .clone()
-        .with_headers(FieldTable::from(headers))
-        .with_delivery_mode(2)
-        .with_expiration(expiration.as_str().into());
+    let properties =
+        republished(&delivery.properties, headers).with_expiration(expiration.as_str().into());
     // The tier is a fanout exchange; the routing key is kept on the message so that, when it
     // expires back into the events exchange, it lands in its tenant's partition again.
     let routing_key = Topology::routing_key(topology.partition_of(tenant));

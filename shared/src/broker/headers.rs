@@ -1,6 +1,6 @@
 //! Every `x-avsync-*` header, what the broker adds on its own, and how their values are read.
 
-use lapin::types::{AMQPValue, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 use std::collections::BTreeMap;
 
@@ -16,6 +16,14 @@ pub const ERROR_HEADER: &str = "x-avsync-error";
 pub const ATTEMPTS_HEADER: &str = "x-avsync-attempts";
 pub const FIRST_FAILURE_HEADER: &str = "x-avsync-first-failure";
 pub const LAST_FAILURE_HEADER: &str = "x-avsync-last-failure";
+/// The failure history a retry or dead letter carries; a replay starts it afresh.
+pub const FAILURE_HEADERS: [&str; 5] = [
+    ERROR_CLASS_HEADER,
+    ERROR_HEADER,
+    ATTEMPTS_HEADER,
+    FIRST_FAILURE_HEADER,
+    LAST_FAILURE_HEADER,
+];
 /// The quorum queue's count of earlier deliveries that were not settled.
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 
@@ -32,7 +40,10 @@ const BROKER_HEADERS: &[&str] = &[
     "x-last-death-reason",
 ];
 
-/// A string header value, long or short.
+/// AMQP's `delivery_mode` for a message the broker keeps on disk.
+pub const PERSISTENT: u8 = 2;
+
+/// A long-string header value.
 pub fn long(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
@@ -70,6 +81,17 @@ pub fn header_str(properties: &BasicProperties, key: &str) -> Option<String> {
 
 pub fn header_int(properties: &BasicProperties, key: &str) -> Option<i64> {
     header(properties, key).and_then(value_int)
+}
+
+/// The properties of a persistent copy of a message that had `properties`, carrying `headers`.
+pub fn republished(
+    properties: &BasicProperties,
+    headers: BTreeMap<ShortString, AMQPValue>,
+) -> BasicProperties {
+    properties
+        .clone()
+        .with_headers(FieldTable::from(headers))
+        .with_delivery_mode(PERSISTENT)
 }
 
 /// The message's headers without the broker's own and without the keys in `drop`.
