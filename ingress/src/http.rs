@@ -243,6 +243,7 @@ async fn accept(app: &AppState, headers: &HeaderMap, body: Body) -> Result<Queue
                 tenant,
                 "type" = %envelope.event_type,
                 error = %e,
+                cause = e.cause().as_deref(),
                 "webhook not queued; answering 503"
             );
         })?;

@@ -2,25 +2,19 @@
 //! request. A request gets its 202 only after the broker confirmed its own message.
 
 use crate::metrics::Metrics;
-use avsync_shared::broker::FailureLog;
-use avsync_shared::topology::{EVENT_TYPE_HEADER, TENANT_HEADER};
+use avsync_shared::broker::headers::{long, EVENT_TYPE_HEADER, PERSISTENT, TENANT_HEADER};
+use avsync_shared::broker::{self, ConfirmedPublisher, FailureLog, CONNECT_TIMEOUT};
 use avsync_shared::{Envelope, Topology};
 use backon::{ExponentialBuilder, Retryable};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Connection};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
-use tokio::sync::{Mutex, Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-
-/// Longest wait for one connect-and-declare attempt, so a broker that accepts TCP but never
-/// answers cannot stall reconnection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the supervisor looks at the connection's state.
 const HEALTH_POLL: Duration = Duration::from_millis(200);
-const PERSISTENT: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -28,18 +22,24 @@ pub enum PublishError {
     NotConnected,
     #[error("the broker did not confirm the message within {0:?}")]
     Timeout(Duration),
-    #[error("the broker refused the message (nack); a partition queue may be full")]
-    Nacked,
-    #[error("the broker returned the message as unroutable; re-declaring the topology")]
-    Unroutable,
-    #[error("the channel is not in confirm mode")]
-    Unconfirmed,
-    #[error("broker error: {0}")]
-    Broker(#[from] lapin::Error),
+    /// The sender is told this much; what lapin said is logged (see [`PublishError::cause`]).
+    #[error("the broker connection failed")]
+    Broker(#[source] broker::PublishError),
+    #[error("the broker refused the message (nack or unroutable)")]
+    Rejected(#[source] broker::PublishError),
     #[error(
         "{0} webhooks are already waiting for the broker's confirm (AVSYNC_MAX_PENDING_PUBLISHES)"
     )]
     Overloaded(usize),
+}
+
+impl From<broker::PublishError> for PublishError {
+    fn from(e: broker::PublishError) -> Self {
+        match e {
+            broker::PublishError::Broker(_) | broker::PublishError::Stopped => Self::Broker(e),
+            broker::PublishError::Nacked | broker::PublishError::Unroutable(_) => Self::Rejected(e),
+        }
+    }
 }
 
 impl PublishError {
@@ -48,23 +48,29 @@ impl PublishError {
         match self {
             Self::NotConnected | Self::Broker(_) => "broker_unavailable",
             Self::Timeout(_) => "publish_timeout",
-            Self::Nacked | Self::Unroutable | Self::Unconfirmed => "publish_rejected",
+            Self::Rejected(_) => "publish_rejected",
             Self::Overloaded(_) => "overloaded",
         }
+    }
+
+    /// What the broker or lapin said, for the log only.
+    pub fn cause(&self) -> Option<String> {
+        std::error::Error::source(self).map(ToString::to_string)
     }
 }
 
 #[derive(Clone)]
 struct Link {
     connection: Arc<Connection>,
-    channel: Channel,
+    publisher: ConfirmedPublisher,
 }
 
 impl Link {
     fn healthy(&self) -> bool {
+        let channel = self.publisher.channel();
         self.connection.status().connected()
-            && self.channel.status().connected()
-            && self.channel.status().confirm()
+            && channel.status().connected()
+            && channel.status().confirm()
     }
 }
 
@@ -73,10 +79,6 @@ struct Inner {
     timeout: Duration,
     metrics: Metrics,
     link: RwLock<Option<Link>>,
-    /// lapin numbers a confirm before it queues the frames, so two unsynchronised publishes on
-    /// one channel could swap delivery tags. Only the send is under this lock; confirms are
-    /// awaited outside it, so they stay pipelined.
-    send: Mutex<()>,
     redeclare: Notify,
     /// One permit per webhook waiting for its confirm, so that a slow broker makes the ingress
     /// answer 503 instead of holding ever more bodies.
@@ -125,7 +127,6 @@ impl Publisher {
             timeout,
             metrics,
             link: RwLock::new(None),
-            send: Mutex::new(()),
             redeclare: Notify::new(),
             pending: Semaphore::new(max_pending),
             max_pending,
@@ -154,7 +155,10 @@ impl Publisher {
         self.inner
             .metrics
             .publish_seconds(started.elapsed().as_secs_f64());
-        if matches!(result, Err(PublishError::Unroutable)) {
+        if matches!(
+            result,
+            Err(PublishError::Rejected(broker::PublishError::Unroutable(_)))
+        ) {
             self.inner.redeclare.notify_one();
         }
         result
@@ -171,38 +175,21 @@ impl Publisher {
         let mut headers = FieldTable::default();
         headers.insert(
             ShortString::from(TENANT_HEADER),
-            AMQPValue::LongString(LongString::from(envelope.tenant_id.as_str())),
+            long(envelope.tenant_id.as_str()),
         );
         headers.insert(
             ShortString::from(EVENT_TYPE_HEADER),
-            AMQPValue::LongString(LongString::from(envelope.event_type.as_str())),
+            long(envelope.event_type.as_str()),
         );
         let properties = BasicProperties::default()
             .with_delivery_mode(PERSISTENT)
             .with_content_type("application/json".into())
             .with_message_id(envelope.id.as_str().into())
             .with_headers(headers);
-        let confirm = {
-            let _send = self.inner.send.lock().await;
-            link.channel
-                .basic_publish(
-                    topology.events_exchange().as_str().into(),
-                    routing_key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        immediate: false,
-                    },
-                    body,
-                    properties,
-                )
-                .await?
-        };
-        match confirm.await? {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable),
-            Confirmation::Nack(_) => Err(PublishError::Nacked),
-            Confirmation::NotRequested => Err(PublishError::Unconfirmed),
-        }
+        link.publisher
+            .publish(&topology.events_exchange(), &routing_key, body, properties)
+            .await?;
+        Ok(())
     }
 }
 
@@ -249,7 +236,7 @@ async fn supervise(inner: Arc<Inner>, amqp_url: String, stop: CancellationToken)
                     return;
                 }
                 _ = inner.redeclare.notified() => {
-                    if let Err(e) = inner.topology.declare(&link.channel).await {
+                    if let Err(e) = inner.topology.declare(link.publisher.channel()).await {
                         tracing::warn!(error = %e, "re-declaring the topology failed");
                     }
                 }
@@ -272,25 +259,24 @@ async fn supervise(inner: Arc<Inner>, amqp_url: String, stop: CancellationToken)
 }
 
 async fn connect(amqp_url: &str, topology: &Topology) -> Result<Link, lapin::Error> {
+    let name = format!("avsync-ingress@{}", topology.prefix());
+    let connection = broker::connect(amqp_url, &name).await?;
     let attempt = async {
-        let properties = ConnectionProperties::default()
-            .with_connection_name(format!("avsync-ingress@{}", topology.prefix()).into());
-        let connection = Connection::connect(amqp_url, properties).await?;
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        topology.declare(&channel).await?;
-        Ok(Link {
-            connection: Arc::new(connection),
-            channel,
-        })
+        let publisher = ConfirmedPublisher::open(connection.create_channel().await?).await?;
+        topology.declare(publisher.channel()).await?;
+        Ok::<_, lapin::Error>(publisher)
     };
-    match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
-        Ok(result) => result,
-        Err(_) => Err(lapin::Error::from(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "connecting to the broker timed out",
-        ))),
-    }
+    let publisher = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+        Ok(opened) => opened?,
+        Err(_) => {
+            return Err(lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "opening a channel and declaring the topology timed out",
+            )))
+        }
+    };
+    Ok(Link {
+        connection: Arc::new(connection),
+        publisher,
+    })
 }

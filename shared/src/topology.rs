@@ -21,9 +21,6 @@ use std::time::Duration;
 /// `AVSYNC_POISON_DELIVERIES` must stay below it.
 pub const BROKER_DELIVERY_LIMIT: i64 = 50;
 
-pub const TENANT_HEADER: &str = "x-avsync-tenant-id";
-pub const EVENT_TYPE_HEADER: &str = "x-avsync-event-type";
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     prefix: String,

@@ -2,8 +2,11 @@
 //! databases; random event histories and the model they must produce.
 
 use crate::support::{self, wait_until};
-use avsync_shared::event::Effect;
-use avsync_shared::topology::{Topology, EVENT_TYPE_HEADER, TENANT_HEADER};
+use avsync_shared::broker::headers::{
+    ERROR_CLASS_HEADER, ERROR_HEADER, EVENT_TYPE_HEADER, TENANT_HEADER,
+};
+use avsync_shared::event::{Effect, KNOWN_TYPES};
+use avsync_shared::topology::Topology;
 use avsync_shared::Envelope;
 use avsync_worker::apply::{self, Identity, Model};
 use avsync_worker::settings::Settings;
@@ -336,8 +339,8 @@ pub async fn take_dead_letters(ch: &Channel, topology: &Topology) -> Vec<DeadLet
                 .as_ref()
                 .map(|m| m.as_str().to_owned())
                 .unwrap_or_default(),
-            class: header_text(&d.properties, avsync_worker::dlq::ERROR_CLASS_HEADER),
-            error: header_text(&d.properties, avsync_worker::dlq::ERROR_HEADER),
+            class: header_text(&d.properties, ERROR_CLASS_HEADER),
+            error: header_text(&d.properties, ERROR_HEADER),
             body: d.data.clone(),
         });
         d.acker
@@ -386,24 +389,14 @@ pub fn model_of(bodies: &[Vec<u8>]) -> Model {
     model
 }
 
-const TYPES: [&str; 16] = [
-    "subject.created",
-    "subject.updated",
-    "subject.deleted",
-    "subject.deactivated",
-    "member.joined",
-    "member.left",
-    "member.role_changed",
-    "member.suspended",
-    "member.activated",
-    "app_access.granted",
-    "app_access.revoked",
-    "app_access.role_changed",
-    "invite.accepted",
-    "invite.created",
-    "license.assigned",
-    "tenant.something_new",
-];
+/// Every type in the catalogue and one it does not know.
+fn every_type() -> Vec<&'static str> {
+    KNOWN_TYPES
+        .iter()
+        .copied()
+        .chain(["tenant.something_new"])
+        .collect()
+}
 
 fn random_text(rng: &mut StdRng) -> Option<Value> {
     match rng.random_range(0..5) {
@@ -423,7 +416,8 @@ pub fn random_history(seed: u64, tenant: &str, users: usize, n: usize) -> Vec<Ve
     let mut rng = StdRng::seed_from_u64(seed);
     (0..n)
         .map(|i| {
-            let event_type = TYPES.choose(&mut rng).copied().unwrap_or(TYPES[0]);
+            let types = every_type();
+            let event_type = types.choose(&mut rng).copied().unwrap_or(types[0]);
             let mut data = Map::new();
             data.insert(
                 "sub".into(),

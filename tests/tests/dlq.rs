@@ -2,14 +2,20 @@
 //! and message id and carry their reason; `list` removes nothing; `replay` and `purge` take exactly
 //! what they are told to, and refuse without a selection.
 
+use avsync_shared::broker::headers::{
+    ATTEMPTS_HEADER, ERROR_CLASS_HEADER, ERROR_HEADER, EVENT_TYPE_HEADER, FIRST_FAILURE_HEADER,
+    LAST_FAILURE_HEADER, TENANT_HEADER,
+};
+use avsync_shared::broker::ConfirmedPublisher;
 use avsync_shared::config::CommonArgs;
-use avsync_shared::topology::{Topology, EVENT_TYPE_HEADER, TENANT_HEADER};
+use avsync_shared::topology::Topology;
 use avsync_shared::TenantId;
 use avsync_tests::support::{self, queue_depth, wait_until};
-use avsync_worker::dlq::{self, DeadLetter, DlqCommand, ErrorClass, ListArgs, Selection};
+use avsync_worker::dlq::{self, DeadLetter, ErrorClass};
+use avsync_worker::dlq_cli::{self, DlqCommand, ListArgs, Selection};
 use chrono::Utc;
 use clap::Parser;
-use lapin::options::{BasicAckOptions, BasicGetOptions, ConfirmSelectOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel};
 use std::collections::BTreeMap;
@@ -23,6 +29,7 @@ struct Fixture {
     common: CommonArgs,
     _conn: lapin::Connection,
     ch: Channel,
+    publisher: ConfirmedPublisher,
 }
 
 impl Fixture {
@@ -30,9 +37,7 @@ impl Fixture {
         let prefix = support::unique("dlq");
         let topology = Topology::new(&prefix, PARTITIONS).unwrap();
         let (conn, ch) = support::channel().await;
-        ch.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .unwrap();
+        let publisher = ConfirmedPublisher::open(ch.clone()).await.unwrap();
         topology.declare(&ch).await.unwrap();
         let common = CommonArgs {
             amqp_url: support::AMQP_URL.to_owned(),
@@ -47,6 +52,7 @@ impl Fixture {
             common,
             _conn: conn,
             ch,
+            publisher,
         }
     }
 
@@ -75,15 +81,15 @@ impl Fixture {
             .with_message_id(id.into())
             .with_delivery_mode(2)
             .with_headers(FieldTable::from(headers));
-        dlq::publish_confirmed(
-            &self.ch,
-            &self.topology.events_exchange(),
-            &Topology::routing_key(partition),
-            &Self::body(id, tenant),
-            properties,
-        )
-        .await
-        .unwrap();
+        self.publisher
+            .publish(
+                &self.topology.events_exchange(),
+                &Topology::routing_key(partition),
+                &Self::body(id, tenant),
+                properties,
+            )
+            .await
+            .unwrap();
         let queue = self.topology.partition_queue(partition);
         let delivery = wait_until(
             "the event in its partition",
@@ -108,7 +114,7 @@ impl Fixture {
             first_failure: now,
             last_failure: now,
         };
-        dlq::publish_dead_letter(&self.ch, &self.topology, &delivery, &letter)
+        dlq::publish_dead_letter(&self.publisher, &self.topology, &delivery, &letter)
             .await
             .unwrap();
         delivery
@@ -120,7 +126,9 @@ impl Fixture {
 
     async fn run(&self, command: DlqCommand) -> String {
         let mut out = Vec::new();
-        dlq::run_to(command, &self.common, &mut out).await.unwrap();
+        dlq_cli::run_to(command, &self.common, &mut out)
+            .await
+            .unwrap();
         String::from_utf8(out).unwrap()
     }
 
@@ -185,17 +193,17 @@ async fn a_dead_letter_keeps_its_body_and_carries_its_reason() {
     );
     let headers = got.properties.headers().as_ref().unwrap().inner();
     for key in [
-        dlq::ERROR_CLASS_HEADER,
-        dlq::ERROR_HEADER,
-        dlq::ATTEMPTS_HEADER,
-        dlq::FIRST_FAILURE_HEADER,
-        dlq::LAST_FAILURE_HEADER,
+        ERROR_CLASS_HEADER,
+        ERROR_HEADER,
+        ATTEMPTS_HEADER,
+        FIRST_FAILURE_HEADER,
+        LAST_FAILURE_HEADER,
         TENANT_HEADER,
         EVENT_TYPE_HEADER,
     ] {
         assert!(headers.contains_key(key), "missing header {key}");
     }
-    let first = match headers.get(dlq::FIRST_FAILURE_HEADER).unwrap() {
+    let first = match headers.get(FIRST_FAILURE_HEADER).unwrap() {
         AMQPValue::LongString(s) => s.to_string(),
         other => panic!("unexpected {other:?}"),
     };
@@ -355,7 +363,7 @@ async fn replay_moves_one_tenants_letters_back_with_attempts_reset() {
         })
         .await;
         let headers = delivery.properties.headers().clone().unwrap_or_default();
-        for key in [dlq::ERROR_CLASS_HEADER, dlq::ATTEMPTS_HEADER, "x-death"] {
+        for key in [ERROR_CLASS_HEADER, ATTEMPTS_HEADER, "x-death"] {
             assert!(
                 !headers.contains_key(key),
                 "replayed message still has {key}"

@@ -7,10 +7,11 @@
 //! --workspace` and run alone, one at a time, by `.ci/run`:
 //! `cargo test -p avsync-tests --test faults -- --ignored --test-threads=1`.
 
+use avsync_shared::event::effectful_types;
 use avsync_shared::topology::Topology;
 use avsync_tests::faults::{
     observable_events, post_all, remove_logs, settle, settle_with_optional, ChildWorker, PgRestart,
-    Posted, RabbitStopped, TopologyGuard, WorkerSpec, EFFECTFUL, RETRY_DELAYS,
+    Posted, RabbitStopped, TopologyGuard, WorkerSpec, RETRY_DELAYS,
 };
 use avsync_tests::ingress_harness::TestIngress;
 use avsync_tests::support::{self, wait_until};
@@ -54,15 +55,13 @@ fn assert_only_202_or_503(posted: &Posted) {
 }
 
 fn applied_total(worker: &TestWorker) -> u64 {
-    EFFECTFUL
-        .iter()
+    effectful_types()
         .map(|t| worker.events(t, Outcome::Applied))
         .sum()
 }
 
 fn retried_total(worker: &TestWorker) -> u64 {
-    EFFECTFUL
-        .iter()
+    effectful_types()
         .map(|t| worker.events(t, Outcome::Retried))
         .sum()
 }

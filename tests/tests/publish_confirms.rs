@@ -1,14 +1,15 @@
-//! Many tasks publishing at once on one confirming channel, as the worker does with retries,
-//! dead letters and replays: every confirm and every return must reach the publish it belongs
-//! to. lapin numbers a publish (its delivery tag) and queues its frames in two steps; two tasks
-//! on two threads can interleave them, so the broker would number the publishes in another order
-//! than lapin and answer each one with the other's confirm or return.
+//! Many tasks publishing at once on one confirming channel, as the ingress does with webhooks and
+//! the worker with retries, dead letters and replays: every confirm and every return must reach
+//! the publish it belongs to. On a bare lapin 4 channel neither holds: lapin numbers a publish
+//! (its delivery tag) and queues its frames in two steps, so two tasks can interleave them, and
+//! it hands a returned message to whichever confirm it completes next, so even publishes sent one
+//! at a time can get another's return. Both processes publish through `ConfirmedPublisher`.
 
+use avsync_shared::broker::{ConfirmedPublisher, PublishError};
 use avsync_tests::support;
-use avsync_worker::dlq::{publish_confirmed, RepublishError};
 use lapin::options::{
-    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, ExchangeKind};
@@ -21,9 +22,7 @@ async fn concurrent_publishes_on_one_channel_each_get_their_own_confirm_or_retur
     let prefix = support::unique("pconf");
     let (exchange, queue) = (format!("{prefix}.x"), format!("{prefix}.q"));
     let (conn, ch) = support::channel().await;
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let publisher = ConfirmedPublisher::open(ch.clone()).await.unwrap();
     ch.exchange_declare(
         exchange.as_str().into(),
         ExchangeKind::Direct,
@@ -53,21 +52,23 @@ async fn concurrent_publishes_on_one_channel_each_get_their_own_confirm_or_retur
     for round in 0..ROUNDS {
         let tasks: Vec<_> = (0..PUBLISHES)
             .map(|i| {
-                let ch = ch.clone();
+                let publisher = publisher.clone();
                 let exchange = exchange.clone();
                 // Every third one goes nowhere: mandatory, so the broker returns it.
                 let routed = i % 3 != 0;
                 tokio::spawn(async move {
                     let key = if routed { "routed" } else { "nowhere" };
                     let body = format!("{round}-{i}");
-                    let result = publish_confirmed(
-                        &ch,
-                        &exchange,
-                        key,
-                        body.as_bytes(),
-                        BasicProperties::default().with_message_id(body.as_str().into()),
-                    )
-                    .await;
+                    let result = publisher
+                        .publish(
+                            &exchange,
+                            key,
+                            body.as_bytes(),
+                            BasicProperties::default()
+                                .with_message_id(body.as_str().into())
+                                .with_delivery_mode(2),
+                        )
+                        .await;
                     (i, routed, result)
                 })
             })
@@ -76,7 +77,7 @@ async fn concurrent_publishes_on_one_channel_each_get_their_own_confirm_or_retur
             let (i, routed, result) = task.await.expect("publishing task");
             let fits = match &result {
                 Ok(()) => routed,
-                Err(RepublishError::Unroutable(_)) => !routed,
+                Err(PublishError::Unroutable(_)) => !routed,
                 Err(e) => panic!("publish {round}-{i}: {e}"),
             };
             if !fits {

@@ -10,7 +10,7 @@ use avsync_tests::support::{self, queue_depth, wait_until, TcpProxy};
 use avsync_tests::worker_harness::{
     model_of, publish, publisher, settings, take_dead_letters, TestDatabases, TestWorker,
 };
-use avsync_worker::dlq::{self, DlqCommand, ListArgs, Selection};
+use avsync_worker::dlq_cli::{self, DlqCommand, ListArgs, Selection};
 use avsync_worker::metrics::Outcome;
 use lapin::options::{BasicGetOptions, BasicNackOptions};
 use std::time::Duration;
@@ -42,7 +42,7 @@ fn common(prefix: &str) -> CommonArgs {
 
 async fn list_json(prefix: &str) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
-    dlq::run_to(
+    dlq_cli::run_to(
         DlqCommand::List(ListArgs {
             tenant: None,
             limit: None,
@@ -178,7 +178,7 @@ async fn exhausted_events_are_dead_lettered_with_their_history_and_replay_after_
 
     dbs.migrated("bad").await;
     let mut out = Vec::new();
-    dlq::run_to(
+    dlq_cli::run_to(
         DlqCommand::Replay(Selection {
             tenant: Some("bad".into()),
             event_id: None,

@@ -2,13 +2,14 @@
 //! retry tier comes back to its own partition after the delay with its history in its headers, and
 //! the quorum queue's delivery count tells the worker how often a message went unsettled.
 
-use avsync_shared::topology::{Topology, TENANT_HEADER};
+use avsync_shared::broker::headers::TENANT_HEADER;
+use avsync_shared::broker::ConfirmedPublisher;
+use avsync_shared::topology::Topology;
 use avsync_shared::TenantId;
 use avsync_tests::support::{self, wait_until};
-use avsync_worker::dlq;
 use avsync_worker::retry::{self, History, Retry};
 use chrono::Utc;
-use lapin::options::{BasicGetOptions, BasicNackOptions, ConfirmSelectOptions};
+use lapin::options::{BasicGetOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel};
 use std::collections::BTreeMap;
@@ -31,24 +32,29 @@ async fn get(ch: &Channel, queue: &str) -> lapin::message::Delivery {
     .await
 }
 
-async fn publish_event(ch: &Channel, topology: &Topology, tenant: &TenantId, body: &[u8]) {
+async fn publish_event(
+    publisher: &ConfirmedPublisher,
+    topology: &Topology,
+    tenant: &TenantId,
+    body: &[u8],
+) {
     let mut headers = BTreeMap::new();
     headers.insert(
         ShortString::from(TENANT_HEADER),
         AMQPValue::LongString(LongString::from(tenant.as_str())),
     );
-    dlq::publish_confirmed(
-        ch,
-        &topology.events_exchange(),
-        &Topology::routing_key(topology.partition_of(tenant)),
-        body,
-        BasicProperties::default()
-            .with_message_id("ev-1".into())
-            .with_delivery_mode(2)
-            .with_headers(FieldTable::from(headers)),
-    )
-    .await
-    .unwrap();
+    publisher
+        .publish(
+            &topology.events_exchange(),
+            &Topology::routing_key(topology.partition_of(tenant)),
+            body,
+            BasicProperties::default()
+                .with_message_id("ev-1".into())
+                .with_delivery_mode(2)
+                .with_headers(FieldTable::from(headers)),
+        )
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -56,16 +62,14 @@ async fn a_retried_message_returns_to_its_partition_after_the_delay_with_its_his
     let prefix = support::unique("tier");
     let topology = Topology::new(&prefix, PARTITIONS).unwrap();
     let (conn, ch) = support::channel().await;
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let publisher = ConfirmedPublisher::open(ch.clone()).await.unwrap();
     topology.declare(&ch).await.unwrap();
     topology.declare_retry_tier(&ch, DELAY).await.unwrap();
 
     let tenant = TenantId::parse("acme").unwrap();
     let queue = topology.partition_queue(topology.partition_of(&tenant));
     let body = br#"{"id":"ev-1","type":"member.joined","tenant_id":"acme","timestamp":"2026-11-27T10:00:00Z","data":{"sub":"u"}}"#;
-    publish_event(&ch, &topology, &tenant, body).await;
+    publish_event(&publisher, &topology, &tenant, body).await;
 
     let first = get(&ch, &queue).await;
     let history = History::of(&first);
@@ -74,7 +78,7 @@ async fn a_retried_message_returns_to_its_partition_after_the_delay_with_its_his
     let failed_at = Utc::now();
     let sent = Instant::now();
     retry::publish_retry(
-        &ch,
+        &publisher,
         &topology,
         &first,
         &Retry {

@@ -1,6 +1,6 @@
 //! The `avsync-worker` command line: consume (the default), `migrate`, `dlq`, `reconcile`.
 
-use crate::dlq::DlqCommand;
+use crate::dlq_cli::DlqCommand;
 use crate::migrate::MigrateArgs;
 use crate::reconcile_cli::ReconcileArgs;
 use crate::settings::Settings;

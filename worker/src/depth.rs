@@ -8,19 +8,20 @@
 //! as every process does, idempotently and with the same arguments; a queue deleted later reads
 //! as empty and is declared again at the next poll.
 
+use avsync_shared::broker;
 use avsync_shared::topology::Topology;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::options::QueueDeclareOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties, ErrorKind};
+use lapin::{Channel, Connection, ErrorKind};
 use prometheus::IntGaugeVec;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// How often every queue is polled.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
-/// Longest wait for a connection or one declare, so a broker that accepts TCP but never answers
+/// Longest wait for one declare, so a broker that accepts TCP but never answers
 /// cannot stall the poller.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_RECONNECT: Duration = Duration::from_secs(30);
@@ -101,10 +102,7 @@ impl DepthPoller {
         loop {
             let connected = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                connected = bounded(Connection::connect(
-                    &self.amqp_url,
-                    ConnectionProperties::default().with_connection_name(name.as_str().into()),
-                )) => connected,
+                connected = broker::connect(&self.amqp_url, &name) => connected.map_err(PollError::from),
             };
             let failure = match connected {
                 Ok(conn) => {

@@ -8,6 +8,15 @@ use avsync_shared::EnvelopeError;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// What the driver or the pool reported, kept whole (chain and SQLSTATE) for the log and the
+/// retry logic; shared, because one failure answers every message of a batch.
+pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
+
+/// `e` as a [`Cause`].
+pub fn cause(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Cause {
+    Arc::from(e.into())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureClass {
     Transient,
@@ -35,16 +44,16 @@ pub enum Failure {
     TenantUnknown,
 
     #[error("tenant registry unreachable: {0}")]
-    Registry(String),
+    Registry(#[source] Arc<sqlx::Error>),
 
     #[error("tenant database {database:?} does not exist (not yet provisioned); create and migrate it, or set AVSYNC_CREATE_TENANT_DATABASES=true")]
     NotProvisioned { database: String },
 
     #[error("tenant database unreachable: {0}")]
-    Unreachable(String),
+    Unreachable(#[source] Cause),
 
-    #[error("the PostgreSQL server refused a connection for lack of slots ({0}); the work waits and this worker holds fewer connections there for a while; keep workers × AVSYNC_MAX_CONNECTIONS below the server's max_connections")]
-    Refused(String),
+    #[error("the PostgreSQL server refused a connection for lack of slots ({reply}); the work waits and this worker holds fewer connections there for a while; keep workers × AVSYNC_MAX_CONNECTIONS below the server's max_connections", reply = server_reply(.0))]
+    Refused(#[source] Arc<sqlx::Error>),
 
     #[error("tenant database {database:?} refused a connection: its own CONNECTION LIMIT is reached; its events are set aside until it accepts one (raise the limit with ALTER DATABASE … CONNECTION LIMIT)")]
     DatabaseRefused { database: String },
@@ -55,11 +64,11 @@ pub enum Failure {
     #[error("no connection to the tenant database within {0:?}: its pool (AVSYNC_TENANT_POOL_SIZE) stayed busy")]
     PoolTimeout(Duration),
 
-    #[error("tenant database migration failed: {0}")]
-    Migration(String),
+    #[error("tenant database migration failed: {reason}", reason = migration_reason(.0))]
+    Migration(#[source] Arc<sqlx::migrate::MigrateError>),
 
     #[error("tenant database migration needs an operator: {0}; repair the database's _sqlx_migrations, then replay")]
-    MigrationConflict(String),
+    MigrationConflict(#[source] Arc<sqlx::migrate::MigrateError>),
 
     #[error("tenant database error: {0}")]
     Database(#[source] Arc<sqlx::Error>),
@@ -165,12 +174,27 @@ impl From<sqlx::migrate::MigrateError> for Failure {
     fn from(e: sqlx::migrate::MigrateError) -> Self {
         use sqlx::migrate::MigrateError;
         match e {
-            MigrateError::Execute(inner) => Failure::Migration(inner.to_string()),
             MigrateError::VersionMismatch(_) | MigrateError::Dirty(_) => {
-                Failure::MigrationConflict(e.to_string())
+                Failure::MigrationConflict(Arc::new(e))
             }
-            other => Failure::Migration(other.to_string()),
+            other => Failure::Migration(Arc::new(other)),
         }
+    }
+}
+
+/// The server's own words for a refusal, without the driver's preamble.
+fn server_reply(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => db.message().to_owned(),
+        other => other.to_string(),
+    }
+}
+
+/// What failed in a migration: for a failed statement, the database's error itself.
+fn migration_reason(e: &sqlx::migrate::MigrateError) -> String {
+    match e {
+        sqlx::migrate::MigrateError::Execute(inner) => inner.to_string(),
+        other => other.to_string(),
     }
 }
 
@@ -218,6 +242,18 @@ mod tests {
         Failure::from(sqlx::Error::Database(Box::new(FakeDbError(code))))
     }
 
+    fn refused_io() -> Arc<sqlx::Error> {
+        Arc::new(sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )))
+    }
+
+    fn too_many_clients() -> Failure {
+        Failure::Refused(Arc::new(sqlx::Error::Database(Box::new(FakeDbError(
+            "53300",
+        )))))
+    }
+
     #[test]
     fn permanent_failures() {
         for f in [
@@ -231,7 +267,7 @@ mod tests {
             },
             Failure::BadDatabaseUrl("no database name".into()),
             Failure::TenantDisabled,
-            Failure::MigrationConflict("dirty".into()),
+            Failure::from(sqlx::migrate::MigrateError::Dirty(3)),
             sqlstate("22021"),
             sqlstate("23514"),
         ] {
@@ -243,13 +279,15 @@ mod tests {
     fn transient_failures() {
         for f in [
             Failure::TenantUnknown,
-            Failure::Registry("connection refused".into()),
+            Failure::Registry(refused_io()),
             Failure::NotProvisioned {
                 database: "tenant_a".into(),
             },
-            Failure::Unreachable("connection refused".into()),
+            Failure::Unreachable(refused_io()),
             Failure::PoolTimeout(Duration::from_secs(10)),
-            Failure::Migration("connection reset".into()),
+            Failure::from(sqlx::migrate::MigrateError::Execute(sqlx::Error::Io(
+                std::io::Error::from(std::io::ErrorKind::ConnectionReset),
+            ))),
             Failure::from(sqlx::Error::PoolTimedOut),
             Failure::from(sqlx::Error::Io(std::io::Error::from(
                 std::io::ErrorKind::ConnectionReset,
@@ -259,7 +297,7 @@ mod tests {
             sqlstate("57P01"),
             sqlstate("42P01"),
             sqlstate("08006"),
-            Failure::Refused("sorry, too many clients already".into()),
+            too_many_clients(),
             Failure::DatabaseRefused {
                 database: "tenant_a".into(),
             },
@@ -284,14 +322,14 @@ mod tests {
         }
         for f in [
             sqlstate("40001"),
-            Failure::Unreachable("connection refused".into()),
+            Failure::Unreachable(refused_io()),
             Failure::NotProvisioned {
                 database: "tenant_a".into(),
             },
         ] {
             assert!(!f.marks_slow(), "{f}");
         }
-        assert!(Failure::Refused("sorry, too many clients already".into()).is_server_refusal());
+        assert!(too_many_clients().is_server_refusal());
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod budget;
 pub mod cli;
 pub mod depth;
 pub mod dlq;
+pub mod dlq_cli;
 pub mod failure;
 pub mod fate;
 pub mod metrics;

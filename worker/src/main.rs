@@ -16,7 +16,7 @@ async fn main() -> ExitCode {
         Command::Migrate(args) => {
             avsync_worker::migrate::run(&args, &cli.settings, &mut std::io::stdout()).await
         }
-        Command::Dlq(command) => avsync_worker::dlq::run(command, &cli.settings.common).await,
+        Command::Dlq(command) => avsync_worker::dlq_cli::run(command, &cli.settings.common).await,
         Command::Reconcile(args) => {
             if let Err(e) = cli.settings.reconcile_settings() {
                 exit_bad_setting(PROGRAM, &e.to_string());

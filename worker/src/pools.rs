@@ -10,7 +10,7 @@
 //!   single-flight). The first opening of a database creates it (when allowed) and migrates it.
 
 use crate::budget::{Budgets, ServerBudget, Slot};
-use crate::failure::Failure;
+use crate::failure::{cause, Failure};
 use crate::metrics::PoolMetrics;
 use crate::tenants::TenantDb;
 use deadpool::managed::{self, Metrics, PoolError, RecycleError, RecycleResult};
@@ -99,7 +99,7 @@ impl managed::Manager for PgManager {
     async fn create(&self) -> Result<Session, Failure> {
         let slot = self.slot().await;
         let Some(shared) = self.shared.upgrade() else {
-            return Err(Failure::Unreachable("the worker is stopping".to_owned()));
+            return Err(Failure::Unreachable(cause("the worker is stopping")));
         };
         let opened = open_session(&self.db, &self.options, shared.settings.create_databases).await;
         let mut conn = match opened {
@@ -306,7 +306,7 @@ impl Lease {
         connection.map(PooledConnection).map_err(|e| match e {
             PoolError::Timeout(_) => Failure::PoolTimeout(WAIT_TIMEOUT),
             PoolError::Backend(failure) => failure,
-            other => Failure::Unreachable(other.to_string()),
+            other => Failure::Unreachable(cause(other.to_string())),
         })
     }
 
@@ -506,7 +506,7 @@ impl Pools {
         .wait_timeout(Some(WAIT_TIMEOUT))
         .recycle_timeout(Some(RECYCLE_TIMEOUT))
         .build()
-        .map_err(|e| Failure::Unreachable(e.to_string()))?;
+        .map_err(|e| Failure::Unreachable(cause(e)))?;
         let metrics = self.shared.metrics.clone();
         metrics.open.inc();
         metrics.opens.inc();
@@ -536,7 +536,7 @@ impl Pools {
             self.evict_least_recently_used_idle().await;
             tokio::select! {
                 permit = self.slots.clone().acquire_owned() => {
-                    return permit.map_err(|_| Failure::Unreachable("the worker is stopping".to_owned()));
+                    return permit.map_err(|_| Failure::Unreachable(cause("the worker is stopping")));
                 }
                 _ = became_idle => {}
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
@@ -610,11 +610,11 @@ fn connect_failure(e: sqlx::Error, database: &str) -> Failure {
                     database: database.to_owned(),
                 };
             }
-            Some("53300" | "57P03") => return Failure::Refused(db.message().to_owned()),
+            Some("53300" | "57P03") => return Failure::Refused(Arc::new(e)),
             _ => {}
         }
     }
-    Failure::Unreachable(e.to_string())
+    Failure::Unreachable(cause(e))
 }
 
 async fn connect_once(options: &PgConnectOptions, database: &str) -> Result<PgConnection, Failure> {

@@ -2,16 +2,16 @@
 //! the worker's memory), then returns to its own partition; after the last delay it is dead-lettered
 //! as `exhausted`. The attempt count and the first failure time travel with the message.
 
-use crate::dlq::{
-    carried_headers, publish_confirmed, value_int, RepublishError, ATTEMPTS_HEADER, ERROR_HEADER,
-    FIRST_FAILURE_HEADER, LAST_FAILURE_HEADER,
+use avsync_shared::broker::headers::{
+    carried_headers, header, header_int, republished, ATTEMPTS_HEADER, DELIVERY_COUNT_HEADER,
+    ERROR_HEADER, FIRST_FAILURE_HEADER, LAST_FAILURE_HEADER,
 };
+use avsync_shared::broker::{ConfirmedPublisher, PublishError};
 use avsync_shared::topology::Topology;
 use avsync_shared::TenantId;
 use chrono::{DateTime, SecondsFormat, Utc};
 use lapin::message::Delivery;
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::Channel;
+use lapin::types::{AMQPValue, LongString};
 use rand::Rng;
 use std::time::Duration;
 
@@ -26,12 +26,8 @@ pub struct History {
     pub first_failure: Option<DateTime<Utc>>,
 }
 
-fn header_int(delivery: &Delivery, key: &str) -> Option<i64> {
-    value_int(delivery.properties.headers().as_ref()?.inner().get(key)?)
-}
-
 fn header_time(delivery: &Delivery, key: &str) -> Option<DateTime<Utc>> {
-    match delivery.properties.headers().as_ref()?.inner().get(key)? {
+    match header(&delivery.properties, key)? {
         AMQPValue::LongString(s) => DateTime::parse_from_rfc3339(&s.to_string())
             .ok()
             .map(|t| t.with_timezone(&Utc)),
@@ -47,8 +43,8 @@ fn clamp(n: Option<i64>) -> u32 {
 impl History {
     pub fn of(delivery: &Delivery) -> Self {
         History {
-            unsettled_deliveries: clamp(header_int(delivery, "x-delivery-count")),
-            failed_attempts: clamp(header_int(delivery, ATTEMPTS_HEADER)),
+            unsettled_deliveries: clamp(header_int(&delivery.properties, DELIVERY_COUNT_HEADER)),
+            failed_attempts: clamp(header_int(&delivery.properties, ATTEMPTS_HEADER)),
             first_failure: header_time(delivery, FIRST_FAILURE_HEADER),
         }
     }
@@ -129,11 +125,11 @@ pub struct Retry<'a> {
 /// failed attempts so far and the failure times. The caller acknowledges the original only after
 /// this returns Ok.
 pub async fn publish_retry(
-    channel: &Channel,
+    publisher: &ConfirmedPublisher,
     topology: &Topology,
     delivery: &Delivery,
     retry: &Retry<'_>,
-) -> Result<(), RepublishError> {
+) -> Result<(), PublishError> {
     let Retry {
         tenant,
         delay,
@@ -159,23 +155,19 @@ pub async fn publish_retry(
         AMQPValue::LongString(LongString::from(error)),
     );
     let expiration = jittered(delay).as_millis().to_string();
-    let properties = delivery
-        .properties
-        .clone()
-        .with_headers(FieldTable::from(headers))
-        .with_delivery_mode(2)
-        .with_expiration(expiration.as_str().into());
+    let properties =
+        republished(&delivery.properties, headers).with_expiration(expiration.as_str().into());
     // The tier is a fanout exchange; the routing key is kept on the message so that, when it
     // expires back into the events exchange, it lands in its tenant's partition again.
     let routing_key = Topology::routing_key(topology.partition_of(tenant));
-    publish_confirmed(
-        channel,
-        &topology.retry_tier(delay),
-        &routing_key,
-        &delivery.data,
-        properties,
-    )
-    .await
+    publisher
+        .publish(
+            &topology.retry_tier(delay),
+            &routing_key,
+            &delivery.data,
+            properties,
+        )
+        .await
 }
 
 #[cfg(test)]

@@ -19,12 +19,12 @@ use crate::metrics::Outcome;
 use crate::retry::History;
 use crate::session::{per_queue_prefetch, Worker};
 use crate::settle::{settle_unapplied, SettleGate, Settler};
+use avsync_shared::broker::ConfirmedPublisher;
 use avsync_shared::event::{type_label, Effect};
 use avsync_shared::{Envelope, TenantId};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::Utc;
 use lapin::message::Delivery;
-use lapin::Channel;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,7 +62,7 @@ pub fn tenant_bound(max_unsettled: u32, prefetch: u16, partitions: u16) -> usize
 /// settling what was received.
 pub struct Scheduler<'a> {
     worker: &'a Arc<Worker>,
-    publish: &'a Channel,
+    publish: &'a ConfirmedPublisher,
     gate: SettleGate,
     /// A partition's whole prefetch: a consumer holding this many receives nothing more.
     per_queue: usize,
@@ -73,7 +73,7 @@ pub struct Scheduler<'a> {
 impl<'a> Scheduler<'a> {
     pub fn new(
         worker: &'a Arc<Worker>,
-        publish: &'a Channel,
+        publish: &'a ConfirmedPublisher,
         gate: SettleGate,
         per_queue: usize,
     ) -> Self {
@@ -293,7 +293,12 @@ async fn commit(
 /// Applies a batch and acks it after the commit. When the batch fails, every message goes its own
 /// way: after a permanent failure each is applied alone (so one bad event cannot dead-letter the
 /// others), after a transient one each takes the retry path (or the outage hold) by itself.
-async fn apply_batch(worker: Arc<Worker>, publish: Channel, gate: SettleGate, batch: Batch<Item>) {
+async fn apply_batch(
+    worker: Arc<Worker>,
+    publish: ConfirmedPublisher,
+    gate: SettleGate,
+    batch: Batch<Item>,
+) {
     let marked_slow = worker.tenants.marked(&batch.tenant);
     let outcome = match commit(&worker, &batch, &marked_slow, &gate.shutdown).await {
         Ok(()) => Ok(()),
@@ -366,7 +371,12 @@ async fn apply_batch(worker: Arc<Worker>, publish: Channel, gate: SettleGate, ba
 
 /// Sets every message of a slow tenant's batch aside, to come back after about the time its
 /// tenant stays marked slow.
-async fn set_aside_all(worker: &Worker, publish: &Channel, gate: &SettleGate, batch: Batch<Item>) {
+async fn set_aside_all(
+    worker: &Worker,
+    publish: &ConfirmedPublisher,
+    gate: &SettleGate,
+    batch: Batch<Item>,
+) {
     let wait = worker.tenants.open_for(&batch.tenant);
     let tenant = &batch.tenant;
     let aside = batch.items.iter().map(|item| {
@@ -396,7 +406,7 @@ async fn set_aside_all(worker: &Worker, publish: &Channel, gate: &SettleGate, ba
 /// for lack of slots it waits: neither counts an attempt.
 async fn apply_alone(
     worker: &Worker,
-    publish: &Channel,
+    publish: &ConfirmedPublisher,
     gate: &SettleGate,
     item: Item,
     first: Option<Failure>,

@@ -9,17 +9,16 @@ use crate::retry::RetryPolicy;
 use crate::schedule::Scheduler;
 use crate::settle::SettleGate;
 use crate::tenants::Resolver;
-use avsync_shared::broker::FailureLog;
+use avsync_shared::broker::{self, ConfirmedPublisher, FailureLog};
 use avsync_shared::topology::Topology;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::stream::{self, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -178,15 +177,9 @@ async fn session(
     consumed: &mut bool,
 ) -> Result<(), SessionError> {
     let name = format!("avsync-worker {}", worker.topology.prefix());
-    let conn = tokio::time::timeout(
-        SETUP_TIMEOUT,
-        Connection::connect(
-            &worker.amqp_url,
-            ConnectionProperties::default().with_connection_name(name.as_str().into()),
-        ),
-    )
-    .await
-    .map_err(|_| SessionError::SetupTimeout(SETUP_TIMEOUT))??;
+    let conn = tokio::time::timeout(SETUP_TIMEOUT, broker::connect(&worker.amqp_url, &name))
+        .await
+        .map_err(|_| SessionError::SetupTimeout(SETUP_TIMEOUT))??;
     let result = consume_on(&conn, worker, shutdown, consumed).await;
     let _ = tokio::time::timeout(
         end_bound(&result, CLOSE_TIMEOUT),
@@ -199,7 +192,7 @@ async fn session(
 /// The channels a session consumes and publishes on, set up on one connection.
 struct Channels {
     setup: Channel,
-    publish: Channel,
+    publish: ConfirmedPublisher,
     consume: Channel,
 }
 
@@ -215,10 +208,7 @@ impl Channels {
             worker.topology.declare_retry_tier(&setup, *delay).await?;
         }
         check_partitions(conn, &worker.topology).await?;
-        let publish = conn.create_channel().await?;
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let publish = ConfirmedPublisher::open(conn.create_channel().await?).await?;
         let consume = conn.create_channel().await?;
         consume
             .basic_qos(
@@ -250,7 +240,7 @@ impl Channels {
     }
 
     fn all_open(&self) -> bool {
-        [&self.setup, &self.publish, &self.consume]
+        [&self.setup, self.publish.channel(), &self.consume]
             .iter()
             .all(|c| c.status().connected())
     }
@@ -401,7 +391,7 @@ async fn consume_on(
     // The broker answers a channel's close only after it has processed every frame sent on it
     // before, so once these return, every ack above has reached it; closing the connection
     // straight away could drop acks still queued and hand applied messages back.
-    for channel in [consume, publish, setup] {
+    for channel in [consume, publish.channel(), setup] {
         let _ = tokio::time::timeout(
             end_bound(&outcome, CLOSE_TIMEOUT),
             channel.close(200, "worker stopping".into()),

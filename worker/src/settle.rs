@@ -9,11 +9,11 @@ use crate::fate::Unapplied;
 use crate::metrics::Outcome;
 use crate::retry::{self, History, NextStep, Retry};
 use crate::session::Worker;
+use avsync_shared::broker::ConfirmedPublisher;
 use avsync_shared::TenantId;
 use chrono::{DateTime, Utc};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use lapin::Channel;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +27,7 @@ const TRANSIENT_PAUSE: Duration = Duration::from_secs(1);
 /// Settles, on its own, a message that applies nothing.
 pub async fn settle_unapplied(
     worker: Arc<Worker>,
-    publish: Channel,
+    publish: ConfirmedPublisher,
     partition: u16,
     delivery: Delivery,
     fate: Unapplied,
@@ -88,7 +88,7 @@ fn set_aside_delay(delays: &[Duration], wait: Duration) -> Duration {
 /// Settles one failed message: into a retry tier or the dead-letter queue, confirmed, then acked.
 pub struct Settler<'a> {
     pub worker: &'a Worker,
-    pub publish: &'a Channel,
+    pub publish: &'a ConfirmedPublisher,
     pub partition: u16,
     pub delivery: &'a Delivery,
     pub label: &'static str,

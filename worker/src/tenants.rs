@@ -207,7 +207,7 @@ impl Resolver {
                 let lookup = cache
                     .try_get_with(tenant.clone(), look_up(pool, tenant))
                     .await
-                    .map_err(|e| Failure::Registry(e.to_string()))?;
+                    .map_err(|e| Failure::Registry((*e).clone()))?;
                 match lookup {
                     Lookup::Unknown => Err(Failure::TenantUnknown),
                     Lookup::Found { enabled: false, .. } => Err(Failure::TenantDisabled),
@@ -260,7 +260,7 @@ impl Resolver {
             .fetch_all(pool)
             .await
             .map(Some)
-            .map_err(|e| Failure::Registry(e.to_string())),
+            .map_err(|e| Failure::Registry(Arc::new(e))),
         }
     }
 

@@ -3,7 +3,8 @@
 
 use crate::bench::workload::Event;
 use crate::bench::BenchError;
-use avsync_shared::topology::{Topology, EVENT_TYPE_HEADER, TENANT_HEADER};
+use avsync_shared::broker::headers::{EVENT_TYPE_HEADER, TENANT_HEADER};
+use avsync_shared::topology::Topology;
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::PublisherConfirm;

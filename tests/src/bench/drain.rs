@@ -131,7 +131,7 @@ impl Bench<'_> {
             log_lines += stopped.log_lines;
             if stopped.killed > 0 {
                 report.note(format!(
-                    "{tenants} tenants, repetition {}: {} worker(s) did not stop within 30 s of SIGTERM and were killed",
+                    "{tenants} tenants, repetition {}: {} worker(s) did not stop within 45 s of SIGTERM and were killed",
                     rep + 1,
                     stopped.killed
                 ));
@@ -331,7 +331,7 @@ impl Bench<'_> {
         }
         if stopped.killed > 0 {
             report.note(format!(
-                "lag: {} worker(s) did not stop within 30 s of SIGTERM and were killed",
+                "lag: {} worker(s) did not stop within 45 s of SIGTERM and were killed",
                 stopped.killed
             ));
         }

@@ -72,7 +72,7 @@ impl Bench<'_> {
             let stopped = workers.stop().await;
             if stopped.killed > 0 {
                 report.note(format!(
-                    "neighbour, repetition {}: {} worker(s) did not stop within 30 s of SIGTERM and were killed",
+                    "neighbour, repetition {}: {} worker(s) did not stop within 45 s of SIGTERM and were killed",
                     rep + 1,
                     stopped.killed
                 ));

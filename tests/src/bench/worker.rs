@@ -14,8 +14,9 @@ use tokio::task::JoinHandle;
 const LOG_LINES_SHOWN: u64 = 10;
 /// Longest wait for a worker to consume (its `/readyz`).
 const READY_WAIT: Duration = Duration::from_secs(30);
-/// Longest wait for a graceful stop before the worker is killed.
-const STOP_WAIT: Duration = Duration::from_secs(30);
+/// Longest wait for a graceful stop before the worker is killed: the worker's own bound on
+/// finishing what it holds, and some.
+const STOP_WAIT: Duration = avsync_worker::DRAIN_LIMIT.saturating_add(Duration::from_secs(15));
 /// The retry ladder of the bench workers. Shorter than the default (up to 1h) so that a
 /// transient failure delays a drain by seconds and shows up in the notes, instead of holding
 /// the run for an hour; the happy path never retries.

@@ -5,6 +5,7 @@
 use crate::ingress_harness::TestIngress;
 use crate::support::{self, queue_depth, wait_until};
 use crate::worker_harness::{model_of, take_dead_letters, DeadLetterSeen, TestDatabases};
+use avsync_shared::event::{effectful_types, ignored_types};
 use avsync_shared::topology::Topology;
 use avsync_shared::Envelope;
 use avsync_worker::apply::Identity;
@@ -24,35 +25,19 @@ pub const RETRY_DELAYS: &str = "200ms,500ms,1s,2s,5s,10s";
 /// The retry tiers [`RETRY_DELAYS`] declares, for cleanup and drain checks.
 pub const RETRY_TIERS: &[&str] = &["200ms", "500ms", "1s", "2s", "5s", "10s"];
 
-/// Every event type that sets something (contract section 6).
-pub const EFFECTFUL: [&str; 13] = [
-    "subject.created",
-    "subject.updated",
-    "subject.deleted",
-    "subject.deactivated",
-    "member.joined",
-    "member.left",
-    "member.role_changed",
-    "member.suspended",
-    "member.activated",
-    "app_access.granted",
-    "app_access.revoked",
-    "app_access.role_changed",
-    "invite.accepted",
-];
-const IGNORED: [&str; 3] = ["invite.created", "license.assigned", "tenant.something_new"];
-
 /// `n` events of `tenant`, each about a user of its own (`sub` = `s-<event id>`): every event
 /// that sets something leaves a row only it can have made, so a lost event is a missing row and
 /// the rows count the applied events exactly. About one in twenty has an ignored type.
 pub fn observable_events(seed: u64, tenant: &str, n: usize) -> Vec<Vec<u8>> {
     let mut rng = StdRng::seed_from_u64(seed);
+    let effectful: Vec<&str> = effectful_types().collect();
+    let ignored: Vec<&str> = ignored_types().chain(["tenant.something_new"]).collect();
     (0..n)
         .map(|i| {
             let event_type = if rng.random_bool(0.05) {
-                IGNORED.choose(&mut rng).copied().unwrap_or(IGNORED[0])
+                ignored.choose(&mut rng).copied().unwrap_or(ignored[0])
             } else {
-                EFFECTFUL.choose(&mut rng).copied().unwrap_or(EFFECTFUL[0])
+                effectful.choose(&mut rng).copied().unwrap_or(effectful[0])
             };
             let id = format!("{tenant}-{seed}-{i}");
             let mut data = Map::new();

@@ -1,9 +1,34 @@
-//! Broker failures in the operator's words. A refused login or virtual host does not heal by
-//! retrying: it is said once, at ERROR, naming AVSYNC_AMQP_URL (never its text, which holds the
-//! password), while the process keeps retrying in case the broker's users are being fixed.
+//! Everything both processes do with RabbitMQ besides the topology: connecting, confirmed
+//! publishing (`publisher`), the message headers and their readers (`headers`), and broker
+//! failures in the operator's words. A refused login or virtual host does not heal by retrying:
+//! it is said once, at ERROR, naming AVSYNC_AMQP_URL (never its text, which holds the password),
+//! while the process keeps retrying in case the broker's users are being fixed.
+
+pub mod headers;
+mod publisher;
+
+pub use publisher::{ConfirmedPublisher, PublishError};
 
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::{Connection, ConnectionProperties};
 use std::time::Duration;
+
+/// Longest wait for a connection to open, so that a broker that accepts TCP but never answers
+/// cannot stall reconnection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens a connection named `name` (shown in the broker's management UI), within
+/// [`CONNECT_TIMEOUT`].
+pub async fn connect(amqp_url: &str, name: &str) -> Result<Connection, lapin::Error> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(amqp_url, properties)).await {
+        Ok(connected) => connected,
+        Err(_) => Err(lapin::Error::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connecting to the broker timed out",
+        ))),
+    }
+}
 
 /// What is wrong with the broker setting, when `e` says so; `None` for failures that retrying
 /// can cure (broker down, connection lost, a timeout).

@@ -1,0 +1,238 @@
+//! Confirmed publishing, the one way both processes publish: `mandatory`, so a message no queue
+//! takes comes back instead of vanishing, and each publish learns its own confirm and return.
+//!
+//! lapin 4 numbers a publish and queues its frames in two steps, so publishes from several tasks
+//! must be sent one at a time. Its confirms stay in step, but a message the broker returned is
+//! handed to whichever confirm lapin completes next, and an ack that covers several publishes
+//! completes them in hash order: the return can land on another publish's confirm
+//! (`tests/tests/publish_confirms.rs` shows both). So one task per channel sends, and it settles
+//! the publishes itself: the broker sends a return before the ack of the same message, and lapin
+//! attaches every return to a confirm that completes no later than the returned message's own,
+//! so once a publish's confirm completed, every return that may be its own sits on a completed
+//! confirm. The task gathers the returns of all completed confirms and gives each to the
+//! outstanding publish whose exchange, routing key, message id and body it carries.
+
+use lapin::message::BasicReturnMessage;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use tokio::sync::{mpsc, oneshot};
+
+/// Why a confirmed publish did not reach a queue.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("broker error: {0}")]
+    Broker(#[source] lapin::Error),
+    #[error("the broker refused the message (nack); a queue may be full")]
+    Nacked,
+    #[error("the broker returned the message as unroutable to `{0}`")]
+    Unroutable(String),
+    #[error("the channel's publisher stopped")]
+    Stopped,
+}
+
+/// A confirming channel that many tasks publish on at once. Clones share the channel.
+#[derive(Clone)]
+pub struct ConfirmedPublisher {
+    channel: Channel,
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+struct Job {
+    exchange: String,
+    routing_key: String,
+    body: Vec<u8>,
+    properties: BasicProperties,
+    done: oneshot::Sender<Result<(), PublishError>>,
+}
+
+impl ConfirmedPublisher {
+    /// Puts `channel` in confirm mode and starts the task that publishes on it. The task ends
+    /// when the last clone is dropped and every publish was settled.
+    pub async fn open(channel: Channel) -> Result<Self, lapin::Error> {
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let (jobs, queue) = mpsc::unbounded_channel();
+        tokio::spawn(settle_publishes(channel.clone(), queue));
+        Ok(Self { channel, jobs })
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Publishes `body` with `properties`, `mandatory`, and waits for the broker's confirm.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let (done, answer) = oneshot::channel();
+        self.jobs
+            .send(Job {
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
+                body: body.to_vec(),
+                properties,
+                done,
+            })
+            .map_err(|_| PublishError::Stopped)?;
+        answer.await.unwrap_or(Err(PublishError::Stopped))
+    }
+}
+
+/// A publish sent and not yet settled.
+struct Outstanding {
+    exchange: String,
+    routing_key: String,
+    body: Vec<u8>,
+    message_id: Option<ShortString>,
+    confirm: PublisherConfirm,
+    completed: Option<Result<Confirmation, lapin::Error>>,
+    done: oneshot::Sender<Result<(), PublishError>>,
+}
+
+impl Outstanding {
+    fn owns(&self, returned: &BasicReturnMessage) -> bool {
+        let d = &returned.delivery;
+        d.exchange.as_str() == self.exchange
+            && d.routing_key.as_str() == self.routing_key
+            && d.properties.message_id() == &self.message_id
+            && d.data == self.body
+    }
+}
+
+enum Next {
+    Job(Option<Job>),
+    FrontCompleted(Result<Confirmation, lapin::Error>),
+}
+
+async fn settle_publishes(channel: Channel, mut queue: mpsc::UnboundedReceiver<Job>) {
+    let mut outstanding: VecDeque<Outstanding> = VecDeque::new();
+    let mut returned: Vec<BasicReturnMessage> = Vec::new();
+    let mut open = true;
+    while open || !outstanding.is_empty() {
+        let next = poll_fn(|cx| poll_next(cx, &mut outstanding, &mut queue, open)).await;
+        match next {
+            Next::Job(None) => open = false,
+            Next::Job(Some(job)) => {
+                let message_id = job.properties.message_id().clone();
+                let sent = channel
+                    .basic_publish(
+                        job.exchange.as_str().into(),
+                        job.routing_key.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        &job.body,
+                        job.properties,
+                    )
+                    .await;
+                match sent {
+                    Ok(confirm) => outstanding.push_back(Outstanding {
+                        exchange: job.exchange,
+                        routing_key: job.routing_key,
+                        body: job.body,
+                        message_id,
+                        confirm,
+                        completed: None,
+                        done: job.done,
+                    }),
+                    Err(e) => {
+                        let _ = job.done.send(Err(PublishError::Broker(e)));
+                    }
+                }
+            }
+            Next::FrontCompleted(result) => {
+                if let Some(front) = outstanding.front_mut() {
+                    front.completed = Some(result);
+                }
+                // The front, and the ones after it that completed too, in order; each only after
+                // a look at every confirm that completed before its own was seen.
+                while outstanding.front().is_some_and(|o| o.completed.is_some()) {
+                    gather_returns(&mut outstanding, &mut returned);
+                    let Some(front) = outstanding.pop_front() else {
+                        break;
+                    };
+                    settle(front, &mut returned);
+                }
+                if outstanding.is_empty() && !returned.is_empty() {
+                    tracing::warn!(
+                        returned = returned.len(),
+                        "the broker returned messages that no publish sent; dropped"
+                    );
+                    returned.clear();
+                }
+            }
+        }
+    }
+}
+
+fn poll_next(
+    cx: &mut Context<'_>,
+    outstanding: &mut VecDeque<Outstanding>,
+    queue: &mut mpsc::UnboundedReceiver<Job>,
+    open: bool,
+) -> Poll<Next> {
+    if let Some(front) = outstanding.front_mut() {
+        if let Poll::Ready(result) = Pin::new(&mut front.confirm).poll(cx) {
+            return Poll::Ready(Next::FrontCompleted(result));
+        }
+    }
+    if open {
+        if let Poll::Ready(job) = queue.poll_recv(cx) {
+            return Poll::Ready(Next::Job(job));
+        }
+    }
+    Poll::Pending
+}
+
+/// Takes the returned message off every confirm that has completed by now.
+fn gather_returns(outstanding: &mut VecDeque<Outstanding>, returned: &mut Vec<BasicReturnMessage>) {
+    let mut cx = Context::from_waker(Waker::noop());
+    for o in outstanding.iter_mut() {
+        if o.completed.is_none() {
+            if let Poll::Ready(result) = Pin::new(&mut o.confirm).poll(&mut cx) {
+                o.completed = Some(result);
+            }
+        }
+        if let Some(Ok(Confirmation::Ack(message) | Confirmation::Nack(message))) = &mut o.completed
+        {
+            returned.extend(message.take());
+        }
+    }
+}
+
+fn settle(publish: Outstanding, returned: &mut Vec<BasicReturnMessage>) {
+    let own_return = returned.iter().position(|r| publish.owns(r));
+    let result = match publish.completed {
+        Some(Err(e)) => Err(PublishError::Broker(e)),
+        Some(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
+        Some(Ok(_)) => match own_return {
+            Some(i) => {
+                returned.swap_remove(i);
+                Err(PublishError::Unroutable(format!(
+                    "{}/{}",
+                    publish.exchange, publish.routing_key
+                )))
+            }
+            None => Ok(()),
+        },
+        None => Err(PublishError::Stopped),
+    };
+    if matches!(result, Err(PublishError::Nacked)) {
+        if let Some(i) = own_return {
+            returned.swap_remove(i);
+        }
+    }
+    let _ = publish.done.send(result);
+}
