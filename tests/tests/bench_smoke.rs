@@ -217,6 +217,16 @@ fn bench(args: &[&str]) -> std::process::Output {
         .expect("bench runs")
 }
 
+/// Databases whose names start with `prefix`: what a run left behind.
+async fn databases_named_from(prefix: &str) -> Vec<String> {
+    let mut admin = support::pg_admin().await;
+    sqlx::query_scalar("SELECT datname FROM pg_database WHERE starts_with(datname, $1)")
+        .bind(prefix)
+        .fetch_all(&mut admin)
+        .await
+        .unwrap()
+}
+
 /// The run's unique prefix, from its first line on stderr: `benchmark <prefix>: …`.
 fn prefix_of(stderr: &str) -> String {
     stderr
@@ -284,13 +294,7 @@ async fn the_command_measures_prints_reports_and_leaves_nothing_behind() {
     assert!(stdout.contains("ingress / broker limit"), "{stdout}");
 
     let prefix = prefix_of(&stderr);
-    let mut admin = support::pg_admin().await;
-    let left: Vec<String> =
-        sqlx::query_scalar("SELECT datname FROM pg_database WHERE starts_with(datname, $1)")
-            .bind(&prefix)
-            .fetch_all(&mut admin)
-            .await
-            .unwrap();
+    let left = databases_named_from(&prefix).await;
     assert!(left.is_empty(), "{left:?}");
     let conn = support::amqp().await;
     for queue in [format!("{prefix}.events.p0"), format!("{prefix}.pipeline")] {
@@ -377,13 +381,7 @@ async fn the_scale_and_neighbour_phases_report_their_figures_and_draw_the_chart(
     assert!(svg.contains("<svg") && svg.contains("events/s"), "{svg}");
 
     let prefix = prefix_of(&stderr);
-    let mut admin = support::pg_admin().await;
-    let left: Vec<String> =
-        sqlx::query_scalar("SELECT datname FROM pg_database WHERE starts_with(datname, $1)")
-            .bind(&prefix)
-            .fetch_all(&mut admin)
-            .await
-            .unwrap();
+    let left = databases_named_from(&prefix).await;
     assert!(left.is_empty(), "{left:?}");
 }
 

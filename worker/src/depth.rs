@@ -8,9 +8,9 @@
 //! as every process does, idempotently and with the same arguments; a queue deleted later reads
 //! as empty and is declared again at the next poll.
 
+use crate::session::{reconnect_backoff, MAX_RECONNECT};
 use avsync_shared::broker;
 use avsync_shared::topology::Topology;
-use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::options::QueueDeclareOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::FieldTable;
@@ -24,7 +24,6 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest wait for one declare, so a broker that accepts TCP but never answers
 /// cannot stall the poller.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_RECONNECT: Duration = Duration::from_secs(30);
 
 /// Every queue whose depth is reported: the label values of `avsync_worker_queue_messages`.
 pub fn queues(topology: &Topology, retry_delays: &[Duration]) -> Vec<String> {
@@ -98,7 +97,7 @@ impl DepthPoller {
     pub async fn run(self, shutdown: CancellationToken) {
         let name = format!("avsync-worker {} depth", self.topology.prefix());
         let queues = queues(&self.topology, &self.retry_delays);
-        let mut delays = backoff();
+        let mut delays = reconnect_backoff();
         loop {
             let connected = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -106,7 +105,7 @@ impl DepthPoller {
             };
             let failure = match connected {
                 Ok(conn) => {
-                    delays = backoff();
+                    delays = reconnect_backoff();
                     let mut probe = Probe {
                         conn: &conn,
                         channel: None,
@@ -219,15 +218,6 @@ impl DepthPoller {
         }
         Ok(all_found)
     }
-}
-
-fn backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(250))
-        .with_max_delay(MAX_RECONNECT)
-        .with_jitter()
-        .without_max_times()
-        .build()
 }
 
 #[cfg(test)]

@@ -529,7 +529,7 @@ async fn apply_one(worker: &Worker, tenant: &TenantId, effect: &Effect) -> Resul
 }
 
 /// Backoff with jitter between `min` and `max`, without end.
-fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> + Send {
+pub(crate) fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> + Send {
     ExponentialBuilder::default()
         .with_min_delay(min)
         .with_max_delay(max)

@@ -11,7 +11,6 @@ use crate::settle::SettleGate;
 use crate::tenants::Resolver;
 use avsync_shared::broker::{self, ConfirmedPublisher, FailureLog};
 use avsync_shared::topology::Topology;
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::stream::{self, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
@@ -26,7 +25,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 const MIN_RECONNECT: Duration = Duration::from_millis(250);
-const MAX_RECONNECT: Duration = Duration::from_secs(30);
+pub(crate) const MAX_RECONNECT: Duration = Duration::from_secs(30);
 /// Longest a connection attempt, or the declarations and consumers set up on it, may take: a
 /// broker that accepts TCP while it is still starting must not hold a session forever.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -96,19 +95,16 @@ impl Worker {
     }
 }
 
-fn backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(MIN_RECONNECT)
-        .with_max_delay(MAX_RECONNECT)
-        .with_jitter()
-        .without_max_times()
-        .build()
+/// How every broker connection of the worker (the session's and the depth poller's) waits
+/// between attempts.
+pub(crate) fn reconnect_backoff() -> impl Iterator<Item = Duration> + Send {
+    crate::schedule::backoff(MIN_RECONNECT, MAX_RECONNECT)
 }
 
 /// Consumes until `shutdown`, reconnecting with backoff. On shutdown, stops consuming, finishes
 /// every message already received, and returns.
 pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
-    let mut delays = backoff();
+    let mut delays = reconnect_backoff();
     let mut failures = FailureLog::default();
     while !shutdown.is_cancelled() {
         let mut consumed = false;
@@ -118,7 +114,7 @@ pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
             Ok(()) => break,
             Err(e) => {
                 if consumed {
-                    delays = backoff();
+                    delays = reconnect_backoff();
                     failures.connected();
                 }
                 let delay = delays.next().unwrap_or(MAX_RECONNECT);
