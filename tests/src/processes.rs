@@ -1,6 +1,5 @@
 //! The real `avsync-worker` and `avsync-ingress` binaries as child processes, with their stderr
-//! (JSON log lines) collected. The binaries are built by cargo (`cargo build -p avsync-worker -p
-//! avsync-ingress`, a no-op when they are up to date) once per test binary.
+//! (JSON log lines) collected. The binaries are the ones the test command builds (see [`binary`]).
 
 use crate::support::{self, wait_until};
 use serde_json::Value;
@@ -15,20 +14,30 @@ use tokio::process::{Child, Command};
 /// The worker's drain limit (`avsync_worker::DRAIN_LIMIT`) and some.
 pub const EXIT_DEADLINE: Duration = Duration::from_secs(45);
 
-/// Paths of the two binaries, built once per test binary, in the profile of the test itself.
+/// Paths of the workspace's binaries, in the profile of the test itself, asked of cargo once
+/// per test binary. The command is the README's test command with `--no-run`: the same package
+/// selection resolves the same features, so after `cargo test --workspace` it compiles nothing
+/// and only reports the binaries that run already built. Any other selection (`cargo build -p
+/// avsync-worker`) resolves fewer features and rebuilds the TLS stack and every workspace crate.
+/// Cargo runs without the variables it set for this test (`CARGO_MANIFEST_DIR` and the like):
+/// ring's build script reruns when one of them appears, which would rebuild ring, rustls and all
+/// above them here and again in the next outer `cargo test`.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<BTreeMap<String, PathBuf>> = OnceLock::new();
     let built = BUILT.get_or_init(|| {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut command = std::process::Command::new(cargo);
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if set_by_cargo_for_this_test(&key) {
+                command.env_remove(&*key);
+            }
+        }
         command.args([
-            "build",
+            "test",
+            "--workspace",
+            "--no-run",
             "--message-format=json-render-diagnostics",
-            "-p",
-            "avsync-worker",
-            "-p",
-            "avsync-ingress",
-            "--bins",
         ]);
         if !cfg!(debug_assertions) {
             command.arg("--release");
@@ -39,13 +48,18 @@ pub fn binary(name: &str) -> PathBuf {
             .expect("run cargo to build the binaries");
         assert!(
             out.status.success(),
-            "cargo build failed:\n{}",
+            "cargo test --workspace --no-run failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .filter(|m| m["reason"] == "compiler-artifact")
+            .filter(|m| m["reason"] == "compiler-artifact" && m["profile"]["test"] == false)
+            .filter(|m| {
+                m["target"]["kind"]
+                    .as_array()
+                    .is_some_and(|kinds| kinds.iter().any(|k| k == "bin"))
+            })
             .filter_map(|m| {
                 let name = m["target"]["name"].as_str()?.to_owned();
                 Some((name, PathBuf::from(m["executable"].as_str()?)))
@@ -56,6 +70,20 @@ pub fn binary(name: &str) -> PathBuf {
         .get(name)
         .unwrap_or_else(|| panic!("cargo built no {name}"))
         .clone()
+}
+
+/// The variables cargo sets for the crate it runs, as opposed to the ones that configure cargo
+/// (`CARGO_HOME`, `CARGO_TARGET_DIR`, `CARGO_PROFILE_*`, ...), which the inner cargo must share.
+fn set_by_cargo_for_this_test(key: &str) -> bool {
+    const PREFIXES: [&str; 3] = ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_"];
+    const NAMES: [&str; 5] = [
+        "CARGO_CRATE_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+        "OUT_DIR",
+    ];
+    PREFIXES.iter().any(|p| key.starts_with(p)) || NAMES.contains(&key)
 }
 
 /// One child process with its stderr (JSON log lines) collected as they come.

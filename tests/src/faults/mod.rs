@@ -15,9 +15,9 @@ use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Map};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Short retry delays, so a fault that outlasts a few attempts still ends within the test.
@@ -144,48 +144,6 @@ pub async fn post_all(
     posted
 }
 
-/// Where cargo put this test binary's sibling binaries (`target/<profile>/`).
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps")
-        .to_path_buf()
-}
-
-/// The real `avsync-worker` binary of this checkout, built once per test process (a no-op when
-/// it is up to date) into the same target directory and profile as the tests.
-pub fn worker_binary() -> &'static Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let dir = profile_dir();
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("tests/ is inside the workspace");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut build = std::process::Command::new(cargo);
-        build.current_dir(workspace).args([
-            "build",
-            "-p",
-            "avsync-worker",
-            "--bin",
-            "avsync-worker",
-        ]);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        let out = build.output().expect("run cargo build");
-        assert!(
-            out.status.success(),
-            "cargo build -p avsync-worker failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let binary = dir.join("avsync-worker");
-        assert!(binary.exists(), "no worker binary at {}", binary.display());
-        binary
-    })
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -241,7 +199,7 @@ impl ChildWorker {
         std::fs::create_dir_all(&dir).expect("worker log directory");
         let log = dir.join(format!("{name}.log"));
         let log_file = std::fs::File::create(&log).expect("worker log file");
-        let mut command = tokio::process::Command::new(worker_binary());
+        let mut command = tokio::process::Command::new(crate::processes::binary("avsync-worker"));
         command
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
