@@ -200,7 +200,7 @@ impl Channels {
     ) -> Result<(Channels, Vec<lapin::Consumer>), SessionError> {
         let setup = conn.create_channel().await?;
         worker.topology.declare(&setup).await?;
-        for delay in &worker.retry.delays {
+        for delay in worker.retry.delays.iter() {
             worker.topology.declare_retry_tier(&setup, *delay).await?;
         }
         check_partitions(conn, &worker.topology).await?;

@@ -259,7 +259,10 @@ impl Bench<'_> {
         let secret = ingress_harness::new_whsec_secret();
         let settings = ingress_harness::settings(&self.prefix, self.args.partitions, &secret);
         let shutdown = CancellationToken::new();
-        let running = avsync_ingress::start(settings, shutdown.clone())
+        let checked = settings
+            .check()
+            .map_err(|e| BenchError::Ingress(e.to_string()))?;
+        let running = avsync_ingress::start(checked, shutdown.clone())
             .await
             .map_err(|e| BenchError::Ingress(format!("{e:#}")))?;
         let measured = self.ingress_runs(report, &running, &secret).await;
