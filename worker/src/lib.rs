@@ -3,7 +3,8 @@
 //!
 //! Data flows: `session` (queue) → `fate` (what a delivery is) → `schedule` (batches per
 //! tenant) → `tenants` (which database) → `pools` + `budget` (a connection) → `apply` (the event
-//! rules) → `settle` (ack, retry, set aside, dead letter). `failure` decides what a failure means.
+//! rules) → `settle` (ack, retry, set aside, dead letter). `failure` decides what a failure means,
+//! `outage` whether PostgreSQL as a whole is down.
 
 pub mod apply;
 pub mod authvital;
@@ -18,6 +19,7 @@ pub mod failure;
 pub mod fate;
 pub mod metrics;
 pub mod migrate;
+pub mod outage;
 pub mod pools;
 pub mod reconcile;
 pub mod reconcile_cli;
@@ -31,6 +33,7 @@ pub mod tenants;
 use crate::breaker::Tenants;
 use crate::depth::DepthPoller;
 use crate::metrics::Metrics;
+use crate::outage::Outage;
 use crate::pools::Pools;
 use crate::session::Worker;
 use crate::settings::Checked;
@@ -40,7 +43,7 @@ use avsync_shared::admin;
 use avsync_shared::TenantId;
 use std::future::IntoFuture;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -125,7 +128,7 @@ pub async fn start(checked: Checked, shutdown: CancellationToken) -> anyhow::Res
         metrics,
         ready: ready.clone(),
         tenants,
-        outage_holds: AtomicUsize::new(0),
+        outage: Outage::default(),
     });
 
     let listener = tokio::net::TcpListener::bind(settings.common.metrics_listen)

@@ -21,10 +21,6 @@ const FOUND_TTL: Duration = Duration::from_secs(30);
 /// that a retried event always asks the registry again (see [`Resolver::unknown_for`]).
 const UNKNOWN_TTL: Duration = Duration::from_secs(5);
 const REGISTRY_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one answer to "is PostgreSQL reachable at all?" is reused: a batch of failures asks
-/// once, not once per message.
-const PROBE_FRESH: Duration = Duration::from_secs(1);
-const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A resolved tenant database. Its URL may hold a password: it is never logged or shown.
 #[derive(Clone)]
@@ -282,7 +278,16 @@ pub struct RegistryEntry {
 
 pub struct Resolver {
     mode: Mode,
-    last_probe: tokio::sync::Mutex<Option<(Instant, bool)>>,
+}
+
+/// What to ask whether PostgreSQL is reachable at all ([`crate::outage`] decides).
+pub enum ProbeTarget {
+    /// The template's server, which every tenant lives on.
+    Server(PgConnectOptions),
+    /// The registry database: tenants may live on servers of their own.
+    Registry(PgPool),
+    /// Nothing: the tenant has no database URL to reach.
+    Nothing,
 }
 
 impl Resolver {
@@ -301,10 +306,7 @@ impl Resolver {
                 }
             }
         };
-        Self {
-            mode,
-            last_probe: tokio::sync::Mutex::new(None),
-        }
+        Self { mode }
     }
 
     /// Remembers an unknown tenant for at most `soonest_retry / 2`, where `soonest_retry` is the
@@ -334,37 +336,17 @@ impl Resolver {
         }
     }
 
-    /// Whether `failure` means PostgreSQL cannot be reached at all, rather than one tenant's
-    /// database (dropped, not provisioned, or on a server of its own). In template mode every
-    /// tenant lives on the template's server, so that server is asked (its maintenance database
-    /// `postgres`; any answer, even a refusal, means it is up); in registry mode tenants may live
-    /// on other servers, so the registry database is asked.
-    pub async fn postgres_unreachable(&self, tenant: &TenantId, failure: &Failure) -> bool {
-        if !failure.is_connection_level() {
-            return false;
-        }
-        let mut last = self.last_probe.lock().await;
-        if let Some((at, unreachable)) = *last {
-            if at.elapsed() < PROBE_FRESH {
-                return unreachable;
-            }
-        }
-        let unreachable = match &self.mode {
+    /// Where to ask whether PostgreSQL is up, after a connection-level failure of `tenant`. In
+    /// template mode every tenant lives on the template's server; in registry mode tenants may
+    /// live on other servers, so the registry database is asked.
+    pub fn probe_target(&self, tenant: &TenantId) -> ProbeTarget {
+        match &self.mode {
             Mode::Template(template) => match template.database(tenant) {
-                Ok(db) => server_unreachable(db.options()).await,
-                Err(_) => false,
+                Ok(db) => ProbeTarget::Server(db.options().clone()),
+                Err(_) => ProbeTarget::Nothing,
             },
-            Mode::Registry { .. } if matches!(failure, Failure::Registry(_)) => true,
-            Mode::Registry { pool, .. } => {
-                let probe = sqlx::query("SELECT 1").execute(pool);
-                !matches!(
-                    tokio::time::timeout(REGISTRY_TIMEOUT, probe).await,
-                    Ok(Ok(_))
-                )
-            }
-        };
-        *last = Some((Instant::now(), unreachable));
-        unreachable
+            Mode::Registry { pool, .. } => ProbeTarget::Registry(pool.clone()),
+        }
     }
 
     /// The template, in template mode.
@@ -407,26 +389,6 @@ async fn look_up(pool: &PgPool, tenant: &TenantId) -> Result<Lookup, Arc<sqlx::E
         Some((url, enabled)) => Lookup::Found { url, enabled },
         None => Lookup::Unknown,
     })
-}
-
-async fn server_unreachable(options: &PgConnectOptions) -> bool {
-    use sqlx::Connection as _;
-    let maintenance = options.clone().database("postgres");
-    match tokio::time::timeout(
-        PROBE_TIMEOUT,
-        sqlx::PgConnection::connect_with(&maintenance),
-    )
-    .await
-    {
-        Ok(Ok(conn)) => {
-            let _ = conn.close().await;
-            false
-        }
-        // The server answered: a refused login, a missing database or "too many connections"
-        // all mean it is up.
-        Ok(Err(sqlx::Error::Database(_))) => false,
-        _ => true,
-    }
 }
 
 #[cfg(test)]
