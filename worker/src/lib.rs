@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod outage;
 pub mod pools;
+pub mod provision;
 pub mod reconcile;
 pub mod reconcile_cli;
 pub mod retry;

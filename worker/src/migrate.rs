@@ -1,7 +1,7 @@
 //! `avsync-worker migrate (--tenant T | --all)`: apply the tenant schema ahead of traffic, for
 //! deployments that run with AVSYNC_AUTO_MIGRATE=false.
 
-use crate::pools::{connect, migrator};
+use crate::provision::{connect, migrator};
 use crate::settings::Checked;
 use crate::tenants::{Resolver, TenantDb};
 use avsync_shared::TenantId;

@@ -10,7 +10,7 @@
 
 use crate::failure::Failure;
 use crate::metrics::{ReconcileMetrics, RunOutcome};
-use crate::pools::{connect, migrator, quote_identifier};
+use crate::provision::{connect, migrator, quote_identifier};
 use crate::reconcile::{Mode, Reconciler, Report};
 use crate::session::Worker;
 use crate::settings::{Checked, Settings};

@@ -816,7 +816,7 @@ async fn drop_database(names: &Names, database: &str) {
     };
     let _ = sqlx::query(&format!(
         "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-        avsync_worker::pools::quote_identifier(database)
+        avsync_worker::provision::quote_identifier(database)
     ))
     .execute(&mut admin)
     .await;
