@@ -5,9 +5,9 @@
 //! [`start`] builds and runs exactly what the binary runs, so tests start the real thing.
 
 pub mod http;
-pub mod jwks;
+pub(crate) mod jwks;
 pub mod metrics;
-pub mod publish;
+pub(crate) mod publish;
 pub mod server;
 pub mod settings;
 pub mod verify;

@@ -8,27 +8,27 @@
 
 pub mod apply;
 pub mod authvital;
-pub mod batch;
+pub(crate) mod batch;
 pub mod breaker;
-pub mod budget;
+pub(crate) mod budget;
 pub mod cli;
 pub mod depth;
 pub mod dlq;
 pub mod dlq_cli;
 pub mod failure;
-pub mod fate;
+pub(crate) mod fate;
 pub mod metrics;
 pub mod migrate;
-pub mod outage;
+pub(crate) mod outage;
 pub mod pools;
 pub mod provision;
 pub mod reconcile;
 pub mod reconcile_cli;
 pub mod retry;
-pub mod schedule;
-pub mod session;
+pub(crate) mod schedule;
+pub(crate) mod session;
 pub mod settings;
-pub mod settle;
+pub(crate) mod settle;
 pub mod tenants;
 
 use crate::breaker::Tenants;

@@ -391,6 +391,7 @@ pub struct Pools {
 impl Pools {
     /// `metrics` are the `avsync_worker_tenant_pool*` and connection series. The connection
     /// budget is [`DEFAULT_MAX_CONNECTIONS`] per server; see [`Pools::with_max_connections`].
+    #[cfg(any(test, feature = "test-support"))]
     pub fn new(settings: PoolSettings, metrics: PoolMetrics) -> Self {
         Self::with_max_connections(settings, DEFAULT_MAX_CONNECTIONS, metrics)
     }

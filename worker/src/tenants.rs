@@ -261,7 +261,7 @@ fn lookup_cache(unknown: Duration) -> Cache<TenantId, Lookup> {
 }
 
 enum Mode {
-    Template(Template),
+    Template(Box<Template>),
     Registry {
         pool: PgPool,
         cache: Cache<TenantId, Lookup>,
@@ -283,7 +283,7 @@ pub struct Resolver {
 /// What to ask whether PostgreSQL is reachable at all ([`crate::outage`] decides).
 pub enum ProbeTarget {
     /// The template's server, which every tenant lives on.
-    Server(PgConnectOptions),
+    Server(Box<PgConnectOptions>),
     /// The registry database: tenants may live on servers of their own.
     Registry(PgPool),
     /// Nothing: the tenant has no database URL to reach.
@@ -294,7 +294,7 @@ impl Resolver {
     /// Template mode, or registry mode. Connects to nothing yet.
     pub fn new(source: &TenantSource) -> Self {
         let mode = match source {
-            TenantSource::Template(template) => Mode::Template(template.clone()),
+            TenantSource::Template(template) => Mode::Template(Box::new(template.clone())),
             TenantSource::Registry(db) => {
                 let pool = PgPoolOptions::new()
                     .max_connections(2)
@@ -342,7 +342,7 @@ impl Resolver {
     pub fn probe_target(&self, tenant: &TenantId) -> ProbeTarget {
         match &self.mode {
             Mode::Template(template) => match template.database(tenant) {
-                Ok(db) => ProbeTarget::Server(db.options().clone()),
+                Ok(db) => ProbeTarget::Server(Box::new(db.options().clone())),
                 Err(_) => ProbeTarget::Nothing,
             },
             Mode::Registry { pool, .. } => ProbeTarget::Registry(pool.clone()),
