@@ -5,9 +5,9 @@
 //! [`start`] builds and runs exactly what the binary runs, so tests start the real thing.
 
 pub mod http;
-pub mod jwks;
+pub(crate) mod jwks;
 pub mod metrics;
-pub mod publish;
+pub(crate) mod publish;
 pub mod server;
 pub mod settings;
 pub mod verify;
@@ -17,7 +17,7 @@ use crate::jwks::Jwks;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
 use crate::server::Limits;
-use crate::settings::Settings;
+use crate::settings::Checked;
 use crate::verify::{Clock, RsaKeys, SystemClock, Verifier};
 use anyhow::Context as _;
 use avsync_shared::admin;
@@ -38,6 +38,7 @@ pub struct Running {
 
 /// What production fixes and tests may change: the clock that signature timestamps are checked
 /// against, and the bound on reading a request body ([`http::BODY_READ_TIMEOUT`]).
+#[derive(Clone)]
 pub struct Tuning {
     pub clock: Arc<dyn Clock>,
     pub body_read_timeout: Duration,
@@ -52,32 +53,24 @@ impl Default for Tuning {
     }
 }
 
+impl std::fmt::Debug for Tuning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tuning")
+            .field("body_read_timeout", &self.body_read_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Binds both listeners and starts serving; the broker connection is made in the background,
 /// so this returns even while the broker is down. Cancel `shutdown` to stop gracefully.
-pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Running> {
-    start_tuned(settings, Tuning::default(), shutdown).await
-}
-
-/// [`start`] with the clock that signature timestamps are checked against.
-pub async fn start_with_clock(
-    settings: Settings,
-    clock: Arc<dyn Clock>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<Running> {
-    let tuning = Tuning {
-        clock,
-        ..Tuning::default()
-    };
-    start_tuned(settings, tuning, shutdown).await
-}
-
-/// [`start`] with what [`Tuning`] holds; production always uses its default.
-pub async fn start_tuned(
-    settings: Settings,
-    tuning: Tuning,
-    shutdown: CancellationToken,
-) -> anyhow::Result<Running> {
-    let checked = settings.check()?;
+pub async fn start(checked: Checked, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    let Checked {
+        settings,
+        hmac,
+        jwks_url,
+        topology,
+        tuning,
+    } = checked;
     server::reserve_descriptors(settings.max_http_connections)?;
     let registry = admin::new_registry();
     let metrics = Metrics::register(&registry).context("registering metrics")?;
@@ -101,13 +94,13 @@ pub async fn start_tuned(
     let publisher_stop = CancellationToken::new();
     let (publisher, supervisor) = Publisher::start(
         settings.common.amqp_url.clone(),
-        checked.topology.clone(),
+        topology.clone(),
         settings.publish_timeout,
         settings.max_pending_publishes,
         metrics.clone(),
         publisher_stop.clone(),
     );
-    let jwks = match checked.jwks_url {
+    let jwks = match jwks_url {
         Some(url) => Some(Arc::new(
             Jwks::new(url, metrics.clone(), jwks::REFETCH_INTERVAL)
                 .context("building the JWKS client")?,
@@ -118,10 +111,10 @@ pub async fn start_tuned(
         .as_ref()
         .map(|j| j.keep_fresh(settings.jwks_refresh_interval, publisher_stop.clone()));
     // With secrets configured, HMAC requests can be verified before the JWKS loads.
-    let needs_jwks = checked.hmac.is_empty();
+    let needs_jwks = hmac.is_empty();
     let tolerance = i64::try_from(settings.timestamp_tolerance_secs).unwrap_or(i64::MAX);
     let verifier = Verifier::new(
-        checked.hmac,
+        hmac,
         jwks.clone().map(|j| j as Arc<dyn RsaKeys>),
         tolerance,
         tuning.clock,
@@ -155,8 +148,8 @@ pub async fn start_tuned(
     tracing::info!(
         %addr,
         %metrics_addr,
-        topology = checked.topology.prefix(),
-        partitions = checked.topology.partitions(),
+        topology = topology.prefix(),
+        partitions = topology.partitions(),
         "ingress listening"
     );
     let handle = tokio::spawn(async move {

@@ -8,12 +8,13 @@ const PROGRAM: &str = "avsync-ingress";
 #[tokio::main]
 async fn main() -> ExitCode {
     let settings: Settings = parse_or_exit(PROGRAM);
-    if let Err(bad) = settings.check() {
-        exit_bad_setting(PROGRAM, &bad.to_string());
-    }
-    telemetry::init(&settings.common.log_format);
+    let checked = match settings.check() {
+        Ok(checked) => checked,
+        Err(bad) => exit_bad_setting(PROGRAM, &bad.to_string()),
+    };
+    telemetry::init(&checked.settings.common.log_format);
     let result = async {
-        let running = avsync_ingress::start(settings, shutdown::on_signal()).await?;
+        let running = avsync_ingress::start(checked, shutdown::on_signal()).await?;
         running.handle.await?
     }
     .await;

@@ -2,6 +2,7 @@
 //! without echoing a secret.
 
 use crate::verify::HmacKey;
+use crate::Tuning;
 use avsync_shared::config::{parse_duration, BadSetting, CommonArgs};
 use avsync_shared::topology::Topology;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
@@ -148,18 +149,21 @@ const LENIENT_BASE64: GeneralPurpose = GeneralPurpose::new(
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );
 
-/// The settings that needed more than clap to check.
+/// The settings once checked: what [`crate::start`] takes, with what needed more than clap
+/// parsed into its typed value.
 #[derive(Debug, Clone)]
 pub struct Checked {
+    pub settings: Settings,
     pub hmac: Vec<HmacKey>,
     pub jwks_url: Option<reqwest::Url>,
     pub topology: Topology,
+    pub tuning: Tuning,
 }
 
 impl Settings {
     /// Everything clap cannot check: the secrets, the JWKS URL, the topology and the limits. A
     /// failure names the setting and, for a secret, only the entry's position.
-    pub fn check(&self) -> Result<Checked, BadSetting> {
+    pub fn check(self) -> Result<Checked, BadSetting> {
         let topology = self.common.check()?;
         let hmac = match &self.hmac_secrets {
             Some(raw) if !raw.expose().trim().is_empty() => parse_hmac_secrets(raw.expose())?,
@@ -230,9 +234,11 @@ impl Settings {
             ));
         }
         Ok(Checked {
+            settings: self,
             hmac,
             jwks_url,
             topology,
+            tuning: Tuning::default(),
         })
     }
 }

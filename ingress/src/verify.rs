@@ -154,10 +154,12 @@ impl Clock for SystemClock {
     }
 }
 
-/// A clock that always reads the same second.
+/// A clock that always reads the same second (tests and fuzz targets pin it).
+#[cfg(any(test, feature = "test-support"))]
 #[derive(Debug, Clone, Copy)]
 pub struct FixedClock(pub i64);
 
+#[cfg(any(test, feature = "test-support"))]
 impl Clock for FixedClock {
     fn now_unix(&self) -> i64 {
         self.0

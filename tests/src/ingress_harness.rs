@@ -85,13 +85,13 @@ impl TestIngress {
             _ => String::new(),
         };
         let shutdown = CancellationToken::new();
-        let running = match clock {
-            Some(clock) => {
-                avsync_ingress::start_with_clock(settings, clock, shutdown.clone()).await
-            }
-            None => avsync_ingress::start(settings, shutdown.clone()).await,
+        let mut checked = settings.check().expect("usable ingress settings");
+        if let Some(clock) = clock {
+            checked.tuning.clock = clock;
         }
-        .expect("ingress starts");
+        let running = avsync_ingress::start(checked, shutdown.clone())
+            .await
+            .expect("ingress starts");
         TestIngress {
             base_url: format!("http://{}", running.addr),
             metrics_url: format!("http://{}", running.metrics_addr),

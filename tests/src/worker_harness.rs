@@ -81,7 +81,8 @@ impl TestWorker {
     /// Starts a worker without waiting for it to connect.
     pub async fn start_unready(settings: Settings) -> TestWorker {
         let shutdown = CancellationToken::new();
-        let running = avsync_worker::start(settings, shutdown.clone())
+        let checked = settings.check().expect("usable worker settings");
+        let running = avsync_worker::start(checked, shutdown.clone())
             .await
             .expect("worker starts");
         let metrics_url = format!("http://{}", running.metrics_addr);
@@ -165,7 +166,7 @@ impl TestDatabases {
         let name = self.name(suffix);
         support::create_database(&name).await;
         let mut conn = self.connect(&name).await;
-        avsync_worker::pools::migrator()
+        avsync_worker::provision::migrator()
             .run_direct(&mut conn)
             .await
             .expect("migrations apply");

@@ -85,7 +85,9 @@ impl Scene {
         let mut s = settings(&prefix, PARTITIONS, &format!("{whsec},{KEY_ID}={key}"));
         adjust(&mut s);
         let shutdown = CancellationToken::new();
-        let running = avsync_ingress::start_tuned(s, tuning, shutdown.clone())
+        let mut checked = s.check().expect("usable ingress settings");
+        checked.tuning = tuning;
+        let running = avsync_ingress::start(checked, shutdown.clone())
             .await
             .expect("ingress starts");
         let scene = Scene {

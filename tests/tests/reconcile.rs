@@ -59,7 +59,8 @@ async fn reconcile(
         force: flags.force,
     };
     let mut out = Vec::new();
-    let result = reconcile_cli::run(&args, settings, &mut out).await;
+    let checked = settings.clone().check().expect("usable worker settings");
+    let result = reconcile_cli::run(&args, &checked, &mut out).await;
     let reports = String::from_utf8(out)
         .expect("utf-8")
         .lines()

@@ -10,6 +10,7 @@ use avsync_tests::worker_harness::{
 };
 use avsync_worker::metrics::Outcome;
 use avsync_worker::migrate::{self, MigrateArgs};
+use avsync_worker::settings::{Checked, Settings};
 use serde_json::json;
 use sqlx::Connection;
 use std::time::Duration;
@@ -186,7 +187,7 @@ async fn migrate_in_template_mode() {
     let dbs = TestDatabases::new("wmigt");
     let s = settings("unused", 1, &dbs, &[]);
     let mut out = Vec::new();
-    migrate::run(&migrate_args(Some("acme")), &s, &mut out)
+    migrate::run(&migrate_args(Some("acme")), &checked(&s), &mut out)
         .await
         .unwrap();
     assert_eq!(
@@ -195,7 +196,7 @@ async fn migrate_in_template_mode() {
     );
     assert!(has_table(&dbs, &dbs.name("acme")).await);
 
-    let err = migrate::run(&migrate_args(None), &s, &mut Vec::new())
+    let err = migrate::run(&migrate_args(None), &checked(&s), &mut Vec::new())
         .await
         .unwrap_err();
     assert!(
@@ -205,7 +206,7 @@ async fn migrate_in_template_mode() {
 
     // Without creating databases, a missing one is an error naming the way out.
     let s = settings("unused", 1, &dbs, &["--create-tenant-databases", "false"]);
-    let err = migrate::run(&migrate_args(Some("nope")), &s, &mut Vec::new())
+    let err = migrate::run(&migrate_args(Some("nope")), &checked(&s), &mut Vec::new())
         .await
         .unwrap_err();
     assert!(err.to_string().contains("could not be migrated"), "{err}");
@@ -226,7 +227,7 @@ async fn migrate_all_registry_tenants() {
     .await;
     let s = settings("unused", 1, &dbs, &["--tenant-registry-url", &registry_url]);
     let mut out = Vec::new();
-    migrate::run(&migrate_args(None), &s, &mut out)
+    migrate::run(&migrate_args(None), &checked(&s), &mut out)
         .await
         .unwrap();
     let out = String::from_utf8(out).unwrap();
@@ -238,4 +239,8 @@ async fn migrate_all_registry_tenants() {
     assert!(has_table(&dbs, &dbs.name("one")).await);
     assert!(has_table(&dbs, &dbs.name("two")).await);
     assert!(!dbs.existing().await.contains(&dbs.name("three")));
+}
+
+fn checked(settings: &Settings) -> Checked {
+    settings.clone().check().expect("usable worker settings")
 }

@@ -447,6 +447,8 @@ async fn execute_batch(conn: &mut PgConnection, columns: Columns<'_>) -> Result<
         .map(|_| ())
 }
 
+/// One stored identity, for tests to read back what was applied.
+#[cfg(any(test, feature = "test-support"))]
 pub async fn load(conn: &mut PgConnection, sub: &str) -> Result<Option<Identity>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT {IDENTITY_COLUMNS} FROM av_identities WHERE id = $1"
@@ -500,6 +502,7 @@ pub async fn load_tenant(
 }
 
 /// Every row, ordered by id (bytewise, like [`Model::identities`]).
+#[cfg(any(test, feature = "test-support"))]
 pub async fn load_all(conn: &mut PgConnection) -> Result<Vec<Identity>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT {IDENTITY_COLUMNS} FROM av_identities ORDER BY id COLLATE \"C\""

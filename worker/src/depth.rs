@@ -16,6 +16,7 @@ use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ErrorKind};
 use prometheus::IntGaugeVec;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -66,7 +67,7 @@ async fn bounded<T>(
 pub struct DepthPoller {
     pub amqp_url: String,
     pub topology: Topology,
-    pub retry_delays: Vec<Duration>,
+    pub retry_delays: Arc<[Duration]>,
     pub gauge: IntGaugeVec,
 }
 
@@ -168,7 +169,7 @@ impl DepthPoller {
     async fn declare(&self, probe: &mut Probe<'_>) -> Result<(), PollError> {
         let channel = probe.channel().await?;
         let mut declared = bounded(self.topology.declare(&channel)).await;
-        for delay in &self.retry_delays {
+        for delay in self.retry_delays.iter() {
             if declared.is_ok() {
                 declared = bounded(self.topology.declare_retry_tier(&channel, *delay)).await;
             }

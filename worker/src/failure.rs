@@ -109,28 +109,6 @@ impl Failure {
     pub fn is_schema_missing(&self) -> bool {
         matches!(self, Failure::Database(e) if matches!(&**e, sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01")))
     }
-
-    /// The database server itself could not be reached or talked to, as opposed to a tenant
-    /// that is not provisioned, not registered or busy.
-    pub fn is_connection_level(&self) -> bool {
-        match self {
-            Failure::Unreachable(_) | Failure::Registry(_) | Failure::NoAnswer(_) => true,
-            Failure::Database(e) => match e.as_ref() {
-                // 08: connection exception; 57P0x: the server is shutting down or starting up.
-                sqlx::Error::Database(db) => db
-                    .code()
-                    .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
-                sqlx::Error::Io(_)
-                | sqlx::Error::Tls(_)
-                | sqlx::Error::Protocol(_)
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::WorkerCrashed => true,
-                _ => false,
-            },
-            _ => false,
-        }
-    }
 }
 
 impl Failure {

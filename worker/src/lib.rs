@@ -3,45 +3,48 @@
 //!
 //! Data flows: `session` (queue) → `fate` (what a delivery is) → `schedule` (batches per
 //! tenant) → `tenants` (which database) → `pools` + `budget` (a connection) → `apply` (the event
-//! rules) → `settle` (ack, retry, set aside, dead letter). `failure` decides what a failure means.
+//! rules) → `settle` (ack, retry, set aside, dead letter). `failure` decides what a failure means,
+//! `outage` whether PostgreSQL as a whole is down.
 
 pub mod apply;
 pub mod authvital;
-pub mod batch;
+pub(crate) mod batch;
 pub mod breaker;
-pub mod budget;
+pub(crate) mod budget;
 pub mod cli;
 pub mod depth;
 pub mod dlq;
 pub mod dlq_cli;
 pub mod failure;
-pub mod fate;
+pub(crate) mod fate;
 pub mod metrics;
 pub mod migrate;
+pub(crate) mod outage;
 pub mod pools;
+pub mod provision;
 pub mod reconcile;
 pub mod reconcile_cli;
 pub mod retry;
-pub mod schedule;
-pub mod session;
+pub(crate) mod schedule;
+pub(crate) mod session;
 pub mod settings;
-pub mod settle;
+pub(crate) mod settle;
 pub mod tenants;
 
 use crate::breaker::Tenants;
 use crate::depth::DepthPoller;
 use crate::metrics::Metrics;
-use crate::pools::{PoolSettings, Pools};
-use crate::retry::RetryPolicy;
+use crate::outage::Outage;
+use crate::pools::Pools;
 use crate::session::Worker;
-use crate::settings::Settings;
-use crate::tenants::{template_url, Resolver, TenantDb};
+use crate::settings::Checked;
+use crate::tenants::{Resolver, TenantSource};
 use anyhow::Context as _;
 use avsync_shared::admin;
 use avsync_shared::TenantId;
 use std::future::IntoFuture;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -81,37 +84,29 @@ impl Running {
 
 /// Starts the private listener and the consumer, exactly as the binary does. Needs neither the
 /// broker nor PostgreSQL: it serves `/healthz` at once and connects in the background.
-pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Running> {
-    settings.validate()?;
-    let topology = settings.common.topology()?;
+pub async fn start(checked: Checked, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    let Checked {
+        settings,
+        topology,
+        tenants: source,
+        retry,
+        pools,
+    } = checked;
     let registry = admin::new_registry();
-    let metrics = Metrics::register_with_retry_delays(&registry, settings.retry_delays.delays())?;
-    let retry = RetryPolicy {
-        delays: settings.retry_delays.delays().to_vec(),
-        poison_deliveries: settings.poison_deliveries,
-    };
-    let mut resolver = Resolver::new(
-        &settings.tenant_database_url,
-        settings.tenant_registry_url.as_deref(),
-    )?;
+    let metrics = Metrics::register_with_retry_delays(&registry, &retry.delays)?;
+    let mut resolver = Resolver::new(&source);
     if let Some(soonest) = retry.soonest_return() {
         resolver = resolver.unknown_for(soonest);
     }
     let pools = Pools::with_max_connections(
-        PoolSettings {
-            capacity: settings.tenant_pool_capacity,
-            size: settings.tenant_pool_size,
-            create_databases: settings.create_tenant_databases,
-            auto_migrate: settings.auto_migrate,
-        },
+        pools,
         settings.max_connections,
         metrics.tenant_pools.clone(),
     );
-    if settings.tenant_registry_url.is_none() {
+    if let TenantSource::Template(template) = &source {
         // Template mode names one server: its connection series exist from the start.
         let any = TenantId::parse("x").context("a placeholder tenant id")?;
-        let db = TenantDb::from_url(&template_url(&settings.tenant_database_url, &any))?;
-        pools.announce_server(&db);
+        pools.announce_server(&template.database(&any)?);
     }
     let tenants = Tenants::new(
         schedule::tenant_bound(
@@ -134,7 +129,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         metrics,
         ready: ready.clone(),
         tenants,
-        outage_holds: AtomicUsize::new(0),
+        outage: Outage::default(),
     });
 
     let listener = tokio::net::TcpListener::bind(settings.common.metrics_listen)
@@ -162,7 +157,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         DepthPoller {
             amqp_url: settings.common.amqp_url.clone(),
             topology: worker.topology.clone(),
-            retry_delays: settings.retry_delays.delays().to_vec(),
+            retry_delays: worker.retry.delays.clone(),
             gauge: worker.metrics.queue_messages.clone(),
         }
         .run(shutdown.clone()),

@@ -7,21 +7,24 @@ const PROGRAM: &str = "avsync-worker";
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli: Cli = parse_or_exit(PROGRAM);
-    if let Err(e) = cli.settings.validate() {
-        exit_bad_setting(PROGRAM, &e.to_string());
-    }
-    avsync_shared::telemetry::init(&cli.settings.common.log_format);
+    let checked = match cli.settings.check() {
+        Ok(checked) => checked,
+        Err(e) => exit_bad_setting(PROGRAM, &e.to_string()),
+    };
+    avsync_shared::telemetry::init(&checked.settings.common.log_format);
     let result = match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run(cli.settings).await,
+        Command::Run => run(checked).await,
         Command::Migrate(args) => {
-            avsync_worker::migrate::run(&args, &cli.settings, &mut std::io::stdout()).await
+            avsync_worker::migrate::run(&args, &checked, &mut std::io::stdout()).await
         }
-        Command::Dlq(command) => avsync_worker::dlq_cli::run(command, &cli.settings.common).await,
+        Command::Dlq(command) => {
+            avsync_worker::dlq_cli::run(command, &checked.settings.common).await
+        }
         Command::Reconcile(args) => {
-            if let Err(e) = cli.settings.reconcile_settings() {
+            if let Err(e) = checked.settings.reconcile_settings() {
                 exit_bad_setting(PROGRAM, &e.to_string());
             }
-            avsync_worker::reconcile_cli::run(&args, &cli.settings, &mut std::io::stdout()).await
+            avsync_worker::reconcile_cli::run(&args, &checked, &mut std::io::stdout()).await
         }
     };
     match result {
@@ -33,7 +36,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(settings: avsync_worker::settings::Settings) -> anyhow::Result<()> {
+async fn run(checked: avsync_worker::settings::Checked) -> anyhow::Result<()> {
     let shutdown = avsync_shared::shutdown::on_signal();
-    avsync_worker::start(settings, shutdown).await?.wait().await
+    avsync_worker::start(checked, shutdown).await?.wait().await
 }

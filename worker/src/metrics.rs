@@ -281,6 +281,7 @@ pub struct Metrics {
 impl Metrics {
     /// The worker's series, with `avsync_worker_retries_total` created for no delay yet; see
     /// [`Metrics::register_with_retry_delays`].
+    #[cfg(any(test, feature = "test-support"))]
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         Self::register_with_retry_delays(registry, &[])
     }

@@ -1,8 +1,8 @@
 //! `avsync-worker migrate (--tenant T | --all)`: apply the tenant schema ahead of traffic, for
 //! deployments that run with AVSYNC_AUTO_MIGRATE=false.
 
-use crate::pools::{connect, migrator};
-use crate::settings::Settings;
+use crate::provision::{connect, migrator};
+use crate::settings::Checked;
 use crate::tenants::{Resolver, TenantDb};
 use avsync_shared::TenantId;
 use clap::Args;
@@ -24,13 +24,10 @@ pub struct MigrateArgs {
 /// is tried; the result is an error when any failed.
 pub async fn run<W: Write>(
     args: &MigrateArgs,
-    settings: &Settings,
+    checked: &Checked,
     out: &mut W,
 ) -> anyhow::Result<()> {
-    let resolver = Resolver::new(
-        &settings.tenant_database_url,
-        settings.tenant_registry_url.as_deref(),
-    )?;
+    let resolver = Resolver::new(&checked.tenants);
     let mut targets: Vec<(String, Result<TenantDb, crate::failure::Failure>)> = Vec::new();
     if let Some(tenant) = &args.tenant {
         let id = TenantId::parse(tenant)?;
@@ -54,7 +51,7 @@ pub async fn run<W: Write>(
     let mut failed = 0usize;
     for (tenant, db) in targets {
         let result = match db {
-            Ok(db) => migrate_one(&db, settings.create_tenant_databases)
+            Ok(db) => migrate_one(&db, checked.pools.create_databases)
                 .await
                 .map(|()| db.database().to_owned()),
             Err(e) => Err(e),

@@ -10,11 +10,11 @@
 
 use crate::failure::Failure;
 use crate::metrics::{ReconcileMetrics, RunOutcome};
-use crate::pools::{connect, migrator, quote_identifier};
+use crate::provision::{connect, migrator, quote_identifier};
 use crate::reconcile::{Mode, Reconciler, Report};
 use crate::session::Worker;
-use crate::settings::Settings;
-use crate::tenants::{template_url, Resolver, TenantDb, PLACEHOLDER};
+use crate::settings::{Checked, Settings};
+use crate::tenants::{Resolver, TenantDb, PLACEHOLDER};
 use anyhow::Context as _;
 use avsync_shared::TenantId;
 use clap::{ArgGroup, Args};
@@ -50,12 +50,10 @@ pub struct ReconcileArgs {
 /// A tenant to reconcile and its database, or why it has none.
 type Target = (String, Result<TenantDb, Failure>);
 
-/// A tenant id that cannot occur in a real template's output, to find where ids go.
-const MARKER: &str = "AVSYNCxTENANTxMARKER";
-
 /// Every tenant `--all` names (see the module doc).
-pub async fn every_tenant(resolver: &Resolver, template: &str) -> anyhow::Result<Vec<Target>> {
-    if let Some(entries) = resolver.registry_entries().await? {
+pub async fn every_tenant(resolver: &Resolver) -> anyhow::Result<Vec<Target>> {
+    let Some(template) = resolver.template() else {
+        let entries = resolver.registry_entries().await?.unwrap_or_default();
         return Ok(entries
             .into_iter()
             .filter(|entry| {
@@ -69,22 +67,18 @@ pub async fn every_tenant(resolver: &Resolver, template: &str) -> anyhow::Result
                 (entry.tenant_id, db)
             })
             .collect());
-    }
-    if !template.contains(PLACEHOLDER) {
-        return tenants_in_shared_database(template).await;
-    }
-    let marker = TenantId::parse(MARKER).expect("a valid tenant id");
-    let marked = TenantDb::from_url(&template_url(template, &marker))?;
-    let (prefix, suffix) = match marked.database().split_once(MARKER) {
-        Some(parts) if template.matches(PLACEHOLDER).count() == 1 => parts,
-        _ => anyhow::bail!(
-            "--all in template mode needs {PLACEHOLDER} exactly once, in the database name of AVSYNC_TENANT_DATABASE_URL; use --tenant, or a tenant registry"
-        ),
     };
-    let mut admin =
-        sqlx::PgConnection::connect_with(&marked.options().clone().database("postgres"))
-            .await
-            .context("cannot list the databases on the server of AVSYNC_TENANT_DATABASE_URL")?;
+    if let Some(shared) = template.shared() {
+        return tenants_in_shared_database(shared).await;
+    }
+    let Some((prefix, suffix, options)) = template.database_name_parts() else {
+        anyhow::bail!(
+            "--all in template mode needs {PLACEHOLDER} exactly once, in the database name of AVSYNC_TENANT_DATABASE_URL; use --tenant, or a tenant registry"
+        );
+    };
+    let mut admin = sqlx::PgConnection::connect_with(&options.clone().database("postgres"))
+        .await
+        .context("cannot list the databases on the server of AVSYNC_TENANT_DATABASE_URL")?;
     let names: Vec<String> =
         sqlx::query_scalar("SELECT datname FROM pg_database WHERE datallowconn ORDER BY datname")
             .fetch_all(&mut admin)
@@ -94,17 +88,15 @@ pub async fn every_tenant(resolver: &Resolver, template: &str) -> anyhow::Result
         .iter()
         .filter_map(|name| name.strip_prefix(prefix)?.strip_suffix(suffix))
         .filter_map(|id| TenantId::parse(id).ok())
-        .filter(|id| id.as_str() != MARKER)
         .map(|id| {
-            let db = TenantDb::from_url(&template_url(template, &id));
+            let db = template.database(&id);
             (id.as_str().to_owned(), db)
         })
         .collect())
 }
 
-async fn tenants_in_shared_database(url: &str) -> anyhow::Result<Vec<Target>> {
-    let db = TenantDb::from_url(url)?;
-    let mut conn = connect(&db, false).await?;
+async fn tenants_in_shared_database(db: &TenantDb) -> anyhow::Result<Vec<Target>> {
+    let mut conn = connect(db, false).await?;
     let exists: bool = sqlx::query_scalar("SELECT to_regclass('av_identities') IS NOT NULL")
         .fetch_one(&mut conn)
         .await?;
@@ -139,21 +131,19 @@ pub fn reconciler(settings: &Settings, metrics: ReconcileMetrics) -> anyhow::Res
 /// is tried; the result is an error when any was refused or failed.
 pub async fn run<W: Write>(
     args: &ReconcileArgs,
-    settings: &Settings,
+    checked: &Checked,
     out: &mut W,
 ) -> anyhow::Result<()> {
+    let settings = &checked.settings;
     let metrics = ReconcileMetrics::register(&prometheus::Registry::new())?;
     let reconciler = reconciler(settings, metrics)?;
-    let resolver = Resolver::new(
-        &settings.tenant_database_url,
-        settings.tenant_registry_url.as_deref(),
-    )?;
+    let resolver = Resolver::new(&checked.tenants);
     let targets = match &args.tenant {
         Some(tenant) => {
             let id = TenantId::parse(tenant)?;
             vec![(tenant.clone(), resolver.resolve(&id).await)]
         }
-        None => every_tenant(&resolver, &settings.tenant_database_url).await?,
+        None => every_tenant(&resolver).await?,
     };
     resolver.close().await;
     let mode = Mode {
@@ -240,14 +230,14 @@ pub async fn schedule(
         }
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            () = round(&worker, &settings, &reconciler, interval) => {}
+            () = round(&worker, &reconciler, interval) => {}
         }
         wait = jittered(interval);
     }
 }
 
-async fn round(worker: &Worker, settings: &Settings, reconciler: &Reconciler, interval: Duration) {
-    let targets = match every_tenant(&worker.resolver, &settings.tenant_database_url).await {
+async fn round(worker: &Worker, reconciler: &Reconciler, interval: Duration) {
+    let targets = match every_tenant(&worker.resolver).await {
         Ok(targets) => targets,
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "cannot list the tenants to reconcile");

@@ -13,6 +13,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, LongString};
 use rand::Rng;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What the broker has told us about earlier deliveries of a message, and what earlier failures
@@ -53,7 +54,9 @@ impl History {
 /// The retry schedule (`AVSYNC_RETRY_DELAYS`) and the poison limit (`AVSYNC_POISON_DELIVERIES`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {
-    pub delays: Vec<Duration>,
+    /// Shared, not copied, by everything that walks the ladder: the settling of a delivery, the
+    /// tier queues declared, their depth series.
+    pub delays: Arc<[Duration]>,
     pub poison_deliveries: u32,
 }
 
@@ -180,7 +183,8 @@ mod tests {
                 Duration::from_secs(1),
                 Duration::from_secs(5),
                 Duration::from_secs(30),
-            ],
+            ]
+            .into(),
             poison_deliveries: 10,
         }
     }
@@ -209,7 +213,7 @@ mod tests {
     #[test]
     fn an_empty_schedule_exhausts_at_once() {
         let p = RetryPolicy {
-            delays: vec![],
+            delays: Arc::from([]),
             poison_deliveries: 5,
         };
         assert_eq!(p.next_step(1), NextStep::Exhausted);

@@ -16,6 +16,7 @@ use crate::breaker::{Admitted, Held, SetAsideReason};
 use crate::failure::{Failure, FailureClass};
 use crate::fate::Fate;
 use crate::metrics::Outcome;
+use crate::outage;
 use crate::retry::History;
 use crate::session::{per_queue_prefetch, Worker};
 use crate::settle::{settle_unapplied, SettleGate, Settler};
@@ -25,7 +26,6 @@ use avsync_shared::{Envelope, TenantId};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::Utc;
 use lapin::message::Delivery;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
@@ -33,9 +33,6 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-/// Backoff between attempts while PostgreSQL cannot be reached at all.
-const OUTAGE_MIN: Duration = Duration::from_secs(1);
-const OUTAGE_MAX: Duration = Duration::from_secs(30);
 /// Backoff between connection attempts while a server refuses them for lack of slots.
 const REFUSAL_MIN: Duration = Duration::from_millis(100);
 const REFUSAL_MAX: Duration = Duration::from_secs(5);
@@ -111,7 +108,7 @@ impl<'a> Scheduler<'a> {
         match Fate::decide(poison, &delivery.data, worker.application_id.as_deref()) {
             Fate::Apply(envelope, effect) => {
                 let tenant = envelope.tenant_id.clone();
-                let calm = worker.outage_holds.load(Ordering::Acquire) == 0;
+                let calm = worker.outage.calm();
                 match worker.tenants.admit(&tenant, calm) {
                     Admitted::Hold(held) => {
                         let item = Item {
@@ -309,8 +306,8 @@ async fn apply_batch(
         Err(NotCommitted::Failed(failure))
             if failure.marks_slow()
                 && !worker
-                    .resolver
-                    .postgres_unreachable(&batch.tenant, &failure)
+                    .outage
+                    .confirms(&worker.resolver, &batch.tenant, &failure)
                     .await =>
         {
             tracing::warn!(error = %failure, "tenant marked slow; its events are set aside until a probe succeeds");
@@ -436,7 +433,7 @@ async fn apply_alone(
         Some(failure) => Err(failure),
         None => apply_one(worker, &envelope.tenant_id, &effect).await,
     };
-    let mut outage: Option<Box<dyn Iterator<Item = Duration> + Send>> = None;
+    let mut outage = outage::Backoff::default();
     let mut refused: Option<Box<dyn Iterator<Item = Duration> + Send>> = None;
     loop {
         let failure = match result {
@@ -462,23 +459,15 @@ async fn apply_alone(
             }
             FailureClass::Transient
                 if worker
-                    .resolver
-                    .postgres_unreachable(&envelope.tenant_id, &failure)
+                    .outage
+                    .confirms(&worker.resolver, &envelope.tenant_id, &failure)
                     .await =>
             {
-                let delays =
-                    outage.get_or_insert_with(|| Box::new(backoff(OUTAGE_MIN, OUTAGE_MAX)));
-                let delay = delays.next().unwrap_or(OUTAGE_MAX);
-                tracing::warn!(error = %failure, retry_in = ?delay, "PostgreSQL unreachable; holding the message and backing off");
-                worker.outage_holds.fetch_add(1, Ordering::AcqRel);
-                let stopping = tokio::select! {
-                    _ = tokio::time::sleep(delay) => false,
-                    _ = gate.shutdown.cancelled() => true,
-                };
-                worker.outage_holds.fetch_sub(1, Ordering::AcqRel);
-                if stopping {
-                    // It cannot be finished while the database is down; another worker
-                    // (or this one, restarted) takes it when it is back.
+                if !worker
+                    .outage
+                    .hold(&mut outage, &failure, &gate.shutdown)
+                    .await
+                {
                     gate.requeue(partition, delivery).await;
                     return;
                 }

@@ -4,6 +4,7 @@
 
 use crate::breaker::Tenants;
 use crate::metrics::Metrics;
+use crate::outage::Outage;
 use crate::pools::Pools;
 use crate::retry::RetryPolicy;
 use crate::schedule::Scheduler;
@@ -18,7 +19,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -69,9 +70,7 @@ pub struct Worker {
     pub metrics: Metrics,
     pub ready: Arc<AtomicBool>,
     pub tenants: Tenants,
-    /// Messages held because PostgreSQL cannot be reached at all: while any is, no tenant is
-    /// singled out as stalled.
-    pub outage_holds: AtomicUsize,
+    pub outage: Outage,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -200,7 +199,7 @@ impl Channels {
     ) -> Result<(Channels, Vec<lapin::Consumer>), SessionError> {
         let setup = conn.create_channel().await?;
         worker.topology.declare(&setup).await?;
-        for delay in &worker.retry.delays {
+        for delay in worker.retry.delays.iter() {
             worker.topology.declare_retry_tier(&setup, *delay).await?;
         }
         check_partitions(conn, &worker.topology).await?;

@@ -1,8 +1,11 @@
 //! Every worker setting: a flag with an environment fallback; `--help` lists them with defaults.
 
 use crate::authvital::{ApiSettings, ClientSecret};
+use crate::pools::PoolSettings;
+use crate::retry::RetryPolicy;
+use crate::tenants::{setting_url, Template, TenantSource};
 use avsync_shared::config::{number_from_to, parse_duration, BadSetting, CommonArgs};
-use avsync_shared::topology::BROKER_DELIVERY_LIMIT;
+use avsync_shared::topology::{Topology, BROKER_DELIVERY_LIMIT};
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args};
 use std::time::Duration;
@@ -150,16 +153,30 @@ fn parse_retry_delays(value: &str) -> Result<RetryDelays, String> {
     Ok(RetryDelays(delays))
 }
 
+/// The worker's settings once checked: what [`crate::start`] and the commands take, with each
+/// setting that needed more than clap parsed into its typed value.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub settings: Settings,
+    pub topology: Topology,
+    pub tenants: TenantSource,
+    pub retry: RetryPolicy,
+    pub pools: PoolSettings,
+}
+
 impl Settings {
-    /// Checks what clap cannot: the topology and the tenant database template.
-    pub fn validate(&self) -> Result<(), BadSetting> {
-        self.common.check()?;
-        crate::tenants::check_template(&self.tenant_database_url)
+    /// Checks what clap cannot: the topology and the tenant database template, among others.
+    pub fn check(self) -> Result<Checked, BadSetting> {
+        let topology = self.common.check()?;
+        let template = Template::parse(&self.tenant_database_url)
             .map_err(|reason| BadSetting::new("AVSYNC_TENANT_DATABASE_URL", reason))?;
-        if let Some(url) = &self.tenant_registry_url {
-            crate::tenants::check_url(url)
-                .map_err(|reason| BadSetting::new("AVSYNC_TENANT_REGISTRY_URL", reason))?;
-        }
+        let tenants = match &self.tenant_registry_url {
+            None => TenantSource::Template(template),
+            Some(url) => TenantSource::Registry(
+                setting_url(url)
+                    .map_err(|reason| BadSetting::new("AVSYNC_TENANT_REGISTRY_URL", reason))?,
+            ),
+        };
         if self.application_id.as_deref() == Some("") {
             return Err(BadSetting::new(
                 "AVSYNC_APPLICATION_ID",
@@ -181,7 +198,23 @@ impl Settings {
                 "must be above zero",
             ));
         }
-        Ok(())
+        let retry = RetryPolicy {
+            delays: self.retry_delays.0.clone().into(),
+            poison_deliveries: self.poison_deliveries,
+        };
+        let pools = PoolSettings {
+            capacity: self.tenant_pool_capacity,
+            size: self.tenant_pool_size,
+            create_databases: self.create_tenant_databases,
+            auto_migrate: self.auto_migrate,
+        };
+        Ok(Checked {
+            settings: self,
+            topology,
+            tenants,
+            retry,
+            pools,
+        })
     }
 
     /// What a reconcile needs: AuthVital's URL, the machine client, and the application whose
@@ -259,7 +292,7 @@ mod tests {
             s.retry_delays.delays(),
             [1, 5, 30, 120, 600, 3600].map(Duration::from_secs)
         );
-        s.validate().unwrap();
+        s.clone().check().unwrap();
     }
 
     #[test]
@@ -280,21 +313,30 @@ mod tests {
     }
 
     #[test]
-    fn validate_names_the_setting() {
+    fn check_names_the_setting() {
         let s = parse(&["--tenant-database-url", "mysql://x/{tenant_id}"]).unwrap();
-        assert_eq!(s.validate().unwrap_err().name, "AVSYNC_TENANT_DATABASE_URL");
+        assert_eq!(
+            s.clone().check().unwrap_err().name,
+            "AVSYNC_TENANT_DATABASE_URL"
+        );
         let s = parse(&["--tenant-database-url", "postgres://h:5432/"]).unwrap();
-        assert_eq!(s.validate().unwrap_err().name, "AVSYNC_TENANT_DATABASE_URL");
+        assert_eq!(
+            s.clone().check().unwrap_err().name,
+            "AVSYNC_TENANT_DATABASE_URL"
+        );
         let s = parse(&["--tenant-registry-url", "nope"]).unwrap();
-        assert_eq!(s.validate().unwrap_err().name, "AVSYNC_TENANT_REGISTRY_URL");
+        assert_eq!(
+            s.clone().check().unwrap_err().name,
+            "AVSYNC_TENANT_REGISTRY_URL"
+        );
         let s = parse(&["--partitions", "0"]).unwrap();
-        assert_eq!(s.validate().unwrap_err().name, "AVSYNC_PARTITIONS");
+        assert_eq!(s.clone().check().unwrap_err().name, "AVSYNC_PARTITIONS");
     }
 
     #[test]
     fn a_reconcile_schedule_needs_authvital_and_never_shows_the_secret() {
         let s = parse(&["--reconcile-interval", "1h"]).unwrap();
-        assert_eq!(s.validate().unwrap_err().name, "AVSYNC_AUTHVITAL_URL");
+        assert_eq!(s.clone().check().unwrap_err().name, "AVSYNC_AUTHVITAL_URL");
         let full = [
             "--reconcile-interval",
             "1h",
@@ -308,19 +350,19 @@ mod tests {
             "app",
         ];
         let s = parse(&full).unwrap();
-        s.validate().unwrap();
+        s.clone().check().unwrap();
         assert!(!format!("{s:?}").contains("hidden-secret"));
         let (api, app) = s.reconcile_settings().unwrap();
         assert_eq!(api.base_url, "https://auth.example.com");
         assert_eq!(app.as_deref(), Some("app"));
         let s = parse(&full[..8]).unwrap();
-        assert_eq!(s.validate().unwrap_err().name, "AVSYNC_APPLICATION_ID");
+        assert_eq!(s.clone().check().unwrap_err().name, "AVSYNC_APPLICATION_ID");
         let s = parse(&[&full[..8], &["--reconcile-app-access", "ignore"]].concat()).unwrap();
         assert_eq!(s.reconcile_settings().unwrap().1, None);
         let mut bad_url = full;
         bad_url[3] = "auth.example.com";
         let s = parse(&bad_url).unwrap();
-        assert_eq!(s.validate().unwrap_err().name, "AVSYNC_AUTHVITAL_URL");
+        assert_eq!(s.clone().check().unwrap_err().name, "AVSYNC_AUTHVITAL_URL");
         assert!(parse(&["--reconcile-max-left-percent", "101"]).is_err());
         assert_eq!(parse(&[]).unwrap().reconcile_max_left_percent, 20);
     }

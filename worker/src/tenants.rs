@@ -21,10 +21,6 @@ const FOUND_TTL: Duration = Duration::from_secs(30);
 /// that a retried event always asks the registry again (see [`Resolver::unknown_for`]).
 const UNKNOWN_TTL: Duration = Duration::from_secs(5);
 const REGISTRY_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one answer to "is PostgreSQL reachable at all?" is reused: a batch of failures asks
-/// once, not once per message.
-const PROBE_FRESH: Duration = Duration::from_secs(1);
-const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A resolved tenant database. Its URL may hold a password: it is never logged or shown.
 #[derive(Clone)]
@@ -95,11 +91,11 @@ impl TenantDb {
     }
 }
 
-/// Whether `url` is a usable PostgreSQL URL naming a database, said for the setting that holds
-/// it (the failure's own text is for dead letters). The reason never repeats the URL.
-pub fn check_url(url: &str) -> Result<(), String> {
+/// `url` as a usable PostgreSQL URL naming a database, or why not, said for the setting that
+/// holds it (the failure's own text is for dead letters). The reason never repeats the URL.
+pub fn setting_url(url: &str) -> Result<TenantDb, String> {
     match TenantDb::from_url(url) {
-        Ok(_) => Ok(()),
+        Ok(db) => Ok(db),
         Err(Failure::BadDatabaseUrl(reason)) => Err(format!(
             "is not a usable PostgreSQL URL: {reason} (not shown: it may hold a password)"
         )),
@@ -110,13 +106,131 @@ pub fn check_url(url: &str) -> Result<(), String> {
     }
 }
 
-/// Whether the template gives a usable URL for a tenant. Lengths are checked per tenant.
-pub fn check_template(template: &str) -> Result<(), String> {
-    check_url(&template.replace(PLACEHOLDER, "x"))
+/// What `{tenant_id}` is replaced by to find where in the template it stands.
+const MARKER: &str = "AVSYNCxTENANTxMARKER";
+
+/// `AVSYNC_TENANT_DATABASE_URL`, parsed once: resolving a tenant then costs no URL parse where
+/// the placeholder stands only in the database name, as it does in the default.
+#[derive(Clone, Debug)]
+pub struct Template {
+    text: String,
+    form: Form,
 }
 
-pub fn template_url(template: &str, tenant: &TenantId) -> String {
-    template.replace(PLACEHOLDER, tenant.as_str())
+#[derive(Clone)]
+enum Form {
+    /// No placeholder: every tenant shares this database.
+    Shared(TenantDb),
+    /// The placeholder once, in the database name only: a tenant's options are these with its
+    /// own database name.
+    InDatabaseName {
+        options: PgConnectOptions,
+        prefix: String,
+        suffix: String,
+    },
+    /// The placeholder elsewhere (user, host, query): each tenant's URL is parsed on its own.
+    Elsewhere,
+}
+
+impl std::fmt::Debug for Form {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Form::Shared(_) => "Shared",
+            Form::InDatabaseName { .. } => "InDatabaseName",
+            Form::Elsewhere => "Elsewhere",
+        })
+    }
+}
+
+impl Template {
+    /// Whether the template gives a usable URL for a tenant (said for the setting, as
+    /// [`setting_url`] says it). Lengths are checked per tenant.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let example = setting_url(&text.replace(PLACEHOLDER, "x"))?;
+        let form = if !text.contains(PLACEHOLDER) {
+            Form::Shared(example)
+        } else {
+            let marked = PgConnectOptions::from_str(&text.replace(PLACEHOLDER, MARKER)).ok();
+            let parts = marked.as_ref().and_then(|options| {
+                let (prefix, suffix) = options.get_database()?.split_once(MARKER)?;
+                Some((prefix.to_owned(), suffix.to_owned()))
+            });
+            match (marked, parts) {
+                (Some(options), Some((prefix, suffix)))
+                    if text.matches(PLACEHOLDER).count() == 1 =>
+                {
+                    Form::InDatabaseName {
+                        options,
+                        prefix,
+                        suffix,
+                    }
+                }
+                _ => Form::Elsewhere,
+            }
+        };
+        Ok(Self {
+            text: text.to_owned(),
+            form,
+        })
+    }
+
+    pub fn url(&self, tenant: &TenantId) -> String {
+        self.text.replace(PLACEHOLDER, tenant.as_str())
+    }
+
+    /// The tenant's database, refused (never cut) when its name is too long for PostgreSQL.
+    pub fn database(&self, tenant: &TenantId) -> Result<TenantDb, Failure> {
+        match &self.form {
+            Form::Shared(db) => Ok(db.clone()),
+            Form::InDatabaseName {
+                options,
+                prefix,
+                suffix,
+            } => {
+                let database = format!("{prefix}{}{suffix}", tenant.as_str());
+                if database.len() > MAX_DATABASE_NAME_BYTES {
+                    return Err(Failure::DatabaseNameTooLong {
+                        len: database.len(),
+                        database,
+                    });
+                }
+                Ok(TenantDb {
+                    url: self.url(tenant),
+                    options: options.clone().database(&database),
+                    database,
+                })
+            }
+            Form::Elsewhere => TenantDb::from_url(&self.url(tenant)),
+        }
+    }
+
+    /// The database every tenant shares, when the template has no placeholder.
+    pub fn shared(&self) -> Option<&TenantDb> {
+        match &self.form {
+            Form::Shared(db) => Some(db),
+            _ => None,
+        }
+    }
+
+    /// What a tenant's database name is made of, around its id, with the server's options,
+    /// when the placeholder stands once and only in the database name.
+    pub fn database_name_parts(&self) -> Option<(&str, &str, &PgConnectOptions)> {
+        match &self.form {
+            Form::InDatabaseName {
+                options,
+                prefix,
+                suffix,
+            } => Some((prefix, suffix, options)),
+            _ => None,
+        }
+    }
+}
+
+/// Where tenants' databases come from: the URL template, or the registry database.
+#[derive(Clone, Debug)]
+pub enum TenantSource {
+    Template(Template),
+    Registry(TenantDb),
 }
 
 /// What the registry said about a tenant, cached briefly.
@@ -147,7 +261,7 @@ fn lookup_cache(unknown: Duration) -> Cache<TenantId, Lookup> {
 }
 
 enum Mode {
-    Template(String),
+    Template(Box<Template>),
     Registry {
         pool: PgPool,
         cache: Cache<TenantId, Lookup>,
@@ -164,16 +278,24 @@ pub struct RegistryEntry {
 
 pub struct Resolver {
     mode: Mode,
-    last_probe: tokio::sync::Mutex<Option<(Instant, bool)>>,
+}
+
+/// What to ask whether PostgreSQL is reachable at all ([`crate::outage`] decides).
+pub enum ProbeTarget {
+    /// The template's server, which every tenant lives on.
+    Server(Box<PgConnectOptions>),
+    /// The registry database: tenants may live on servers of their own.
+    Registry(PgPool),
+    /// Nothing: the tenant has no database URL to reach.
+    Nothing,
 }
 
 impl Resolver {
-    /// Template mode, or registry mode when `registry_url` is set. Connects to nothing yet.
-    pub fn new(template: &str, registry_url: Option<&str>) -> Result<Self, Failure> {
-        let mode = match registry_url {
-            None => Mode::Template(template.to_owned()),
-            Some(url) => {
-                let db = TenantDb::from_url(url)?;
+    /// Template mode, or registry mode. Connects to nothing yet.
+    pub fn new(source: &TenantSource) -> Self {
+        let mode = match source {
+            TenantSource::Template(template) => Mode::Template(Box::new(template.clone())),
+            TenantSource::Registry(db) => {
                 let pool = PgPoolOptions::new()
                     .max_connections(2)
                     .acquire_timeout(REGISTRY_TIMEOUT)
@@ -184,10 +306,7 @@ impl Resolver {
                 }
             }
         };
-        Ok(Self {
-            mode,
-            last_probe: tokio::sync::Mutex::new(None),
-        })
+        Self { mode }
     }
 
     /// Remembers an unknown tenant for at most `soonest_retry / 2`, where `soonest_retry` is the
@@ -202,7 +321,7 @@ impl Resolver {
 
     pub async fn resolve(&self, tenant: &TenantId) -> Result<TenantDb, Failure> {
         match &self.mode {
-            Mode::Template(template) => TenantDb::from_url(&template_url(template, tenant)),
+            Mode::Template(template) => template.database(tenant),
             Mode::Registry { pool, cache } => {
                 let lookup = cache
                     .try_get_with(tenant.clone(), look_up(pool, tenant))
@@ -217,37 +336,25 @@ impl Resolver {
         }
     }
 
-    /// Whether `failure` means PostgreSQL cannot be reached at all, rather than one tenant's
-    /// database (dropped, not provisioned, or on a server of its own). In template mode every
-    /// tenant lives on the template's server, so that server is asked (its maintenance database
-    /// `postgres`; any answer, even a refusal, means it is up); in registry mode tenants may live
-    /// on other servers, so the registry database is asked.
-    pub async fn postgres_unreachable(&self, tenant: &TenantId, failure: &Failure) -> bool {
-        if !failure.is_connection_level() {
-            return false;
-        }
-        let mut last = self.last_probe.lock().await;
-        if let Some((at, unreachable)) = *last {
-            if at.elapsed() < PROBE_FRESH {
-                return unreachable;
-            }
-        }
-        let unreachable = match &self.mode {
-            Mode::Template(template) => match TenantDb::from_url(&template_url(template, tenant)) {
-                Ok(db) => server_unreachable(db.options()).await,
-                Err(_) => false,
+    /// Where to ask whether PostgreSQL is up, after a connection-level failure of `tenant`. In
+    /// template mode every tenant lives on the template's server; in registry mode tenants may
+    /// live on other servers, so the registry database is asked.
+    pub fn probe_target(&self, tenant: &TenantId) -> ProbeTarget {
+        match &self.mode {
+            Mode::Template(template) => match template.database(tenant) {
+                Ok(db) => ProbeTarget::Server(Box::new(db.options().clone())),
+                Err(_) => ProbeTarget::Nothing,
             },
-            Mode::Registry { .. } if matches!(failure, Failure::Registry(_)) => true,
-            Mode::Registry { pool, .. } => {
-                let probe = sqlx::query("SELECT 1").execute(pool);
-                !matches!(
-                    tokio::time::timeout(REGISTRY_TIMEOUT, probe).await,
-                    Ok(Ok(_))
-                )
-            }
-        };
-        *last = Some((Instant::now(), unreachable));
-        unreachable
+            Mode::Registry { pool, .. } => ProbeTarget::Registry(pool.clone()),
+        }
+    }
+
+    /// The template, in template mode.
+    pub fn template(&self) -> Option<&Template> {
+        match &self.mode {
+            Mode::Template(template) => Some(template),
+            Mode::Registry { .. } => None,
+        }
     }
 
     /// Every registry entry, or None in template mode (which has no list of tenants).
@@ -284,26 +391,6 @@ async fn look_up(pool: &PgPool, tenant: &TenantId) -> Result<Lookup, Arc<sqlx::E
     })
 }
 
-async fn server_unreachable(options: &PgConnectOptions) -> bool {
-    use sqlx::Connection as _;
-    let maintenance = options.clone().database("postgres");
-    match tokio::time::timeout(
-        PROBE_TIMEOUT,
-        sqlx::PgConnection::connect_with(&maintenance),
-    )
-    .await
-    {
-        Ok(Ok(conn)) => {
-            let _ = conn.close().await;
-            false
-        }
-        // The server answered: a refused login, a missing database or "too many connections"
-        // all mean it is up.
-        Ok(Err(sqlx::Error::Database(_))) => false,
-        _ => true,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,25 +400,50 @@ mod tests {
         TenantId::parse(s).unwrap()
     }
 
+    fn template(text: &str) -> Template {
+        Template::parse(text).unwrap()
+    }
+
     #[test]
     fn template_keeps_the_tenant_id_as_is() {
-        let url = template_url(
-            crate::settings::DEFAULT_TENANT_DATABASE_URL,
-            &tenant("AcMe_1"),
-        );
-        let db = TenantDb::from_url(&url).unwrap();
+        let db = template(crate::settings::DEFAULT_TENANT_DATABASE_URL)
+            .database(&tenant("AcMe_1"))
+            .unwrap();
         assert_eq!(db.database(), "tenant_AcMe_1");
+        assert_eq!(db.key(), "postgres://postgres@127.0.0.1:5432/tenant_AcMe_1");
     }
 
     #[test]
     fn long_names_are_refused_never_cut() {
-        let template = crate::settings::DEFAULT_TENANT_DATABASE_URL;
+        let template = template(crate::settings::DEFAULT_TENANT_DATABASE_URL);
         let ok = "a".repeat(MAX_DATABASE_NAME_BYTES - "tenant_".len());
-        assert!(TenantDb::from_url(&template_url(template, &tenant(&ok))).is_ok());
+        assert!(template.database(&tenant(&ok)).is_ok());
         let long = format!("{ok}b");
-        let err = TenantDb::from_url(&template_url(template, &tenant(&long))).unwrap_err();
+        let err = template.database(&tenant(&long)).unwrap_err();
         assert!(matches!(err, Failure::DatabaseNameTooLong { len: 64, .. }));
         assert_eq!(err.class(), FailureClass::Permanent);
+    }
+
+    #[test]
+    fn a_parsed_template_gives_what_parsing_each_url_gives() {
+        for text in [
+            crate::settings::DEFAULT_TENANT_DATABASE_URL,
+            "postgres://u:p@h:5433/pre_{tenant_id}_post?sslmode=disable",
+            "postgres://{tenant_id}@h:5432/db_{tenant_id}",
+            "postgres://{tenant_id}@h:5432/db",
+        ] {
+            let parsed = template(text);
+            let id = tenant("Acme-1");
+            let once = parsed.database(&id).unwrap();
+            let each = TenantDb::from_url(&text.replace(PLACEHOLDER, "Acme-1")).unwrap();
+            assert_eq!(once.key(), each.key(), "{text}");
+            assert_eq!(once.database(), each.database(), "{text}");
+            assert_eq!(
+                format!("{:?}", once.options()),
+                format!("{:?}", each.options()),
+                "{text}"
+            );
+        }
     }
 
     #[test]
@@ -350,7 +462,7 @@ mod tests {
 
     #[test]
     fn errors_never_repeat_the_url() {
-        let err = check_url("postgres://user:s3cret@h:5432/").unwrap_err();
+        let err = setting_url("postgres://user:s3cret@h:5432/").unwrap_err();
         assert!(!err.contains("s3cret"), "{err}");
         let db = TenantDb::from_url("postgres://user:s3cret@h:5432/db").unwrap();
         assert!(!format!("{db:?}").contains("s3cret"));
@@ -358,9 +470,9 @@ mod tests {
 
     #[test]
     fn a_template_without_placeholder_is_one_database() {
-        let template = "postgres://postgres@127.0.0.1:5432/shared";
-        let a = TenantDb::from_url(&template_url(template, &tenant("a"))).unwrap();
-        let b = TenantDb::from_url(&template_url(template, &tenant("b"))).unwrap();
+        let template = template("postgres://postgres@127.0.0.1:5432/shared");
+        let a = template.database(&tenant("a")).unwrap();
+        let b = template.database(&tenant("b")).unwrap();
         assert_eq!(a.key(), b.key());
     }
 }

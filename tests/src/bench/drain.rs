@@ -652,8 +652,8 @@ async fn create_from_template(template: &str, names: Vec<String>) -> Result<(), 
     for name in names {
         sqlx::query(&format!(
             "CREATE DATABASE {} TEMPLATE {}",
-            avsync_worker::pools::quote_identifier(&name),
-            avsync_worker::pools::quote_identifier(template)
+            avsync_worker::provision::quote_identifier(&name),
+            avsync_worker::provision::quote_identifier(template)
         ))
         .execute(&mut admin)
         .await?;

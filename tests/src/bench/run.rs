@@ -259,7 +259,10 @@ impl Bench<'_> {
         let secret = ingress_harness::new_whsec_secret();
         let settings = ingress_harness::settings(&self.prefix, self.args.partitions, &secret);
         let shutdown = CancellationToken::new();
-        let running = avsync_ingress::start(settings, shutdown.clone())
+        let checked = settings
+            .check()
+            .map_err(|e| BenchError::Ingress(e.to_string()))?;
+        let running = avsync_ingress::start(checked, shutdown.clone())
             .await
             .map_err(|e| BenchError::Ingress(format!("{e:#}")))?;
         let measured = self.ingress_runs(report, &running, &secret).await;
@@ -499,13 +502,13 @@ pub(super) async fn migrated_database(name: &str) -> Result<PgConnection, BenchE
     let mut admin = PgConnection::connect(support::PG_ADMIN_URL).await?;
     sqlx::query(&format!(
         "CREATE DATABASE {}",
-        avsync_worker::pools::quote_identifier(name)
+        avsync_worker::provision::quote_identifier(name)
     ))
     .execute(&mut admin)
     .await?;
     let _ = admin.close().await;
     let mut conn = PgConnection::connect(&support::database_url(name)).await?;
-    avsync_worker::pools::migrator()
+    avsync_worker::provision::migrator()
         .run_direct(&mut conn)
         .await
         .map_err(|e| BenchError::Database(e.into()))?;

@@ -357,7 +357,13 @@ async fn start(
     let mut worker_metrics = Vec::new();
     for n in 1..=WORKERS {
         let token = CancellationToken::new();
-        let running = avsync_worker::start(worker_settings(args, names)?, token.clone())
+        let checked = worker_settings(args, names)?
+            .check()
+            .map_err(|e| DemoError::Start {
+                what: format!("worker {n}"),
+                reason: e.to_string(),
+            })?;
+        let running = avsync_worker::start(checked, token.clone())
             .await
             .map_err(|e| DemoError::Start {
                 what: format!("worker {n}"),
@@ -370,7 +376,11 @@ async fn start(
         ingress_harness::settings(names.topology.prefix(), PARTITIONS, &secrets.setting());
     settings.common.amqp_url = args.amqp_url.clone();
     let token = CancellationToken::new();
-    let running = avsync_ingress::start(settings, token.clone())
+    let checked = settings.check().map_err(|e| DemoError::Start {
+        what: "the ingress".into(),
+        reason: e.to_string(),
+    })?;
+    let running = avsync_ingress::start(checked, token.clone())
         .await
         .map_err(|e| DemoError::Start {
             what: "the ingress".into(),
@@ -806,7 +816,7 @@ async fn drop_database(names: &Names, database: &str) {
     };
     let _ = sqlx::query(&format!(
         "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-        avsync_worker::pools::quote_identifier(database)
+        avsync_worker::provision::quote_identifier(database)
     ))
     .execute(&mut admin)
     .await;
