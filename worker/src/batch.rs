@@ -6,6 +6,13 @@
 //! Opening a session costs far more than applying an event, so a tenant that is cold (has
 //! committed nothing lately, so likely has no open session) lingers longer: one open then
 //! serves more of its events.
+//!
+//! **One batch in flight per tenant.** While a tenant's batch waits for a session or is being
+//! applied, the tenant's new events gather in its next batch instead of starting another one,
+//! which would only queue behind the first for a session of its own; neither its linger nor a
+//! stalled partition sends that batch. It goes the moment the batch in flight settles, on the
+//! session that batch leaves warm. Only a full batch goes beside one in flight, as it cannot
+//! grow any more.
 
 use avsync_shared::TenantId;
 use std::collections::HashMap;
@@ -26,6 +33,9 @@ pub struct Limits {
 struct Pending<T> {
     partition: u16,
     due: Instant,
+    /// Gathered behind a batch of its tenant in flight: it goes when that one settles, not at
+    /// its linger. A batch is taken out whenever its tenant's batch goes, so this never changes.
+    behind: bool,
     items: Vec<T>,
 }
 
@@ -38,6 +48,9 @@ pub struct Batch<T> {
 pub struct Batcher<T> {
     limits: Limits,
     pending: HashMap<TenantId, Pending<T>>,
+    /// The tenants with batches handed out and not yet [`Batcher::settled`], and how many each
+    /// has (more than one only when full batches went beside the first).
+    in_flight: HashMap<TenantId, usize>,
 }
 
 impl<T> Batcher<T> {
@@ -45,12 +58,14 @@ impl<T> Batcher<T> {
         Self {
             limits,
             pending: HashMap::new(),
+            in_flight: HashMap::new(),
         }
     }
 
     /// Adds an event of `tenant` (`cold` when it has committed nothing lately). Returns a batch
     /// to apply now: the tenant's when full, or, when `partition_stalled`, the largest one
-    /// waiting in that partition.
+    /// waiting in that partition whose tenant has none in flight. Every batch handed out counts
+    /// as in flight until it is [`Batcher::settled`].
     pub fn push(
         &mut self,
         tenant: &TenantId,
@@ -67,11 +82,15 @@ impl<T> Batcher<T> {
         };
         let pending = match self.pending.get_mut(tenant) {
             Some(pending) => pending,
-            None => self.pending.entry(tenant.clone()).or_insert(Pending {
-                partition,
-                due: now + linger,
-                items: Vec::with_capacity(self.limits.max_events.min(64)),
-            }),
+            None => {
+                let behind = self.in_flight.contains_key(tenant);
+                self.pending.entry(tenant.clone()).or_insert(Pending {
+                    partition,
+                    due: now + linger,
+                    behind,
+                    items: Vec::with_capacity(self.limits.max_events.min(64)),
+                })
+            }
         };
         pending.items.push(item);
         if pending.items.len() >= self.limits.max_events {
@@ -81,7 +100,7 @@ impl<T> Batcher<T> {
             let largest = self
                 .pending
                 .iter()
-                .filter(|(_, p)| p.partition == partition)
+                .filter(|(_, p)| p.partition == partition && !p.behind)
                 .max_by_key(|(_, p)| p.items.len())
                 .map(|(t, _)| t.clone())?;
             return self.take(&largest);
@@ -89,38 +108,57 @@ impl<T> Batcher<T> {
         None
     }
 
+    /// Hands out `tenant`'s waiting batch, counting it in flight.
     fn take(&mut self, tenant: &TenantId) -> Option<Batch<T>> {
-        self.pending.remove_entry(tenant).map(|(tenant, p)| Batch {
+        let (tenant, p) = self.pending.remove_entry(tenant)?;
+        *self.in_flight.entry(tenant.clone()).or_insert(0) += 1;
+        Some(Batch {
             tenant,
             items: p.items,
         })
     }
 
-    /// The batches that have waited their linger by `now`.
+    /// A batch of `tenant` handed out earlier has settled. When it was the tenant's last one in
+    /// flight, returns the batch that gathered meanwhile, to apply at once.
+    pub fn settled(&mut self, tenant: &TenantId) -> Option<Batch<T>> {
+        match self.in_flight.get_mut(tenant) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                None
+            }
+            Some(_) => {
+                self.in_flight.remove(tenant);
+                self.take(tenant)
+            }
+            None => None,
+        }
+    }
+
+    /// The batches that have waited their linger by `now`, of tenants with none in flight.
     pub fn due(&mut self, now: Instant) -> Vec<Batch<T>> {
         let due: Vec<TenantId> = self
             .pending
             .iter()
-            .filter(|(_, p)| p.due <= now)
+            .filter(|(_, p)| p.due <= now && !p.behind)
             .map(|(t, _)| t.clone())
             .collect();
         due.iter().filter_map(|t| self.take(t)).collect()
     }
 
-    /// When the next batch's linger ends, if any waits.
+    /// When the next batch's linger ends, if one waits whose tenant has none in flight (the
+    /// others go when theirs settles).
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.pending.values().map(|p| p.due).min()
+        self.pending
+            .values()
+            .filter(|p| !p.behind)
+            .map(|p| p.due)
+            .min()
     }
 
-    /// Every waiting batch, at once (shutdown, or the session ending).
+    /// Every waiting batch, at once, in flight or not (shutdown, or the session ending).
     pub fn drain(&mut self) -> Vec<Batch<T>> {
-        self.pending
-            .drain()
-            .map(|(tenant, p)| Batch {
-                tenant,
-                items: p.items,
-            })
-            .collect()
+        let tenants: Vec<TenantId> = self.pending.keys().cloned().collect();
+        tenants.iter().filter_map(|t| self.take(t)).collect()
     }
 
     /// Nothing is pending: what the property tests check after a final flush.
@@ -210,30 +248,134 @@ mod tests {
         assert_eq!(batch.items, vec![1, 2]);
     }
 
+    #[test]
+    fn a_tenant_in_flight_gathers_its_next_batch_until_it_settles() {
+        let mut b = Batcher::new(LIMITS);
+        let now = Instant::now();
+        b.push(&tenant(1), 0, 1, now, false, false);
+        let first = b.due(now + LIMITS.linger).pop().expect("due");
+        assert_eq!(first.items, vec![1]);
+        // Neither its linger nor a stalled partition sends what arrives meanwhile.
+        let later = now + LIMITS.linger;
+        assert!(b.push(&tenant(1), 0, 2, later, false, false).is_none());
+        assert!(b.push(&tenant(1), 0, 3, later, true, false).is_none());
+        assert!(b.due(later + LIMITS.cold_linger * 10).is_empty());
+        assert_eq!(b.next_deadline(), None);
+        let next = b.settled(&tenant(1)).expect("goes at once");
+        assert_eq!(next.items, vec![2, 3]);
+        assert!(b.settled(&tenant(1)).is_none());
+        assert!(b.is_empty());
+        // Settled with nothing in flight (never handed out) changes nothing.
+        assert!(b.settled(&tenant(2)).is_none());
+    }
+
+    #[test]
+    fn a_stalled_partition_skips_tenants_in_flight() {
+        let mut b = Batcher::new(LIMITS);
+        let now = Instant::now();
+        b.push(&tenant(1), 0, 1, now, false, false);
+        let _first = b.due(now + LIMITS.linger).pop().expect("due");
+        b.push(&tenant(1), 0, 2, now, false, false);
+        b.push(&tenant(1), 0, 3, now, false, false);
+        let batch = b.push(&tenant(2), 0, 4, now, true, false).expect("stalled");
+        assert_eq!(batch.tenant, tenant(2));
+        assert!(b.push(&tenant(1), 1, 5, now, true, false).is_some(), "full");
+    }
+
+    #[test]
+    fn only_a_full_batch_goes_beside_one_in_flight() {
+        let mut b = Batcher::new(LIMITS);
+        let now = Instant::now();
+        b.push(&tenant(1), 0, 1, now, false, false);
+        let _first = b.due(now + LIMITS.linger).pop().expect("due");
+        b.push(&tenant(1), 0, 2, now, false, false);
+        b.push(&tenant(1), 0, 3, now, false, false);
+        let full = b.push(&tenant(1), 0, 4, now, false, false).expect("full");
+        assert_eq!(full.items, vec![2, 3, 4]);
+        b.push(&tenant(1), 0, 5, now, false, false);
+        assert!(
+            b.settled(&tenant(1)).is_none(),
+            "the full one is still in flight"
+        );
+        assert_eq!(b.settled(&tenant(1)).expect("last settled").items, vec![5]);
+    }
+
+    /// What a scheduler does with the batcher, step by step.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// An event of tenant `t` arrives `ms` after the previous step.
+        Event { t: u32, stalled: bool, ms: u64 },
+        /// The `k`-th (modulo) batch in flight settles.
+        Settle { k: usize },
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            3 => (0..4u32, any::<bool>(), 0..8u64).prop_map(|(t, stalled, ms)| Step::Event { t, stalled, ms }),
+            1 => any::<usize>().prop_map(|k| Step::Settle { k }),
+        ]
+    }
+
     proptest! {
-        /// Nothing is lost or duplicated, each batch holds one tenant's events in arrival order,
-        /// and none exceeds the limit.
+        /// Nothing is lost or duplicated; each batch holds one tenant's events, and a tenant's
+        /// batches leave in arrival order; none exceeds the limit; a tenant never has two
+        /// batches in flight of which one could still have grown; and once every batch in
+        /// flight has settled, nothing waits beyond its linger (no tenant is wedged).
         #[test]
-        fn every_event_leaves_exactly_once(events in proptest::collection::vec((0..4u32, any::<bool>(), 0..8u64), 0..200)) {
+        fn every_event_leaves_exactly_once(steps in proptest::collection::vec(step(), 0..300)) {
             let mut b = Batcher::new(LIMITS);
-            let start = Instant::now();
-            let mut out: Vec<Batch<(u32, usize)>> = Vec::new();
-            for (i, (t, stalled, ms)) in events.iter().enumerate() {
-                let now = start + Duration::from_millis(*ms + i as u64);
-                out.extend(b.push(&tenant(*t), (*t % 2) as u16, (*t, i), now, *stalled, *t == 3));
-                out.extend(b.due(now));
+            let mut now = Instant::now();
+            let mut flying: Vec<Batch<(u32, usize)>> = Vec::new();
+            let mut out: Vec<Vec<(u32, usize)>> = Vec::new();
+            let mut events = 0;
+            let mut hand_out = |flying: &mut Vec<Batch<(u32, usize)>>, batches: Vec<Batch<(u32, usize)>>| {
+                for batch in batches {
+                    out.push(batch.items.clone());
+                    flying.push(batch);
+                }
+            };
+            for step in &steps {
+                match step {
+                    Step::Event { t, stalled, ms } => {
+                        now += Duration::from_millis(*ms);
+                        let full = b.push(&tenant(*t), (*t % 2) as u16, (*t, events), now, *stalled, *t == 3);
+                        events += 1;
+                        hand_out(&mut flying, full.into_iter().collect());
+                        hand_out(&mut flying, b.due(now));
+                    }
+                    Step::Settle { k } if !flying.is_empty() => {
+                        let done = flying.remove(k % flying.len());
+                        hand_out(&mut flying, b.settled(&done.tenant).into_iter().collect());
+                    }
+                    Step::Settle { .. } => {}
+                }
+                for t in 0..4 {
+                    let growable = flying
+                        .iter()
+                        .filter(|f| f.tenant == tenant(t) && f.items.len() < LIMITS.max_events)
+                        .count();
+                    prop_assert!(growable <= 1, "tenant {} has {} growable batches in flight", t, growable);
+                }
             }
-            out.extend(b.drain());
+            while let Some(done) = flying.pop() {
+                hand_out(&mut flying, b.settled(&done.tenant).into_iter().collect());
+            }
+            hand_out(&mut flying, b.due(now + LIMITS.cold_linger));
             prop_assert!(b.is_empty());
+            hand_out(&mut flying, b.drain());
             let mut seen = Vec::new();
-            for batch in &out {
-                prop_assert!(!batch.items.is_empty() && batch.items.len() <= LIMITS.max_events);
-                prop_assert!(batch.items.iter().all(|(t, _)| tenant(*t) == batch.tenant));
-                prop_assert!(batch.items.windows(2).all(|w| w[0].1 < w[1].1));
-                seen.extend(batch.items.iter().map(|(_, i)| *i));
+            for items in &out {
+                prop_assert!(!items.is_empty() && items.len() <= LIMITS.max_events);
+                prop_assert!(items.iter().all(|(t, _)| *t == items[0].0));
+                seen.extend(items.iter().copied());
             }
-            seen.sort_unstable();
-            prop_assert_eq!(seen, (0..events.len()).collect::<Vec<_>>());
+            for t in 0..4 {
+                let order: Vec<usize> = seen.iter().filter(|(u, _)| *u == t).map(|(_, i)| *i).collect();
+                prop_assert!(order.windows(2).all(|w| w[0] < w[1]), "tenant {} out of order: {:?}", t, order);
+            }
+            let mut all: Vec<usize> = seen.iter().map(|(_, i)| *i).collect();
+            all.sort_unstable();
+            prop_assert_eq!(all, (0..events).collect::<Vec<_>>());
         }
     }
 }

@@ -2,7 +2,9 @@
 //! gathered per tenant into batches ([`crate::batch`]; a cold tenant lingers longer so one
 //! session serves more of them), a tenant holds a bounded share of its partition
 //! ([`crate::breaker`]), and a batch waits for its tenant's connection within the server's
-//! budget ([`crate::budget`]). A batch that fails is split: each event then goes its own way.
+//! budget ([`crate::budget`]). A tenant has one batch in flight at a time: what arrives while it
+//! waits for a session or is applied joins the next one, which goes when it settles
+//! ([`InFlight`]). A batch that fails is split: each event then goes its own way.
 //!
 //! A transient failure of one tenant sends the message to a retry tier (it waits in the broker,
 //! not here, so the partition keeps flowing); after the last delay it is dead-lettered as
@@ -28,7 +30,7 @@ use chrono::Utc;
 use lapin::message::Delivery;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -64,7 +66,30 @@ pub struct Scheduler<'a> {
     /// A partition's whole prefetch: a consumer holding this many receives nothing more.
     per_queue: usize,
     batcher: Batcher<Item>,
+    /// Where each batch's [`InFlight`] mark reports that its task has ended.
+    settled_tx: mpsc::UnboundedSender<TenantId>,
+    settled_rx: mpsc::UnboundedReceiver<TenantId>,
+    /// Tenants whose batch in flight has settled, taken from `settled_rx` by [`Scheduler::ready`].
+    settled: Vec<TenantId>,
     tasks: JoinSet<()>,
+}
+
+/// Marks a tenant's batch in flight for as long as the task applying it runs: dropped when
+/// the task ends however it ends (settled, panicked or aborted), it tells the scheduler, which
+/// then sends the batch that gathered meanwhile. A lost wake-up would leave that tenant's events
+/// waiting for ever, which is why it is a guard and not a call at the end of the task.
+struct InFlight {
+    tenant: Option<TenantId>,
+    settled: mpsc::UnboundedSender<TenantId>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(tenant) = self.tenant.take() {
+            // The scheduler is gone only once it has finished: nothing waits then.
+            let _ = self.settled.send(tenant);
+        }
+    }
 }
 
 impl<'a> Scheduler<'a> {
@@ -74,6 +99,7 @@ impl<'a> Scheduler<'a> {
         gate: SettleGate,
         per_queue: usize,
     ) -> Self {
+        let (settled_tx, settled_rx) = mpsc::unbounded_channel();
         Self {
             worker,
             publish,
@@ -84,19 +110,47 @@ impl<'a> Scheduler<'a> {
                 linger: LINGER,
                 cold_linger: COLD_LINGER,
             }),
+            settled_tx,
+            settled_rx,
+            settled: Vec::new(),
             tasks: JoinSet::new(),
         }
     }
 
-    /// When the next waiting batch is due, if any waits.
-    pub fn next_deadline(&self) -> Option<tokio::time::Instant> {
-        self.batcher.next_deadline()
+    /// Resolves when a waiting batch may go: its linger has ended, or a batch in flight has
+    /// settled. Cancel-safe: a settled tenant taken here waits for [`Scheduler::flush_ready`].
+    pub async fn ready(&mut self) {
+        let deadline = self.batcher.next_deadline();
+        let lingered = async {
+            match deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            Some(tenant) = self.settled_rx.recv() => self.settled.push(tenant),
+            () = lingered => {}
+        }
     }
 
-    /// Applies the batches that have waited their linger.
-    pub fn flush_due(&mut self) {
+    /// Applies the batches that gathered behind a batch that has settled, and those that have
+    /// waited their linger.
+    pub fn flush_ready(&mut self) {
+        self.flush_settled();
         let due = self.batcher.due(tokio::time::Instant::now());
         self.flush(due);
+    }
+
+    /// Applies the batches that gathered behind a batch that has settled.
+    fn flush_settled(&mut self) {
+        while let Ok(tenant) = self.settled_rx.try_recv() {
+            self.settled.push(tenant);
+        }
+        let mut ready = Vec::new();
+        for tenant in std::mem::take(&mut self.settled) {
+            ready.extend(self.batcher.settled(&tenant));
+        }
+        self.flush(ready);
     }
 
     /// Takes a received message (and its place in the prefetch, `permit`): decides its fate
@@ -104,6 +158,8 @@ impl<'a> Scheduler<'a> {
     pub fn receive(&mut self, partition: u16, delivery: Delivery, permit: OwnedSemaphorePermit) {
         let worker = self.worker;
         self.gate.received(partition);
+        // A batch behind one that settled goes before this event can join it.
+        self.flush_settled();
         let poison = worker.retry.is_poison(&History::of(&delivery));
         match Fate::decide(poison, &delivery.data, worker.application_id.as_deref()) {
             Fate::Apply(envelope, effect) => {
@@ -191,10 +247,19 @@ impl<'a> Scheduler<'a> {
             let worker = self.worker.clone();
             let publish = self.publish.clone();
             let gate = self.gate.clone();
+            let in_flight = InFlight {
+                tenant: Some(batch.tenant.clone()),
+                settled: self.settled_tx.clone(),
+            };
             let span =
                 tracing::info_span!("batch", tenant = %batch.tenant, events = batch.items.len());
-            self.tasks
-                .spawn(apply_batch(worker, publish, gate, batch).instrument(span));
+            self.tasks.spawn(
+                async move {
+                    let _in_flight = in_flight;
+                    apply_batch(worker, publish, gate, batch).await;
+                }
+                .instrument(span),
+            );
         }
     }
 }
@@ -537,5 +602,36 @@ mod tests {
         assert_eq!(tenant_bound(500, 4096, 16), 128);
         assert_eq!(tenant_bound(64, 32, 4), 4);
         assert_eq!(tenant_bound(64, 1, 1), 1);
+    }
+
+    /// A batch's task that panics or is aborted still reports its tenant settled, so the
+    /// batch gathered behind it is not left waiting.
+    #[tokio::test]
+    async fn a_batch_in_flight_settles_however_its_task_ends() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mark = |t: &str| InFlight {
+            tenant: Some(TenantId::parse(t).expect("valid tenant id")),
+            settled: tx.clone(),
+        };
+        let mut tasks = JoinSet::new();
+        let panics = mark("panics");
+        tasks.spawn(async move {
+            let _in_flight = panics;
+            panic!("a bug while applying");
+        });
+        let hangs = mark("hangs");
+        tasks.spawn(async move {
+            let _in_flight = hangs;
+            std::future::pending::<()>().await;
+        });
+        assert!(tasks.join_next().await.expect("a task").is_err());
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        let mut settled = vec![
+            rx.recv().await.expect("settled").to_string(),
+            rx.recv().await.expect("settled").to_string(),
+        ];
+        settled.sort();
+        assert_eq!(settled, ["hangs", "panics"]);
     }
 }

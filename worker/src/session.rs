@@ -296,18 +296,11 @@ async fn consume_on(
     let mut outcome = Ok(());
     let mut phase = Phase::Consuming;
     loop {
-        let linger = scheduler.next_deadline();
-        let lingered = async {
-            match linger {
-                Some(deadline) => tokio::time::sleep_until(deadline).await,
-                None => std::future::pending().await,
-            }
-        };
         let next = match phase {
             Phase::Consuming => tokio::select! {
                 next = deliveries.next() => next,
-                _ = lingered => {
-                    scheduler.flush_due();
+                () = scheduler.ready() => {
+                    scheduler.flush_ready();
                     continue;
                 }
                 _ = shutdown.cancelled() => {
@@ -323,8 +316,8 @@ async fn consume_on(
                 }
                 tokio::select! {
                     next = deliveries.next() => next,
-                    _ = lingered => {
-                        scheduler.flush_due();
+                    () = scheduler.ready() => {
+                        scheduler.flush_ready();
                         continue;
                     }
                     _ = tokio::time::sleep_until(deadline) => {
@@ -346,8 +339,8 @@ async fn consume_on(
             }
             Phase::Draining => tokio::select! {
                 next = deliveries.next() => next,
-                _ = lingered => {
-                    scheduler.flush_due();
+                () = scheduler.ready() => {
+                    scheduler.flush_ready();
                     continue;
                 }
             },
