@@ -269,14 +269,20 @@ mod tests {
         assert!(b.settled(&tenant(2)).is_none());
     }
 
-    #[test]
-    fn a_stalled_partition_skips_tenants_in_flight() {
+    /// Tenant 1 with its first batch (event 1) handed out and events 2 and 3 gathering behind it.
+    fn one_in_flight_two_waiting() -> (Batcher<u32>, Instant) {
         let mut b = Batcher::new(LIMITS);
         let now = Instant::now();
         b.push(&tenant(1), 0, 1, now, false, false);
         let _first = b.due(now + LIMITS.linger).pop().expect("due");
         b.push(&tenant(1), 0, 2, now, false, false);
         b.push(&tenant(1), 0, 3, now, false, false);
+        (b, now)
+    }
+
+    #[test]
+    fn a_stalled_partition_skips_tenants_in_flight() {
+        let (mut b, now) = one_in_flight_two_waiting();
         let batch = b.push(&tenant(2), 0, 4, now, true, false).expect("stalled");
         assert_eq!(batch.tenant, tenant(2));
         assert!(b.push(&tenant(1), 1, 5, now, true, false).is_some(), "full");
@@ -284,12 +290,7 @@ mod tests {
 
     #[test]
     fn only_a_full_batch_goes_beside_one_in_flight() {
-        let mut b = Batcher::new(LIMITS);
-        let now = Instant::now();
-        b.push(&tenant(1), 0, 1, now, false, false);
-        let _first = b.due(now + LIMITS.linger).pop().expect("due");
-        b.push(&tenant(1), 0, 2, now, false, false);
-        b.push(&tenant(1), 0, 3, now, false, false);
+        let (mut b, now) = one_in_flight_two_waiting();
         let full = b.push(&tenant(1), 0, 4, now, false, false).expect("full");
         assert_eq!(full.items, vec![2, 3, 4]);
         b.push(&tenant(1), 0, 5, now, false, false);
