@@ -11,7 +11,8 @@
 
 use crate::metrics::{FetchOutcome, Metrics};
 use crate::verify::{RsaKey, RsaKeys};
-use backon::{ExponentialBuilder, Retryable};
+use avsync_shared::backoff::jittered;
+use backon::Retryable;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
@@ -177,11 +178,7 @@ impl Jwks {
     ) -> JoinHandle<()> {
         let jwks = self.clone();
         tokio::spawn(async move {
-            let backoff = ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(250))
-                .with_max_delay(Duration::from_secs(30))
-                .with_jitter()
-                .without_max_times();
+            let backoff = jittered(Duration::from_millis(250), Duration::from_secs(30));
             let initial = (|| jwks.fetch())
                 .retry(backoff)
                 .sleep(tokio::time::sleep)

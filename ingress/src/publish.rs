@@ -2,10 +2,11 @@
 //! request. A request gets its 202 only after the broker confirmed its own message.
 
 use crate::metrics::Metrics;
+use avsync_shared::backoff::jittered;
 use avsync_shared::broker::headers::{long, EVENT_TYPE_HEADER, PERSISTENT, TENANT_HEADER};
 use avsync_shared::broker::{self, ConfirmedPublisher, FailureLog, CONNECT_TIMEOUT};
 use avsync_shared::{Envelope, Topology};
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Connection};
 use std::sync::{Arc, RwLock};
@@ -194,11 +195,7 @@ impl Publisher {
 }
 
 async fn supervise(inner: Arc<Inner>, amqp_url: String, stop: CancellationToken) {
-    let backoff = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times();
+    let backoff = jittered(Duration::from_millis(200), Duration::from_secs(5));
     let mut failures = FailureLog::default();
     loop {
         let connect = (|| connect(&amqp_url, &inner.topology))

@@ -1,9 +1,12 @@
 //! Types and plumbing shared by the avsync ingress and worker: the tenant id and envelope decoded
 //! at the edge (always), the event model (feature `event`), the queue topology and broker
-//! plumbing (`broker`), settings, telemetry, shutdown and the private admin listener (`process`).
+//! plumbing (`broker`), settings, telemetry, shutdown, the backoff of
+//! reconnects and the private admin listener (`process`).
 
 #[cfg(feature = "process")]
 pub mod admin;
+#[cfg(feature = "process")]
+pub mod backoff;
 #[cfg(feature = "broker")]
 pub mod broker;
 #[cfg(feature = "process")]

@@ -10,7 +10,8 @@
 //! - `401`/`403`/`404` are not retried: their errors name the setting or grant to fix.
 
 use crate::metrics::ReconcileMetrics;
-use backon::{BackoffBuilder, ExponentialBuilder};
+use avsync_shared::backoff::jittered;
+use backon::BackoffBuilder;
 use reqwest::StatusCode;
 use serde::Deserialize;
 use std::fmt;
@@ -260,11 +261,8 @@ impl AuthVital {
         what: &'static str,
         build: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<Answer, ApiError> {
-        let mut backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(5))
+        let mut backoff = jittered(Duration::from_millis(200), Duration::from_secs(5))
             .with_max_times(MAX_ATTEMPTS - 1)
-            .with_jitter()
             .build();
         let mut rate_limited = 0;
         loop {

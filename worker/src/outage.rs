@@ -6,7 +6,9 @@
 
 use crate::failure::Failure;
 use crate::tenants::{ProbeTarget, Resolver};
+use avsync_shared::backoff::jittered;
 use avsync_shared::TenantId;
+use backon::BackoffBuilder;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -33,7 +35,9 @@ pub struct Backoff(Option<Box<dyn Iterator<Item = Duration> + Send>>);
 impl Backoff {
     fn next(&mut self) -> Duration {
         self.0
-            .get_or_insert_with(|| Box::new(crate::schedule::backoff(OUTAGE_MIN, OUTAGE_MAX)))
+            .get_or_insert_with(|| {
+                Box::new(BackoffBuilder::build(jittered(OUTAGE_MIN, OUTAGE_MAX)))
+            })
             .next()
             .unwrap_or(OUTAGE_MAX)
     }

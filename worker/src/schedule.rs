@@ -22,10 +22,11 @@ use crate::outage;
 use crate::retry::History;
 use crate::session::{per_queue_prefetch, Worker};
 use crate::settle::{settle_unapplied, SettleGate, Settler};
+use avsync_shared::backoff::jittered;
 use avsync_shared::broker::ConfirmedPublisher;
 use avsync_shared::event::{type_label, Effect};
 use avsync_shared::{Envelope, TenantId};
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::BackoffBuilder;
 use chrono::Utc;
 use lapin::message::Delivery;
 use std::sync::Arc;
@@ -338,8 +339,8 @@ async fn commit(
                 tracing::debug!("the connection budget is contended; the batch keeps waiting");
             }
             Err(failure) if failure.is_server_refusal() && !shutdown.is_cancelled() => {
-                let delays =
-                    refused.get_or_insert_with(|| Box::new(backoff(REFUSAL_MIN, REFUSAL_MAX)));
+                let delays = refused
+                    .get_or_insert_with(|| Box::new(jittered(REFUSAL_MIN, REFUSAL_MAX).build()));
                 let delay = delays.next().unwrap_or(REFUSAL_MAX);
                 tracing::info!(error = %failure, retry_in = ?delay, "no connection slot on the server; the batch waits");
                 tokio::select! {
@@ -539,8 +540,8 @@ async fn apply_alone(
                 result = apply_one(worker, &envelope.tenant_id, &effect).await;
             }
             FailureClass::Transient if failure.is_server_refusal() => {
-                let delays =
-                    refused.get_or_insert_with(|| Box::new(backoff(REFUSAL_MIN, REFUSAL_MAX)));
+                let delays = refused
+                    .get_or_insert_with(|| Box::new(jittered(REFUSAL_MIN, REFUSAL_MAX).build()));
                 let delay = delays.next().unwrap_or(REFUSAL_MAX);
                 tracing::info!(error = %failure, retry_in = ?delay, "no connection slot on the server; the message waits");
                 tokio::select! {
@@ -580,16 +581,6 @@ async fn apply_one(worker: &Worker, tenant: &TenantId, effect: &Effect) -> Resul
     Ok((Utc::now() - effect.key.time.to_utc())
         .as_seconds_f64()
         .max(0.0))
-}
-
-/// Backoff with jitter between `min` and `max`, without end.
-pub(crate) fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> + Send {
-    ExponentialBuilder::default()
-        .with_min_delay(min)
-        .with_max_delay(max)
-        .with_jitter()
-        .without_max_times()
-        .build()
 }
 
 #[cfg(test)]

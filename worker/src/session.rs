@@ -10,8 +10,10 @@ use crate::retry::RetryPolicy;
 use crate::schedule::Scheduler;
 use crate::settle::SettleGate;
 use crate::tenants::Resolver;
+use avsync_shared::backoff::jittered;
 use avsync_shared::broker::{self, ConfirmedPublisher, FailureLog};
 use avsync_shared::topology::Topology;
+use backon::BackoffBuilder;
 use futures_util::stream::{self, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
@@ -97,7 +99,7 @@ impl Worker {
 /// How every broker connection of the worker (the session's and the depth poller's) waits
 /// between attempts.
 pub(crate) fn reconnect_backoff() -> impl Iterator<Item = Duration> + Send {
-    crate::schedule::backoff(MIN_RECONNECT, MAX_RECONNECT)
+    jittered(MIN_RECONNECT, MAX_RECONNECT).build()
 }
 
 /// Consumes until `shutdown`, reconnecting with backoff. On shutdown, stops consuming, finishes
