@@ -91,6 +91,7 @@ pub async fn start(checked: Checked, shutdown: CancellationToken) -> anyhow::Res
         tenants: source,
         retry,
         pools,
+        reconcile,
     } = checked;
     let registry = admin::new_registry();
     let metrics = Metrics::register_with_retry_delays(&registry, &retry.delays)?;
@@ -162,11 +163,11 @@ pub async fn start(checked: Checked, shutdown: CancellationToken) -> anyhow::Res
         }
         .run(shutdown.clone()),
     );
-    let reconcile = settings.reconcile_interval.map(|interval| {
+    let reconcile = reconcile.map(|schedule| {
         tokio::spawn(reconcile_cli::schedule(
             worker.clone(),
-            settings.clone(),
-            interval,
+            schedule,
+            settings.reconcile_max_left_percent,
             shutdown.clone(),
         ))
     });

@@ -8,12 +8,13 @@
 //! with no database (or no row) yet is reconciled with `--tenant`, which creates and migrates its
 //! database as the worker would.
 
+use crate::authvital::ApiSettings;
 use crate::failure::Failure;
 use crate::metrics::{ReconcileMetrics, RunOutcome};
 use crate::provision::{connect, migrator, quote_identifier};
 use crate::reconcile::{Mode, Reconciler, Report};
 use crate::session::Worker;
-use crate::settings::{Checked, Settings};
+use crate::settings::{Checked, ReconcileSchedule, Settings};
 use crate::tenants::{Resolver, TenantDb, PLACEHOLDER};
 use anyhow::Context as _;
 use avsync_shared::TenantId;
@@ -114,15 +115,30 @@ async fn tenants_in_shared_database(db: &TenantDb) -> anyhow::Result<Vec<Target>
     Ok(ids.into_iter().map(|id| (id, Ok(db.clone()))).collect())
 }
 
-/// A reconciler as the command and the schedule build it from the settings.
+/// A reconciler as the command builds it: the command needs AuthVital whether or not a schedule
+/// is set, so it checks those settings here.
 pub fn reconciler(settings: &Settings, metrics: ReconcileMetrics) -> anyhow::Result<Reconciler> {
     let (api, application_id) = settings.reconcile_settings()?;
+    build(
+        api,
+        application_id,
+        settings.reconcile_max_left_percent,
+        metrics,
+    )
+}
+
+fn build(
+    api: ApiSettings,
+    application_id: Option<String>,
+    max_left_percent: u8,
+    metrics: ReconcileMetrics,
+) -> anyhow::Result<Reconciler> {
     let api = crate::authvital::AuthVital::new(api, metrics.clone())
         .context("cannot build the HTTP client for AuthVital")?;
     Ok(Reconciler {
         api,
         application_id,
-        max_left_percent: settings.reconcile_max_left_percent,
+        max_left_percent,
         metrics,
     })
 }
@@ -216,11 +232,21 @@ fn jittered(interval: Duration) -> Duration {
 /// nothing half.
 pub async fn schedule(
     worker: Arc<Worker>,
-    settings: Settings,
-    interval: Duration,
+    schedule: ReconcileSchedule,
+    max_left_percent: u8,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let reconciler = reconciler(&settings, worker.metrics.reconcile.clone())?;
+    let ReconcileSchedule {
+        interval,
+        api,
+        application_id,
+    } = schedule;
+    let reconciler = build(
+        api,
+        application_id,
+        max_left_percent,
+        worker.metrics.reconcile.clone(),
+    )?;
     // The first round comes at a random point of the first interval.
     let mut wait = interval.mul_f64(rand::rng().random_range(0.0..1.0));
     loop {

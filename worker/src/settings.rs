@@ -162,6 +162,18 @@ pub struct Checked {
     pub tenants: TenantSource,
     pub retry: RetryPolicy,
     pub pools: PoolSettings,
+    /// Set with `AVSYNC_RECONCILE_INTERVAL`: the schedule and what it reconciles with.
+    pub reconcile: Option<ReconcileSchedule>,
+}
+
+/// A scheduled reconcile, checked with the other settings so that a worker never starts with a
+/// schedule it cannot run.
+#[derive(Debug, Clone)]
+pub struct ReconcileSchedule {
+    pub interval: Duration,
+    pub api: ApiSettings,
+    /// The application whose access and roles a reconcile takes (None with `ignore`).
+    pub application_id: Option<String>,
 }
 
 impl Settings {
@@ -183,15 +195,23 @@ impl Settings {
                 "is empty; unset it to accept every application",
             ));
         }
-        if let Some(interval) = self.reconcile_interval {
-            if interval.is_zero() {
+        let reconcile = match self.reconcile_interval {
+            None => None,
+            Some(interval) if interval.is_zero() => {
                 return Err(BadSetting::new(
                     "AVSYNC_RECONCILE_INTERVAL",
                     "must be above zero; unset it to reconcile only on command",
                 ));
             }
-            self.reconcile_settings()?;
-        }
+            Some(interval) => {
+                let (api, application_id) = self.reconcile_settings()?;
+                Some(ReconcileSchedule {
+                    interval,
+                    api,
+                    application_id,
+                })
+            }
+        };
         if self.authvital_timeout.is_zero() {
             return Err(BadSetting::new(
                 "AVSYNC_AUTHVITAL_TIMEOUT",
@@ -214,6 +234,7 @@ impl Settings {
             tenants,
             retry,
             pools,
+            reconcile,
         })
     }
 
@@ -350,8 +371,14 @@ mod tests {
             "app",
         ];
         let s = parse(&full).unwrap();
-        s.clone().check().unwrap();
+        let checked = s.clone().check().unwrap();
         assert!(!format!("{s:?}").contains("hidden-secret"));
+        assert!(!format!("{checked:?}").contains("hidden-secret"));
+        let schedule = checked.reconcile.expect("a checked schedule");
+        assert_eq!(schedule.interval, Duration::from_secs(3600));
+        assert_eq!(schedule.api.base_url, "https://auth.example.com");
+        assert_eq!(schedule.application_id.as_deref(), Some("app"));
+        assert!(parse(&[]).unwrap().check().unwrap().reconcile.is_none());
         let (api, app) = s.reconcile_settings().unwrap();
         assert_eq!(api.base_url, "https://auth.example.com");
         assert_eq!(app.as_deref(), Some("app"));
