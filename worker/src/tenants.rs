@@ -64,14 +64,21 @@ impl TenantDb {
         if database.is_empty() {
             return Err(Failure::BadDatabaseUrl("it names no database".to_owned()));
         }
+        Self::named(url.to_owned(), database, options)
+    }
+
+    /// A database named `database` with `options`, refused (never cut) when the name is too
+    /// long for PostgreSQL.
+    fn named(url: String, database: String, options: PgConnectOptions) -> Result<Self, Failure> {
         if database.len() > MAX_DATABASE_NAME_BYTES {
             return Err(Failure::DatabaseNameTooLong {
                 len: database.len(),
                 database,
             });
         }
+        let options = options.database(&database);
         Ok(Self {
-            url: url.to_owned(),
+            url,
             database,
             options,
         })
@@ -188,17 +195,7 @@ impl Template {
                 suffix,
             } => {
                 let database = format!("{prefix}{}{suffix}", tenant.as_str());
-                if database.len() > MAX_DATABASE_NAME_BYTES {
-                    return Err(Failure::DatabaseNameTooLong {
-                        len: database.len(),
-                        database,
-                    });
-                }
-                Ok(TenantDb {
-                    url: self.url(tenant),
-                    options: options.clone().database(&database),
-                    database,
-                })
+                TenantDb::named(self.url(tenant), database, options.clone())
             }
             Form::Elsewhere => TenantDb::from_url(&self.url(tenant)),
         }
