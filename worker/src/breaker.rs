@@ -23,6 +23,11 @@ pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// A tenant that committed within this long likely still has an open session: it is warm.
 pub const WARM: Duration = Duration::from_secs(5);
+/// How long a probe may take to tell that its tenant is still stuck: a statement waiting for a
+/// held lock gives up after the lock timeout. A message set aside comes back no sooner than the
+/// probe after its tenant's backoff could have told, so that a stuck tenant's backlog does not
+/// pass through its partition again and again in front of its neighbours.
+const PROBE: Duration = crate::pools::LOCK_TIMEOUT;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Circuit {
@@ -95,7 +100,7 @@ impl Standing {
             Circuit::Open { until, .. } if now < until => {
                 return Admission::SetAside {
                     reason: SetAsideReason::Slow,
-                    wait: until - now,
+                    wait: until - now + PROBE,
                 }
             }
             Circuit::Open { backoff, .. } => {
@@ -106,7 +111,7 @@ impl Standing {
             Circuit::Probing { .. } => {
                 return Admission::SetAside {
                     reason: SetAsideReason::Slow,
-                    wait: Duration::ZERO,
+                    wait: PROBE,
                 }
             }
             Circuit::Closed => {}
@@ -115,7 +120,7 @@ impl Standing {
         if calm && self.held >= bound && stalled {
             return Admission::SetAside {
                 reason: SetAsideReason::Backlog,
-                wait: Duration::ZERO,
+                wait: PROBE,
             };
         }
         self.hold(now);
@@ -273,11 +278,12 @@ impl Tenants {
         }
     }
 
-    /// How much longer `tenant` stays marked slow before a probe; zero when it is not.
-    pub fn open_for(&self, tenant: &TenantId) -> Duration {
+    /// How long a message of `tenant`, marked slow, should be set aside: until a probe after
+    /// its backoff could have told that it is well again.
+    pub fn set_aside_wait(&self, tenant: &TenantId) -> Duration {
         self.inner.with(tenant, |e, now| match e.standing.circuit {
-            Circuit::Open { until, .. } => until.saturating_duration_since(now),
-            _ => Duration::ZERO,
+            Circuit::Open { until, .. } => until.saturating_duration_since(now) + PROBE,
+            _ => PROBE,
         })
     }
 
@@ -402,7 +408,7 @@ mod tests {
             Admission::SetAside {
                 reason: SetAsideReason::Slow,
                 wait
-            } if wait == FIRST_BACKOFF
+            } if wait == FIRST_BACKOFF + PROBE
         ));
         let after = t0 + FIRST_BACKOFF;
         assert_eq!(hold(&mut s, 100, after), Admission::Hold { probe: true });
@@ -417,7 +423,7 @@ mod tests {
         s.slow(after);
         assert!(matches!(
             hold(&mut s, 100, after),
-            Admission::SetAside { wait, .. } if wait == FIRST_BACKOFF * 2
+            Admission::SetAside { wait, .. } if wait == FIRST_BACKOFF * 2 + PROBE
         ));
         let again = after + FIRST_BACKOFF * 2;
         assert_eq!(hold(&mut s, 100, again), Admission::Hold { probe: true });
@@ -490,8 +496,8 @@ mod tests {
         assert!(!tenants.is_cold(&t));
         tenants.mark_slow(&t);
         assert!(tenants.is_slow(&t));
-        let open = tenants.open_for(&t);
-        assert!(open > Duration::ZERO && open <= FIRST_BACKOFF, "{open:?}");
+        let wait = tenants.set_aside_wait(&t);
+        assert!(wait > PROBE && wait <= FIRST_BACKOFF + PROBE, "{wait:?}");
         assert!(matches!(
             tenants.admit(&t, true),
             Admitted::SetAside {

@@ -39,7 +39,7 @@ const EVICTING: usize = usize::MAX;
 const BUDGET_POLL: Duration = Duration::from_millis(50);
 /// While other tenants wait for room in the budget, a session this old is closed when next
 /// taken, so that the budget goes round the tenants instead of staying with the busiest.
-const FAIR_SHARE: Duration = Duration::from_millis(200);
+const FAIR_SHARE: Duration = Duration::from_millis(1000);
 /// Every tenant session says who it is, so operators find them in `pg_stat_activity`.
 pub const APPLICATION_NAME: &str = "avsync-worker";
 /// Longest one statement of a tenant session may run: an apply of a full batch takes

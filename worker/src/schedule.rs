@@ -47,7 +47,7 @@ const MAX_BATCH: usize = 250;
 const LINGER: Duration = Duration::from_millis(5);
 /// The same for a cold tenant (see `breaker::WARM`), whose batch likely opens a session: one
 /// open then serves more of its events.
-const COLD_LINGER: Duration = Duration::from_millis(100);
+const COLD_LINGER: Duration = Duration::from_millis(250);
 
 /// The most unsettled messages a stalled tenant holds: `AVSYNC_TENANT_MAX_UNSETTLED`, but never
 /// more than half its partition's prefetch, so its neighbours always have room.
@@ -440,7 +440,7 @@ async fn set_aside_all(
     gate: &SettleGate,
     batch: Batch<Item>,
 ) {
-    let wait = worker.tenants.open_for(&batch.tenant);
+    let wait = worker.tenants.set_aside_wait(&batch.tenant);
     let tenant = &batch.tenant;
     let aside = batch.items.iter().map(|item| {
         let span = tracing::info_span!(
@@ -556,7 +556,7 @@ async fn apply_alone(
             FailureClass::Transient if failure.marks_slow() => {
                 tracing::warn!(error = %failure, "tenant marked slow; its events are set aside until a probe succeeds");
                 worker.tenants.mark_slow(&envelope.tenant_id);
-                let wait = worker.tenants.open_for(&envelope.tenant_id);
+                let wait = worker.tenants.set_aside_wait(&envelope.tenant_id);
                 settler
                     .set_aside(&envelope.tenant_id, SetAsideReason::Slow, wait)
                     .await;

@@ -73,15 +73,16 @@ pub async fn settle_unapplied(
     .await;
 }
 
-/// The retry tier a set-aside message waits in: the longest configured delay within `wait`
-/// (how long its tenant stays marked slow), else the shortest.
+/// The retry tier a set-aside message waits in: the shortest configured delay at least `wait`
+/// (until its tenant could take it), else the longest. Coming back late costs only its own
+/// tenant; coming back early costs its partition's neighbours another pass of the backlog.
 fn set_aside_delay(delays: &[Duration], wait: Duration) -> Duration {
     delays
         .iter()
         .copied()
-        .filter(|d| *d <= wait)
-        .max()
-        .or_else(|| delays.iter().copied().min())
+        .filter(|d| *d >= wait)
+        .min()
+        .or_else(|| delays.iter().copied().max())
         .unwrap_or(wait)
 }
 
@@ -335,10 +336,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn set_aside_waits_in_the_longest_tier_within_the_wait() {
+    fn set_aside_waits_in_the_shortest_tier_covering_the_wait() {
         let delays = [1, 5, 30].map(Duration::from_secs);
         assert_eq!(set_aside_delay(&delays, Duration::ZERO), delays[0]);
-        assert_eq!(set_aside_delay(&delays, Duration::from_secs(7)), delays[1]);
+        assert_eq!(set_aside_delay(&delays, Duration::from_secs(1)), delays[0]);
+        assert_eq!(set_aside_delay(&delays, Duration::from_secs(3)), delays[1]);
+        assert_eq!(set_aside_delay(&delays, Duration::from_secs(7)), delays[2]);
         assert_eq!(set_aside_delay(&delays, Duration::from_secs(60)), delays[2]);
     }
 }

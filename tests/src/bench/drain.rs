@@ -527,6 +527,9 @@ impl ConnectionSampler {
         let (stop, mut stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
             let mut peak = 0;
+            // One last count after the stop: a drain shorter than one interval still shows the
+            // sessions it left open in its pools.
+            let mut last = false;
             loop {
                 let count: Result<i64, _> = sqlx::query_scalar(
                     "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND starts_with(datname, $2)",
@@ -538,8 +541,11 @@ impl ConnectionSampler {
                 if let Ok(count) = count {
                     peak = peak.max(count);
                 }
+                if last {
+                    break;
+                }
                 tokio::select! {
-                    _ = &mut stopped => break,
+                    _ = &mut stopped => last = true,
                     _ = tokio::time::sleep(CONNECTION_SAMPLE) => {}
                 }
             }
