@@ -20,7 +20,7 @@ use moka::future::Cache;
 use moka::notification::RemovalCause;
 use moka::policy::EvictionPolicy;
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{Connection, PgConnection};
+use sqlx::{ConnectOptions, Connection, PgConnection};
 use std::collections::HashSet;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -471,7 +471,11 @@ impl Pools {
             .options([
                 ("statement_timeout", millis(STATEMENT_TIMEOUT)),
                 ("lock_timeout", millis(LOCK_TIMEOUT)),
-            ]);
+            ])
+            // sqlx warns of a slow statement with its whole text (some 10 kB for the batch
+            // upsert) each time a locked table makes one wait; the worker's own warning that
+            // marks the tenant slow says what the operator needs.
+            .log_slow_statements(log::LevelFilter::Debug, LOCK_TIMEOUT);
         let pool = managed::Pool::builder(PgManager {
             db: db.clone(),
             options,
