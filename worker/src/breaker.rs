@@ -36,6 +36,17 @@ enum Circuit {
     Probing { backoff: Duration },
 }
 
+impl Circuit {
+    /// How long a message set aside now should stay away: until the probe after the time its
+    /// tenant stays marked could have told (at once when it is not marked, or a probe runs).
+    fn set_aside_wait(self, now: Instant) -> Duration {
+        match self {
+            Circuit::Open { until, .. } => until.saturating_duration_since(now) + PROBE,
+            Circuit::Closed | Circuit::Probing { .. } => PROBE,
+        }
+    }
+}
+
 /// Why a message was set aside; the `reason` label of `avsync_worker_events_set_aside_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SetAsideReason {
@@ -100,7 +111,7 @@ impl Standing {
             Circuit::Open { until, .. } if now < until => {
                 return Admission::SetAside {
                     reason: SetAsideReason::Slow,
-                    wait: until - now + PROBE,
+                    wait: self.circuit.set_aside_wait(now),
                 }
             }
             Circuit::Open { backoff, .. } => {
@@ -111,7 +122,7 @@ impl Standing {
             Circuit::Probing { .. } => {
                 return Admission::SetAside {
                     reason: SetAsideReason::Slow,
-                    wait: PROBE,
+                    wait: self.circuit.set_aside_wait(now),
                 }
             }
             Circuit::Closed => {}
@@ -120,7 +131,7 @@ impl Standing {
         if calm && self.held >= bound && stalled {
             return Admission::SetAside {
                 reason: SetAsideReason::Backlog,
-                wait: PROBE,
+                wait: self.circuit.set_aside_wait(now),
             };
         }
         self.hold(now);
@@ -281,10 +292,8 @@ impl Tenants {
     /// How long a message of `tenant`, marked slow, should be set aside: until a probe after
     /// its backoff could have told that it is well again.
     pub fn set_aside_wait(&self, tenant: &TenantId) -> Duration {
-        self.inner.with(tenant, |e, now| match e.standing.circuit {
-            Circuit::Open { until, .. } => until.saturating_duration_since(now) + PROBE,
-            _ => PROBE,
-        })
+        self.inner
+            .with(tenant, |e, now| e.standing.circuit.set_aside_wait(now))
     }
 
     pub fn committed(&self, tenant: &TenantId) {
