@@ -166,7 +166,7 @@ impl TestDatabases {
         let name = self.name(suffix);
         support::create_database(&name).await;
         let mut conn = self.connect(&name).await;
-        avsync_worker::provision::migrator()
+        avsync_worker::tenant_db::provision::migrator()
             .run_direct(&mut conn)
             .await
             .expect("migrations apply");

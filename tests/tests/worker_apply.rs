@@ -659,7 +659,7 @@ async fn racing_migrations_of_one_new_database_all_succeed() {
             let url = url.clone();
             tokio::spawn(async move {
                 let mut conn = PgConnection::connect(&url).await.expect("connect");
-                avsync_worker::provision::migrator()
+                avsync_worker::tenant_db::provision::migrator()
                     .run_direct(&mut conn)
                     .await
                     .expect("migrate");
@@ -677,7 +677,9 @@ async fn racing_migrations_of_one_new_database_all_succeed() {
         .unwrap();
     assert_eq!(
         applied,
-        avsync_worker::provision::migrator().iter().count() as i64
+        avsync_worker::tenant_db::provision::migrator()
+            .iter()
+            .count() as i64
     );
     let _ = conn.close().await;
 }

@@ -11,8 +11,8 @@ use avsync_tests::worker_harness::{
     model_of, publish_all, publisher, random_history, settings, shuffled_with_duplicates,
     TestDatabases, TestWorker,
 };
-use avsync_worker::breaker::SetAsideReason;
 use avsync_worker::metrics::Outcome;
+use avsync_worker::metrics::SetAsideReason;
 use lapin::Channel;
 use sqlx::{Connection, PgConnection};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -399,7 +399,7 @@ async fn a_stuck_tenant_holds_neither_its_partition_nor_the_budget() {
     }
     let metrics = worker.running().metrics();
     assert!(
-        metrics.tenants_marked_slow.get() >= 1,
+        metrics.standings.marked_slow.get() >= 1,
         "the stuck tenant was marked slow"
     );
     assert!(metrics.set_aside_total(SetAsideReason::Slow) > 0);

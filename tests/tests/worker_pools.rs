@@ -9,8 +9,8 @@ use avsync_tests::worker_harness::{
     take_dead_letters, TestDatabases, TestWorker,
 };
 use avsync_worker::metrics::Metrics;
-use avsync_worker::pools::{PoolSettings, Pools};
-use avsync_worker::tenants::TenantDb;
+use avsync_worker::tenant_db::pools::{PoolSettings, Pools};
+use avsync_worker::tenant_db::resolve::TenantDb;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

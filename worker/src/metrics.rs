@@ -1,13 +1,13 @@
 //! The worker's Prometheus metrics. Every labelled counter exists from the start (at 0 for each
 //! label value it can take); no label holds a tenant id.
 
-use crate::breaker::SetAsideReason;
 use avsync_shared::admin::LATENCY_BUCKETS;
 use avsync_shared::event::KNOWN_TYPES;
 use avsync_shared::topology::format_duration;
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
+use reqwest::StatusCode;
 use std::time::Duration;
 
 /// Lag spans retries and outages: from 10 ms to a day.
@@ -41,6 +41,45 @@ impl Outcome {
         }
     }
 }
+
+/// Why a message was set aside; the `reason` label of `avsync_worker_events_set_aside_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetAsideReason {
+    /// Its tenant is marked slow.
+    Slow,
+    /// Its tenant holds its bound of messages and is stalled.
+    Backlog,
+}
+
+impl SetAsideReason {
+    pub const ALL: [SetAsideReason; 2] = [SetAsideReason::Slow, SetAsideReason::Backlog];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SetAsideReason::Slow => "slow",
+            SetAsideReason::Backlog => "backlog",
+        }
+    }
+}
+
+/// The status label of `avsync_worker_authvital_requests_total`: a bounded set.
+pub fn status_label(status: Option<StatusCode>) -> &'static str {
+    match status.map(|s| s.as_u16()) {
+        None => "error",
+        Some(200..=299) => "2xx",
+        Some(400) => "400",
+        Some(401) => "401",
+        Some(403) => "403",
+        Some(404) => "404",
+        Some(429) => "429",
+        Some(500..=599) => "5xx",
+        Some(_) => "other",
+    }
+}
+
+pub const STATUS_LABELS: [&str; 9] = [
+    "2xx", "400", "401", "403", "404", "429", "5xx", "other", "error",
+];
 
 /// The tenant pool series: how many pools are open, how often one is opened or evicted, and how
 /// long an event waits for a connection.
@@ -226,7 +265,7 @@ impl ReconcileMetrics {
             ),
             &["status"],
         )?;
-        for status in crate::authvital::STATUS_LABELS {
+        for status in STATUS_LABELS {
             api_calls.with_label_values(&[status]);
         }
         registry.register(Box::new(runs.clone()))?;
@@ -252,13 +291,54 @@ impl ReconcileMetrics {
         self.rows.with_label_values(&[kind]).inc_by(n);
     }
 
-    /// `status` is one of `authvital::STATUS_LABELS`.
+    /// `status` is one of [`STATUS_LABELS`].
     pub fn api_call(&self, status: &str) {
         self.api_calls.with_label_values(&[status]).inc();
     }
 
     pub fn api_calls_total(&self, status: &str) -> u64 {
         self.api_calls.with_label_values(&[status]).get()
+    }
+}
+
+/// The series of tenants' standings: messages set aside, and tenants marked slow.
+#[derive(Clone)]
+pub struct StandingMetrics {
+    set_aside: IntCounterVec,
+    /// `avsync_worker_tenants_marked_slow_total`.
+    pub marked_slow: IntCounter,
+    /// `avsync_worker_tenants_slow`.
+    pub slow_now: IntGauge,
+}
+
+impl StandingMetrics {
+    fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let set_aside = IntCounterVec::new(
+            Opts::new(
+                "avsync_worker_events_set_aside_total",
+                "Events set aside through a delay tier without counting an attempt, by reason: `slow` (its tenant is marked slow), `backlog` (its stalled tenant holds AVSYNC_TENANT_MAX_UNSETTLED).",
+            ),
+            &["reason"],
+        )?;
+        for reason in SetAsideReason::ALL {
+            set_aside.with_label_values(&[reason.as_str()]);
+        }
+        let marked_slow = IntCounter::new(
+            "avsync_worker_tenants_marked_slow_total",
+            "Times a tenant was marked slow (statements timed out, its database did not answer or refused it).",
+        )?;
+        let slow_now = IntGauge::new(
+            "avsync_worker_tenants_slow",
+            "Tenants marked slow right now, whose new events are set aside until a probe succeeds.",
+        )?;
+        registry.register(Box::new(set_aside.clone()))?;
+        registry.register(Box::new(marked_slow.clone()))?;
+        registry.register(Box::new(slow_now.clone()))?;
+        Ok(Self {
+            set_aside,
+            marked_slow,
+            slow_now,
+        })
     }
 }
 
@@ -269,9 +349,7 @@ pub struct Metrics {
     pub apply_seconds: Histogram,
     pub lag_seconds: Histogram,
     pub tenant_pools: PoolMetrics,
-    set_aside: IntCounterVec,
-    pub tenants_marked_slow: IntCounter,
-    pub tenants_slow: IntGauge,
+    pub standings: StandingMetrics,
     /// `avsync_worker_queue_messages{queue}`, kept by the queue depth poller (`depth`).
     pub queue_messages: IntGaugeVec,
     pub ready: IntGauge,
@@ -339,34 +417,14 @@ impl Metrics {
             "avsync_worker_ready",
             "1 while this worker consumes every partition queue, else 0.",
         )?;
-        let set_aside = IntCounterVec::new(
-            Opts::new(
-                "avsync_worker_events_set_aside_total",
-                "Events set aside through a delay tier without counting an attempt, by reason: `slow` (its tenant is marked slow), `backlog` (its stalled tenant holds AVSYNC_TENANT_MAX_UNSETTLED).",
-            ),
-            &["reason"],
-        )?;
-        for reason in SetAsideReason::ALL {
-            set_aside.with_label_values(&[reason.as_str()]);
-        }
-        let tenants_marked_slow = IntCounter::new(
-            "avsync_worker_tenants_marked_slow_total",
-            "Times a tenant was marked slow (statements timed out, its database did not answer or refused it).",
-        )?;
-        let tenants_slow = IntGauge::new(
-            "avsync_worker_tenants_slow",
-            "Tenants marked slow right now, whose new events are set aside until a probe succeeds.",
-        )?;
         registry.register(Box::new(events.clone()))?;
         registry.register(Box::new(retries.clone()))?;
-        registry.register(Box::new(set_aside.clone()))?;
-        registry.register(Box::new(tenants_marked_slow.clone()))?;
-        registry.register(Box::new(tenants_slow.clone()))?;
         registry.register(Box::new(apply_seconds.clone()))?;
         registry.register(Box::new(lag_seconds.clone()))?;
         registry.register(Box::new(queue_messages.clone()))?;
         registry.register(Box::new(ready.clone()))?;
         let tenant_pools = PoolMetrics::register(registry)?;
+        let standings = StandingMetrics::register(registry)?;
         let reconcile = ReconcileMetrics::register(registry)?;
         Ok(Self {
             events,
@@ -374,9 +432,7 @@ impl Metrics {
             apply_seconds,
             lag_seconds,
             tenant_pools,
-            set_aside,
-            tenants_marked_slow,
-            tenants_slow,
+            standings,
             queue_messages,
             ready,
             reconcile,
@@ -385,11 +441,17 @@ impl Metrics {
 
     /// One message set aside (published, confirmed, to a delay tier) with no attempt counted.
     pub fn set_aside(&self, reason: SetAsideReason) {
-        self.set_aside.with_label_values(&[reason.as_str()]).inc();
+        self.standings
+            .set_aside
+            .with_label_values(&[reason.as_str()])
+            .inc();
     }
 
     pub fn set_aside_total(&self, reason: SetAsideReason) -> u64 {
-        self.set_aside.with_label_values(&[reason.as_str()]).get()
+        self.standings
+            .set_aside
+            .with_label_values(&[reason.as_str()])
+            .get()
     }
 
     /// `type_label` is one of `KNOWN_TYPES` or `other` (see `event::type_label`).
@@ -422,6 +484,15 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_labels_are_bounded() {
+        for code in [200, 204, 400, 401, 403, 404, 418, 429, 500, 503] {
+            let label = status_label(Some(StatusCode::from_u16(code).unwrap()));
+            assert!(STATUS_LABELS.contains(&label), "{code}");
+        }
+        assert_eq!(status_label(None), "error");
+    }
     use prometheus::{Encoder, TextEncoder};
 
     fn text(registry: &Registry) -> String {

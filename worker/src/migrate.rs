@@ -1,9 +1,9 @@
 //! `avsync-worker migrate (--tenant T | --all)`: apply the tenant schema ahead of traffic, for
 //! deployments that run with AVSYNC_AUTO_MIGRATE=false.
 
-use crate::provision::{connect, migrator};
 use crate::settings::Checked;
-use crate::tenants::{Resolver, TenantDb};
+use crate::tenant_db::provision::{connect, migrator};
+use crate::tenant_db::resolve::{Resolver, TenantDb};
 use avsync_shared::TenantId;
 use clap::Args;
 use std::io::Write;

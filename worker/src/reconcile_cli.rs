@@ -11,11 +11,11 @@
 use crate::authvital::ApiSettings;
 use crate::failure::Failure;
 use crate::metrics::{ReconcileMetrics, RunOutcome};
-use crate::provision::{connect, migrator, quote_identifier};
 use crate::reconcile::{Mode, Reconciler, Report};
-use crate::session::Worker;
 use crate::settings::{Checked, ReconcileSchedule, Settings};
-use crate::tenants::{Resolver, TenantDb, PLACEHOLDER};
+use crate::tenant_db::provision::{connect, migrator, quote_identifier};
+use crate::tenant_db::resolve::{Resolver, TenantDb, PLACEHOLDER};
+use crate::tenant_db::TenantDbs;
 use anyhow::Context as _;
 use avsync_shared::TenantId;
 use clap::{ArgGroup, Args};
@@ -230,8 +230,9 @@ fn jittered(interval: Duration) -> Duration {
 /// The schedule inside `run`: every tenant, about every `interval`, through the worker's own
 /// pools. On shutdown a run in progress is dropped: its transaction rolls back, so it writes
 /// nothing half.
-pub async fn schedule(
-    worker: Arc<Worker>,
+pub(crate) async fn schedule(
+    dbs: Arc<TenantDbs>,
+    metrics: ReconcileMetrics,
     schedule: ReconcileSchedule,
     max_left_percent: u8,
     shutdown: CancellationToken,
@@ -241,12 +242,7 @@ pub async fn schedule(
         api,
         application_id,
     } = schedule;
-    let reconciler = build(
-        api,
-        application_id,
-        max_left_percent,
-        worker.metrics.reconcile.clone(),
-    )?;
+    let reconciler = build(api, application_id, max_left_percent, metrics)?;
     // The first round comes at a random point of the first interval.
     let mut wait = interval.mul_f64(rand::rng().random_range(0.0..1.0));
     loop {
@@ -256,14 +252,14 @@ pub async fn schedule(
         }
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            () = round(&worker, &reconciler, interval) => {}
+            () = round(&dbs, &reconciler, interval) => {}
         }
         wait = jittered(interval);
     }
 }
 
-async fn round(worker: &Worker, reconciler: &Reconciler, interval: Duration) {
-    let targets = match every_tenant(&worker.resolver).await {
+async fn round(dbs: &TenantDbs, reconciler: &Reconciler, interval: Duration) {
+    let targets = match every_tenant(&dbs.resolver).await {
         Ok(targets) => targets,
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "cannot list the tenants to reconcile");
@@ -284,8 +280,7 @@ async fn round(worker: &Worker, reconciler: &Reconciler, interval: Duration) {
             }
         };
         let report = async {
-            let lease = worker.pools.lease(&db?).await?;
-            let mut conn = lease.connection().await?;
+            let mut conn = dbs.connection_to(&db?).await?;
             Ok::<_, Failure>(reconciler.reconcile(&mut conn, &id, mode).await)
         }
         .await

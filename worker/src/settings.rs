@@ -1,9 +1,9 @@
 //! Every worker setting: a flag with an environment fallback; `--help` lists them with defaults.
 
 use crate::authvital::{ApiSettings, ClientSecret};
-use crate::pools::PoolSettings;
 use crate::retry::RetryPolicy;
-use crate::tenants::{setting_url, Template, TenantSource};
+use crate::tenant_db::pools::PoolSettings;
+use crate::tenant_db::resolve::{setting_url, Template, TenantSource};
 use avsync_shared::config::{number_from_to, parse_duration, BadSetting, CommonArgs};
 use avsync_shared::topology::{Topology, BROKER_DELIVERY_LIMIT};
 use clap::builder::BoolishValueParser;
@@ -61,7 +61,7 @@ pub struct Settings {
 
     /// Most sessions this worker holds to any one PostgreSQL server, across all its tenant
     /// databases; when full, an idle session of the least recently used tenant is closed.
-    #[arg(long, env = "AVSYNC_MAX_CONNECTIONS", value_name = "N", default_value_t = crate::pools::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    #[arg(long, env = "AVSYNC_MAX_CONNECTIONS", value_name = "N", default_value_t = crate::tenant_db::pools::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_connections: u32,
 
     /// Most unsettled messages a tenant that commits nothing holds in this worker (at most half

@@ -1,22 +1,23 @@
-//! Settling a message: ack only after its effect is committed, it was ignored, or its retry,
-//! set-aside or dead letter was confirmed by the broker. What settles it is decided by its
-//! [`crate::fate::Fate`] and, for an event that failed, by [`crate::failure`].
+//! Settling a message: the one door through which a received message leaves the worker. A
+//! [`Message`] owns its delivery, its retry history (read once, when it arrives), its span and
+//! its place in the prefetch window, and settles itself exactly once: every way out takes it by
+//! value. It is acked only after its effect is committed, it was ignored, or its retry, set-aside
+//! or dead letter was confirmed by the broker (contract section 7).
 
-use crate::breaker::SetAsideReason;
 use crate::dlq::{self, DeadLetter, ErrorClass};
 use crate::failure::Failure;
-use crate::fate::Unapplied;
-use crate::metrics::Outcome;
-use crate::retry::{self, History, NextStep, Retry};
-use crate::session::Worker;
+use crate::metrics::{Metrics, Outcome, SetAsideReason};
+use crate::retry::{self, History, NextStep, Retry, RetryPolicy};
 use avsync_shared::broker::ConfirmedPublisher;
-use avsync_shared::TenantId;
+use avsync_shared::topology::Topology;
+use avsync_shared::{Envelope, TenantId};
 use chrono::{DateTime, Utc};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -24,53 +25,315 @@ use tracing::Instrument;
 /// handed back, so that a broker in trouble slows the worker down instead of spinning.
 const TRANSIENT_PAUSE: Duration = Duration::from_secs(1);
 
-/// Settles, on its own, a message that applies nothing.
-pub async fn settle_unapplied(
-    worker: Arc<Worker>,
-    publish: ConfirmedPublisher,
-    partition: u16,
+/// What settling needs, for one broker session: where retries and dead letters go, the retry
+/// ladder, the counters, and the gate that holds settlements back while the session stops.
+pub(crate) struct Settling {
+    pub publish: ConfirmedPublisher,
+    pub topology: Topology,
+    pub retry: RetryPolicy,
+    pub metrics: Metrics,
+    pub gate: SettleGate,
+}
+
+/// A received message, until it is settled.
+pub(crate) struct Message {
     delivery: Delivery,
-    fate: Unapplied,
+    history: History,
+    label: &'static str,
+    span: tracing::Span,
+    received: Instant,
+    settling: Arc<Settling>,
+    _place: Place,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// A message's place among what its partition's consumer holds unsettled.
+struct Place {
     gate: SettleGate,
-) {
-    let (event_id, tenant) = match fate.envelope() {
-        Some(e) => (e.id.clone(), e.tenant_id.to_string()),
-        None => (
-            delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|m| m.as_str().to_owned())
-                .unwrap_or_default(),
-            String::new(),
-        ),
-    };
-    let label = fate.label();
-    let span = tracing::info_span!("event", event_id, tenant, r#type = label, partition);
-    let settler = Settler {
-        worker: &worker,
-        publish: &publish,
-        partition,
-        delivery: &delivery,
-        label,
-        gate: &gate,
-    };
-    async {
-        let history = History::of(&delivery);
-        match fate {
-            Unapplied::Poison(_) => settler.poison(&history).await,
-            Unapplied::Undecodable(e) => settler.permanent(&Failure::from(e), &history).await,
-            Unapplied::Invalid(_, e) => settler.permanent(&Failure::from(e), &history).await,
-            Unapplied::Ignored(_) => {
-                if gate.ack(partition, &delivery).await {
-                    worker.metrics.count(label, Outcome::Ignored);
-                    tracing::debug!("ignored");
+    partition: u16,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.gate.settled(self.partition);
+    }
+}
+
+impl Message {
+    /// `history` is read from `delivery` once, by whoever decided its fate; `envelope` names the
+    /// message in its span when it has one; `label` is the `type` label its
+    /// outcome is counted under; `permit` is its place in the prefetch window.
+    pub fn new(
+        settling: &Arc<Settling>,
+        partition: u16,
+        delivery: Delivery,
+        history: History,
+        envelope: Option<&Envelope>,
+        label: &'static str,
+        permit: OwnedSemaphorePermit,
+    ) -> Self {
+        let (event_id, tenant) = match envelope {
+            Some(e) => (e.id.clone(), e.tenant_id.to_string()),
+            None => (
+                delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|m| m.as_str().to_owned())
+                    .unwrap_or_default(),
+                String::new(),
+            ),
+        };
+        let span = tracing::info_span!("event", event_id, tenant, r#type = label, partition);
+        settling.gate.received(partition);
+        Self {
+            history,
+            delivery,
+            label,
+            span,
+            received: Instant::now(),
+            _place: Place {
+                gate: settling.gate.clone(),
+                partition,
+            },
+            settling: settling.clone(),
+            _permit: permit,
+        }
+    }
+
+    /// Its effect is committed: acked, and counted with its time in the worker and its lag
+    /// behind the event's own time.
+    pub async fn applied(self, event_time: DateTime<Utc>) {
+        let span = self.span.clone();
+        async {
+            if self.ack().await {
+                let metrics = &self.settling.metrics;
+                metrics.count(self.label, Outcome::Applied);
+                metrics
+                    .apply_seconds
+                    .observe(self.received.elapsed().as_secs_f64());
+                let lag = (Utc::now() - event_time).as_seconds_f64().max(0.0);
+                metrics.lag_seconds.observe(lag);
+                tracing::debug!("applied");
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// It changes nothing here (another application's event, or a type that applies nothing).
+    pub async fn ignored(self) {
+        let span = self.span.clone();
+        async {
+            if self.ack().await {
+                self.settling.metrics.count(self.label, Outcome::Ignored);
+                tracing::debug!("ignored");
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// Dead-letters a poison message without processing it.
+    pub async fn poison(self) {
+        let span = self.span.clone();
+        async {
+            let history = &self.history;
+            tracing::error!(
+                deliveries = history.unsettled_deliveries,
+                "poison message; dead-lettered without processing"
+            );
+            let now = Utc::now();
+            let letter = DeadLetter {
+                class: ErrorClass::Poison,
+                error: format!(
+                    "delivered {} times without being settled: it crashed or hung a consumer each time",
+                    history.unsettled_deliveries
+                ),
+                attempts: history.failed_attempts + history.unsettled_deliveries,
+                first_failure: history.first_failure.unwrap_or(now),
+                last_failure: now,
+            };
+            self.dead_letter(&letter).await;
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// A failure that trying again cannot mend: dead-lettered as `permanent` at once.
+    pub async fn permanent(self, failure: &Failure) {
+        let span = self.span.clone();
+        async {
+            tracing::error!(error = %failure, "permanent failure; dead-lettered");
+            let now = Utc::now();
+            let letter = DeadLetter {
+                class: ErrorClass::Permanent,
+                error: failure.to_string(),
+                attempts: self.history.failed_attempts + 1,
+                first_failure: self.history.first_failure.unwrap_or(now),
+                last_failure: now,
+            };
+            self.dead_letter(&letter).await;
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// A transient failure: into the retry tier of its next attempt, or, after the last,
+    /// dead-lettered as `exhausted`.
+    pub async fn retry(self, tenant: &TenantId, failure: &Failure) {
+        let span = self.span.clone();
+        async {
+            let failed = self.history.failed_attempts.saturating_add(1);
+            let now = Utc::now();
+            let first_failure = self.history.first_failure.unwrap_or(now);
+            match self.settling.retry.next_step(failed) {
+                NextStep::Retry { delay, attempt } => {
+                    let error = failure.to_string();
+                    let retry = Retry {
+                        tenant,
+                        delay,
+                        failed_attempts: failed,
+                        first_failure,
+                        error: &error,
+                    };
+                    if self.to_tier(&retry).await {
+                        tracing::warn!(error = %failure, attempt, retry_in = ?delay, "transient failure; retrying later");
+                        self.settling.metrics.count(self.label, Outcome::Retried);
+                        self.settling.metrics.retried(delay);
+                    }
+                }
+                NextStep::Exhausted => {
+                    tracing::error!(error = %failure, attempts = failed, "transient failure outlasted every retry; dead-lettered");
+                    let letter = DeadLetter {
+                        class: ErrorClass::Exhausted,
+                        error: failure.to_string(),
+                        attempts: failed,
+                        first_failure,
+                        last_failure: now,
+                    };
+                    self.dead_letter(&letter).await;
                 }
             }
         }
+        .instrument(span)
+        .await;
     }
-    .instrument(span)
-    .await;
+
+    /// Into a delay tier, counting no attempt: it comes back to its partition after about `wait`
+    /// (see [`set_aside_delay`]), when its tenant can likely take it.
+    pub async fn set_aside(self, tenant: &TenantId, reason: SetAsideReason, wait: Duration) {
+        let span = self.span.clone();
+        async {
+            let delay = set_aside_delay(&self.settling.retry.delays, wait);
+            let error = format!(
+                "set aside ({}): its tenant cannot take it now",
+                reason.as_str()
+            );
+            let retry = Retry {
+                tenant,
+                delay,
+                failed_attempts: self.history.failed_attempts,
+                first_failure: self.history.first_failure.unwrap_or_else(Utc::now),
+                error: &error,
+            };
+            if self.to_tier(&retry).await {
+                tracing::debug!(reason = reason.as_str(), back_in = ?delay, "set aside");
+                self.settling.metrics.set_aside(reason);
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// Back to its queue, unapplied and counting no attempt: the worker stops while it waits.
+    pub async fn hand_back(self) {
+        let span = self.span.clone();
+        async {
+            tracing::debug!("handed back to the broker");
+            self.requeue().await;
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// Publishes the message, confirmed, into the tier of `retry` and acks it; true when the
+    /// broker took the ack. An unconfirmed publish hands the message back instead.
+    async fn to_tier(&self, retry: &Retry<'_>) -> bool {
+        let settling = &self.settling;
+        match retry::publish_retry(&settling.publish, &settling.topology, &self.delivery, retry)
+            .await
+        {
+            Ok(()) => self.ack().await,
+            Err(e) => {
+                self.publish_failed(&e.to_string()).await;
+                false
+            }
+        }
+    }
+
+    async fn dead_letter(&self, letter: &DeadLetter) {
+        let settling = &self.settling;
+        match dlq::publish_dead_letter(
+            &settling.publish,
+            &settling.topology,
+            &self.delivery,
+            letter,
+        )
+        .await
+        {
+            Ok(()) => {
+                if self.ack().await {
+                    settling.metrics.count(self.label, Outcome::DeadLettered);
+                }
+            }
+            Err(e) => self.publish_failed(&e.to_string()).await,
+        }
+    }
+
+    /// The retry or dead letter was not confirmed, so the message must not be acked: it goes
+    /// back to its queue after a pause and is tried again.
+    async fn publish_failed(&self, publish_error: &str) {
+        tracing::warn!(
+            publish_error,
+            "could not publish the message onward; handing it back"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(TRANSIENT_PAUSE) => {}
+            _ = self.settling.gate.shutdown.cancelled() => {}
+        }
+        self.requeue().await;
+    }
+
+    /// True when the broker took the ack. When the channel is gone the message comes back and
+    /// is applied again, which changes nothing.
+    async fn ack(&self) -> bool {
+        self.settling.gate.open().await;
+        match self.delivery.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::warn!(
+                    "ack not sent (its channel is gone); the message will be redelivered"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "ack failed; the message will be redelivered");
+                false
+            }
+        }
+    }
+
+    async fn requeue(&self) {
+        self.settling.gate.open().await;
+        let options = BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        };
+        if let Err(e) = self.delivery.acker.nack(options).await {
+            tracing::warn!(error = %e, "requeue failed; the message will be redelivered");
+        }
+    }
 }
 
 /// The retry tier a set-aside message waits in: the shortest configured delay at least `wait`
@@ -86,157 +349,10 @@ fn set_aside_delay(delays: &[Duration], wait: Duration) -> Duration {
         .unwrap_or(wait)
 }
 
-/// Settles one failed message: into a retry tier or the dead-letter queue, confirmed, then acked.
-pub struct Settler<'a> {
-    pub worker: &'a Worker,
-    pub publish: &'a ConfirmedPublisher,
-    pub partition: u16,
-    pub delivery: &'a Delivery,
-    pub label: &'static str,
-    pub gate: &'a SettleGate,
-}
-
-impl Settler<'_> {
-    /// Dead-letters a poison message without processing it.
-    pub async fn poison(&self, history: &History) {
-        let now = Utc::now();
-        let error = format!(
-            "delivered {} times without being settled: it crashed or hung a consumer each time",
-            history.unsettled_deliveries
-        );
-        tracing::error!(
-            deliveries = history.unsettled_deliveries,
-            "poison message; dead-lettered without processing"
-        );
-        let letter = DeadLetter {
-            class: ErrorClass::Poison,
-            error,
-            attempts: history.failed_attempts + history.unsettled_deliveries,
-            first_failure: history.first_failure.unwrap_or(now),
-            last_failure: now,
-        };
-        self.dead_letter(&letter).await;
-    }
-
-    pub async fn permanent(&self, failure: &Failure, history: &History) {
-        let now = Utc::now();
-        tracing::error!(error = %failure, "permanent failure; dead-lettered");
-        let letter = DeadLetter {
-            class: ErrorClass::Permanent,
-            error: failure.to_string(),
-            attempts: history.failed_attempts + 1,
-            first_failure: history.first_failure.unwrap_or(now),
-            last_failure: now,
-        };
-        self.dead_letter(&letter).await;
-    }
-
-    pub async fn transient(&self, tenant: &TenantId, failure: &Failure, history: &History) {
-        let failed = history.failed_attempts.saturating_add(1);
-        let now = Utc::now();
-        let first_failure: DateTime<Utc> = history.first_failure.unwrap_or(now);
-        match self.worker.retry.next_step(failed) {
-            NextStep::Retry { delay, attempt } => {
-                let error = failure.to_string();
-                let retry = Retry {
-                    tenant,
-                    delay,
-                    failed_attempts: failed,
-                    first_failure,
-                    error: &error,
-                };
-                match retry::publish_retry(
-                    self.publish,
-                    &self.worker.topology,
-                    self.delivery,
-                    &retry,
-                )
-                .await
-                {
-                    Ok(()) => {
-                        tracing::warn!(error = %failure, attempt, retry_in = ?delay, "transient failure; retrying later");
-                        if self.gate.ack(self.partition, self.delivery).await {
-                            self.worker.metrics.count(self.label, Outcome::Retried);
-                            self.worker.metrics.retried(delay);
-                        }
-                    }
-                    Err(e) => self.hand_back(&e.to_string()).await,
-                }
-            }
-            NextStep::Exhausted => {
-                tracing::error!(error = %failure, attempts = failed, "transient failure outlasted every retry; dead-lettered");
-                let letter = DeadLetter {
-                    class: ErrorClass::Exhausted,
-                    error: failure.to_string(),
-                    attempts: failed,
-                    first_failure,
-                    last_failure: now,
-                };
-                self.dead_letter(&letter).await;
-            }
-        }
-    }
-
-    /// Publishes the message, confirmed, into a delay tier and acks it, counting no attempt: it
-    /// comes back to its partition after about `wait` (see [`set_aside_delay`]).
-    pub async fn set_aside(&self, tenant: &TenantId, reason: SetAsideReason, wait: Duration) {
-        let history = History::of(self.delivery);
-        let delay = set_aside_delay(&self.worker.retry.delays, wait);
-        let error = format!(
-            "set aside ({}): its tenant cannot take it now",
-            reason.as_str()
-        );
-        let retry = Retry {
-            tenant,
-            delay,
-            failed_attempts: history.failed_attempts,
-            first_failure: history.first_failure.unwrap_or_else(Utc::now),
-            error: &error,
-        };
-        match retry::publish_retry(self.publish, &self.worker.topology, self.delivery, &retry).await
-        {
-            Ok(()) => {
-                tracing::debug!(reason = reason.as_str(), back_in = ?delay, "set aside");
-                if self.gate.ack(self.partition, self.delivery).await {
-                    self.worker.metrics.set_aside(reason);
-                }
-            }
-            Err(e) => self.hand_back(&e.to_string()).await,
-        }
-    }
-
-    async fn dead_letter(&self, letter: &DeadLetter) {
-        match dlq::publish_dead_letter(self.publish, &self.worker.topology, self.delivery, letter)
-            .await
-        {
-            Ok(()) => {
-                if self.gate.ack(self.partition, self.delivery).await {
-                    self.worker.metrics.count(self.label, Outcome::DeadLettered);
-                }
-            }
-            Err(e) => self.hand_back(&e.to_string()).await,
-        }
-    }
-
-    /// The retry or dead letter was not confirmed, so the message must not be acked: it goes
-    /// back to its queue after a pause and is tried again.
-    async fn hand_back(&self, publish_error: &str) {
-        tracing::warn!(
-            publish_error,
-            "could not publish the message onward; handing it back"
-        );
-        tokio::select! {
-            _ = tokio::time::sleep(TRANSIENT_PAUSE) => {}
-            _ = self.gate.shutdown.cancelled() => {}
-        }
-        self.gate.requeue(self.partition, self.delivery).await;
-    }
-}
-
 /// Holds settlements back from shutdown until the consumers are cancelled, and counts what each
 /// partition's consumer holds unsettled.
 #[derive(Clone)]
-pub struct SettleGate {
+pub(crate) struct SettleGate {
     pub shutdown: CancellationToken,
     pub consumers_stopped: CancellationToken,
     held: Arc<Vec<AtomicUsize>>,
@@ -252,7 +368,7 @@ impl SettleGate {
         }
     }
 
-    pub fn received(&self, partition: u16) {
+    fn received(&self, partition: u16) {
         if let Some(n) = self.held.get(usize::from(partition)) {
             n.fetch_add(1, Ordering::AcqRel);
         }
@@ -280,53 +396,6 @@ impl SettleGate {
     async fn open(&self) {
         if self.shutdown.is_cancelled() {
             self.consumers_stopped.cancelled().await;
-        }
-    }
-
-    /// True when the broker took the ack. When the channel is gone the message comes back and
-    /// is applied again, which changes nothing.
-    pub async fn ack(&self, partition: u16, delivery: &Delivery) -> bool {
-        self.open().await;
-        self.settled(partition);
-        match delivery.acker.ack(BasicAckOptions::default()).await {
-            Ok(true) => true,
-            Ok(false) => {
-                tracing::warn!(
-                    "ack not sent (its channel is gone); the message will be redelivered"
-                );
-                false
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "ack failed; the message will be redelivered");
-                false
-            }
-        }
-    }
-
-    /// Acks every message of a committed batch; per message, true when the broker took it.
-    pub async fn ack_all<'a>(
-        &self,
-        deliveries: impl Iterator<Item = (u16, &'a Delivery)>,
-    ) -> Vec<bool> {
-        futures_util::future::join_all(
-            deliveries.map(|(partition, delivery)| self.ack(partition, delivery)),
-        )
-        .await
-    }
-
-    pub async fn requeue(&self, partition: u16, delivery: &Delivery) -> bool {
-        self.open().await;
-        self.settled(partition);
-        let options = BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
-        };
-        match delivery.acker.nack(options).await {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::warn!(error = %e, "requeue failed; the message will be redelivered");
-                false
-            }
         }
     }
 }

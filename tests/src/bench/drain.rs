@@ -534,7 +534,7 @@ impl ConnectionSampler {
                 let count: Result<i64, _> = sqlx::query_scalar(
                     "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND starts_with(datname, $2)",
                 )
-                .bind(avsync_worker::pools::APPLICATION_NAME)
+                .bind(avsync_worker::tenant_db::provision::APPLICATION_NAME)
                 .bind(&pattern)
                 .fetch_one(&mut admin)
                 .await;
@@ -658,8 +658,8 @@ async fn create_from_template(template: &str, names: Vec<String>) -> Result<(), 
     for name in names {
         sqlx::query(&format!(
             "CREATE DATABASE {} TEMPLATE {}",
-            avsync_worker::provision::quote_identifier(&name),
-            avsync_worker::provision::quote_identifier(template)
+            avsync_worker::tenant_db::provision::quote_identifier(&name),
+            avsync_worker::tenant_db::provision::quote_identifier(template)
         ))
         .execute(&mut admin)
         .await?;

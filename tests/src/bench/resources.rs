@@ -191,7 +191,7 @@ async fn drop_each(names: Vec<String>) -> Result<(), sqlx::Error> {
     for name in &names {
         sqlx::query(&format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            avsync_worker::provision::quote_identifier(name)
+            avsync_worker::tenant_db::provision::quote_identifier(name)
         ))
         .execute(&mut admin)
         .await?;

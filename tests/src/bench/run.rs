@@ -502,13 +502,13 @@ pub(super) async fn migrated_database(name: &str) -> Result<PgConnection, BenchE
     let mut admin = PgConnection::connect(support::PG_ADMIN_URL).await?;
     sqlx::query(&format!(
         "CREATE DATABASE {}",
-        avsync_worker::provision::quote_identifier(name)
+        avsync_worker::tenant_db::provision::quote_identifier(name)
     ))
     .execute(&mut admin)
     .await?;
     let _ = admin.close().await;
     let mut conn = PgConnection::connect(&support::database_url(name)).await?;
-    avsync_worker::provision::migrator()
+    avsync_worker::tenant_db::provision::migrator()
         .run_direct(&mut conn)
         .await
         .map_err(|e| BenchError::Database(e.into()))?;

@@ -624,7 +624,8 @@ async fn scrape_all(
     workers: &[String],
 ) -> Vec<(String, Scrape)> {
     let mut scrapes = vec![("ingress".to_owned(), scrape(client, ingress).await)];
-    let by = Instant::now() + avsync_worker::depth::POLL_INTERVAL * 2 + Duration::from_secs(1);
+    let by =
+        Instant::now() + avsync_worker::consume::depth::POLL_INTERVAL * 2 + Duration::from_secs(1);
     for (n, url) in workers.iter().enumerate() {
         let mut last = scrape(client, url).await;
         while last.matching("avsync_worker_queue_messages", &[]).count() == 0
@@ -816,7 +817,7 @@ async fn drop_database(names: &Names, database: &str) {
     };
     let _ = sqlx::query(&format!(
         "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-        avsync_worker::provision::quote_identifier(database)
+        avsync_worker::tenant_db::provision::quote_identifier(database)
     ))
     .execute(&mut admin)
     .await;

@@ -1,11 +1,11 @@
-//! PostgreSQL outage: whether a failure means that no tenant database can be reached at all
-//! (rather than one tenant's database: dropped, not provisioned, or on a server of its own), and
-//! how a message waits out such an outage. Retrying through the tiers would only burn every
-//! message's retries, so a message is held with backoff instead; while any is held, no tenant is
+//! PostgreSQL outage, the I/O half: whether a failure means that no tenant database can be
+//! reached at all (rather than one tenant's database: dropped, not provisioned, or on a server
+//! of its own), asked of the server itself, and how work waits out such an outage. What follows
+//! from the answer is decided in [`crate::failure::decide`]; while any work is held, no tenant is
 //! singled out as stalled.
 
 use crate::failure::Failure;
-use crate::tenants::{ProbeTarget, Resolver};
+use crate::tenant_db::resolve::{ProbeTarget, Resolver};
 use avsync_shared::backoff::jittered;
 use avsync_shared::TenantId;
 use backon::BackoffBuilder;
@@ -45,14 +45,15 @@ impl Backoff {
 
 impl Outage {
     /// Whether `failure` means PostgreSQL cannot be reached at all. Only a connection-level
-    /// failure can; then the resolver's server is asked (see [`Resolver::probe_target`]).
+    /// failure can; then the resolver's server is asked (see [`Resolver::probe_target`]), at most
+    /// once per [`PROBE_FRESH`].
     pub async fn confirms(
         &self,
         resolver: &Resolver,
         tenant: &TenantId,
         failure: &Failure,
     ) -> bool {
-        if !connection_level(failure) {
+        if !failure.is_connection_level() {
             return false;
         }
         let mut last = self.last_probe.lock().await;
@@ -80,8 +81,8 @@ impl Outage {
         self.holds.load(Ordering::Acquire) == 0
     }
 
-    /// Holds a message through its next wait; false when shutdown came first (it cannot be
-    /// finished while the database is down, so it goes back to its queue).
+    /// Holds work through its next wait; false when shutdown came first (it cannot be finished
+    /// while the database is down, so it goes back to its queue).
     pub async fn hold(
         &self,
         backoff: &mut Backoff,
@@ -89,7 +90,7 @@ impl Outage {
         shutdown: &CancellationToken,
     ) -> bool {
         let delay = backoff.next();
-        tracing::warn!(error = %failure, retry_in = ?delay, "PostgreSQL unreachable; holding the message and backing off");
+        tracing::warn!(error = %failure, retry_in = ?delay, "PostgreSQL unreachable; holding the work and backing off");
         self.holds.fetch_add(1, Ordering::AcqRel);
         let waited = tokio::select! {
             _ = tokio::time::sleep(delay) => true,
@@ -97,28 +98,6 @@ impl Outage {
         };
         self.holds.fetch_sub(1, Ordering::AcqRel);
         waited
-    }
-}
-
-/// The database server itself could not be reached or talked to, as opposed to a tenant
-/// that is not provisioned, not registered or busy.
-fn connection_level(failure: &Failure) -> bool {
-    match failure {
-        Failure::Unreachable(_) | Failure::Registry(_) | Failure::NoAnswer(_) => true,
-        Failure::Database(e) => match e.as_ref() {
-            // 08: connection exception; 57P0x: the server is shutting down or starting up.
-            sqlx::Error::Database(db) => db
-                .code()
-                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
-            sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::Protocol(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed => true,
-            _ => false,
-        },
-        _ => false,
     }
 }
 
@@ -141,25 +120,5 @@ async fn server_unreachable(options: &sqlx::postgres::PgConnectOptions) -> bool 
         // all mean it is up.
         Ok(Err(sqlx::Error::Database(_))) => false,
         _ => true,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::Arc;
-
-    #[test]
-    fn only_connection_level_failures_can_be_an_outage() {
-        let refused = || {
-            Arc::new(sqlx::Error::Io(
-                std::io::ErrorKind::ConnectionRefused.into(),
-            ))
-        };
-        assert!(connection_level(&Failure::Database(refused())));
-        assert!(!connection_level(&Failure::TenantUnknown));
-        assert!(!connection_level(&Failure::NotProvisioned {
-            database: "tenant_a".into()
-        }));
     }
 }

@@ -1,16 +1,124 @@
-//! Tenant databases themselves: creating a missing one (when allowed), migrating its schema,
-//! and quoting identifiers for the SQL that names them. `pools` keeps the sessions.
+//! Tenant databases themselves: the options every tenant session opens with, creating a
+//! missing database (when allowed), migrating its schema and remembering which databases this
+//! worker has migrated, and quoting identifiers for the SQL that names them. `pools` keeps the
+//! sessions.
 
 use crate::failure::{cause, Failure};
-use crate::pools::APPLICATION_NAME;
-use crate::tenants::TenantDb;
+use crate::metrics::PoolMetrics;
+use crate::tenant_db::resolve::TenantDb;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{Connection, PgConnection};
-use std::sync::Arc;
+use sqlx::{ConnectOptions as _, Connection, PgConnection};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Every tenant session says who it is, so operators find them in `pg_stat_activity`.
+pub const APPLICATION_NAME: &str = "avsync-worker";
+/// Longest one statement of a tenant session may run: an apply of a full batch takes
+/// milliseconds, so this only ends statements of a database in trouble.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest a statement waits for a lock another session holds (a long migration or
+/// transaction): then its tenant is marked slow and its events are set aside.
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The options of a pooled tenant session: tagged, with the session timeouts.
+pub(crate) fn session_options(db: &TenantDb) -> PgConnectOptions {
+    db.options()
+        .clone()
+        .application_name(APPLICATION_NAME)
+        .options([
+            ("statement_timeout", millis(STATEMENT_TIMEOUT)),
+            ("lock_timeout", millis(LOCK_TIMEOUT)),
+        ])
+        // sqlx warns of a slow statement with its whole text (some 10 kB for the batch upsert)
+        // each time a locked table makes one wait; the worker's own warning that marks the
+        // tenant slow says what the operator needs.
+        .log_slow_statements(log::LevelFilter::Debug, LOCK_TIMEOUT)
+}
+
+/// A duration as PostgreSQL reads a setting in milliseconds.
+fn millis(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+/// How this worker opens tenant sessions: whether it creates missing databases and migrates
+/// them, and which databases it has already migrated to the current schema (so that a new
+/// session of a known database skips the migration check).
+pub(crate) struct Provisioning {
+    create_databases: bool,
+    auto_migrate: bool,
+    migrated: Mutex<HashSet<String>>,
+    metrics: PoolMetrics,
+}
+
+impl Provisioning {
+    pub(crate) fn new(create_databases: bool, auto_migrate: bool, metrics: PoolMetrics) -> Self {
+        Self {
+            create_databases,
+            auto_migrate,
+            migrated: Mutex::new(HashSet::new()),
+            metrics,
+        }
+    }
+
+    /// A new session of `db` with `options`, its database created and migrated as the settings
+    /// allow.
+    pub(crate) async fn session(
+        &self,
+        db: &TenantDb,
+        options: &PgConnectOptions,
+    ) -> Result<PgConnection, Failure> {
+        let opened = open_session(db, options, self.create_databases).await;
+        let mut conn = match opened {
+            // A database created now (first use, or dropped under the worker and made again)
+            // has none of the schema it may have had when it was remembered.
+            Ok(Opened {
+                conn,
+                created: true,
+            }) => {
+                self.forget(db);
+                conn
+            }
+            Ok(Opened { conn, .. }) => conn,
+            Err(failure) => {
+                if matches!(failure, Failure::NotProvisioned { .. }) {
+                    self.forget(db);
+                }
+                return Err(failure);
+            }
+        };
+        self.metrics.sessions.inc();
+        if self.auto_migrate {
+            if self.is_migrated(db) {
+                self.metrics.migrations_skipped.inc();
+            } else {
+                migrate_untimed(&mut conn).await?;
+                self.remember(db);
+            }
+        }
+        Ok(conn)
+    }
+
+    /// The database lost its schema (recreated empty under the worker): its next session
+    /// migrates it again.
+    pub(crate) fn forget(&self, db: &TenantDb) {
+        self.migrated().remove(db.key());
+    }
+
+    fn is_migrated(&self, db: &TenantDb) -> bool {
+        self.migrated().contains(db.key())
+    }
+
+    fn remember(&self, db: &TenantDb) {
+        self.migrated().insert(db.key().to_owned());
+    }
+
+    fn migrated(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.migrated.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 /// The tenant schema. A worker older than a database's schema keeps working during a rolling
 /// upgrade instead of refusing migrations it does not know.
@@ -22,7 +130,7 @@ pub fn migrator() -> Migrator {
 
 /// The migrator's statements may run long and wait on locks (its own advisory lock included):
 /// the session timeouts are lifted while it runs.
-pub(crate) async fn migrate_untimed(conn: &mut PgConnection) -> Result<(), Failure> {
+async fn migrate_untimed(conn: &mut PgConnection) -> Result<(), Failure> {
     for lift in ["SET statement_timeout = 0", "SET lock_timeout = 0"] {
         sqlx::query(lift).execute(&mut *conn).await?;
     }
@@ -85,14 +193,14 @@ pub async fn connect(db: &TenantDb, create: bool) -> Result<PgConnection, Failur
 }
 
 /// A session, and whether its database had to be created for it.
-pub(crate) struct Opened {
-    pub conn: PgConnection,
-    pub created: bool,
+struct Opened {
+    conn: PgConnection,
+    created: bool,
 }
 
 /// As [`connect`], with `options` (the tenant's, tagged) for the session and for the
 /// maintenance session that creates the database.
-pub(crate) async fn open_session(
+async fn open_session(
     db: &TenantDb,
     options: &PgConnectOptions,
     create: bool,

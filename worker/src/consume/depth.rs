@@ -8,7 +8,7 @@
 //! as every process does, idempotently and with the same arguments; a queue deleted later reads
 //! as empty and is declared again at the next poll.
 
-use crate::session::{reconnect_backoff, MAX_RECONNECT};
+use crate::consume::session::{reconnect_backoff, MAX_RECONNECT};
 use avsync_shared::broker;
 use avsync_shared::topology::Topology;
 use lapin::options::QueueDeclareOptions;

@@ -2,14 +2,11 @@
 //! reconnect with backoff whenever the broker goes away; ready only while consuming. What a
 //! session receives goes to the [`Scheduler`]; how it stops keeps every ack (see [`Phase`]).
 
-use crate::breaker::Tenants;
+use crate::consume::schedule::{per_queue_prefetch, Scheduler};
+use crate::execute::Applying;
 use crate::metrics::Metrics;
-use crate::outage::Outage;
-use crate::pools::Pools;
 use crate::retry::RetryPolicy;
-use crate::schedule::Scheduler;
-use crate::settle::SettleGate;
-use crate::tenants::Resolver;
+use crate::settle::{SettleGate, Settling};
 use avsync_shared::backoff::jittered;
 use avsync_shared::broker::{self, ConfirmedPublisher, FailureLog};
 use avsync_shared::topology::Topology;
@@ -60,19 +57,17 @@ fn end_bound<T, E>(outcome: &Result<T, E>, failed: Duration) -> Duration {
     }
 }
 
-/// Everything a consuming worker shares between its tasks.
-pub struct Worker {
+/// What the broker session needs: where and what to consume, what settling and applying take
+/// from it, and the readiness it reports.
+pub(crate) struct Consuming {
     pub topology: Topology,
     pub amqp_url: String,
     pub prefetch: u16,
     pub application_id: Option<String>,
-    pub resolver: Resolver,
-    pub pools: Pools,
     pub retry: RetryPolicy,
     pub metrics: Metrics,
     pub ready: Arc<AtomicBool>,
-    pub tenants: Tenants,
-    pub outage: Outage,
+    pub applying: Arc<Applying>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +84,7 @@ enum SessionError {
     SetupTimeout(Duration),
 }
 
-impl Worker {
+impl Consuming {
     fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
         self.metrics.ready.set(i64::from(ready));
@@ -104,7 +99,7 @@ pub(crate) fn reconnect_backoff() -> impl Iterator<Item = Duration> + Send {
 
 /// Consumes until `shutdown`, reconnecting with backoff. On shutdown, stops consuming, finishes
 /// every message already received, and returns.
-pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
+pub async fn run(worker: Arc<Consuming>, shutdown: CancellationToken) {
     let mut delays = reconnect_backoff();
     let mut failures = FailureLog::default();
     while !shutdown.is_cancelled() {
@@ -137,11 +132,6 @@ pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
     }
 }
 
-/// One partition queue's share of AVSYNC_PREFETCH: quorum queues have no channel-wide prefetch.
-pub fn per_queue_prefetch(prefetch: u16, partitions: u16) -> u16 {
-    (prefetch / partitions.max(1)).max(1)
-}
-
 async fn check_partitions(conn: &Connection, topology: &Topology) -> Result<(), SessionError> {
     // A passive declare of a missing queue closes its channel: use a throwaway one. lapin logs
     // that expected close at ERROR; `telemetry::DEFAULT_FILTER` keeps lapin's own lines out.
@@ -169,7 +159,7 @@ async fn check_partitions(conn: &Connection, topology: &Topology) -> Result<(), 
 }
 
 async fn session(
-    worker: &Arc<Worker>,
+    worker: &Consuming,
     shutdown: &CancellationToken,
     consumed: &mut bool,
 ) -> Result<(), SessionError> {
@@ -197,7 +187,7 @@ impl Channels {
     /// Declares the topology and starts one consumer per partition queue.
     async fn open(
         conn: &Connection,
-        worker: &Worker,
+        worker: &Consuming,
     ) -> Result<(Channels, Vec<lapin::Consumer>), SessionError> {
         let setup = conn.create_channel().await?;
         worker.topology.declare(&setup).await?;
@@ -257,18 +247,13 @@ async fn channel_lost(channels: &Channels) {
 
 async fn consume_on(
     conn: &Connection,
-    worker: &Arc<Worker>,
+    worker: &Consuming,
     shutdown: &CancellationToken,
     consumed: &mut bool,
 ) -> Result<(), SessionError> {
     let (channels, consumers) = tokio::time::timeout(SETUP_TIMEOUT, Channels::open(conn, worker))
         .await
         .map_err(|_| SessionError::SetupTimeout(SETUP_TIMEOUT))??;
-    let Channels {
-        setup,
-        publish,
-        consume,
-    } = &channels;
     let tags: Vec<_> = consumers.iter().map(lapin::Consumer::tag).collect();
     let mut deliveries = Deliveries {
         consumers: stream::select_all(
@@ -286,102 +271,49 @@ async fn consume_on(
         partitions = worker.topology.partitions(),
         "consuming"
     );
-
-    // The broker never has more than this many unsettled deliveries out to this worker, so
-    // this also bounds how many messages are applied at once.
-    let per_queue = per_queue_prefetch(worker.prefetch, worker.topology.partitions());
-    let bound = Arc::new(Semaphore::new(
-        usize::from(per_queue) * usize::from(worker.topology.partitions()),
-    ));
-    let gate = SettleGate::new(shutdown.clone(), worker.topology.partitions());
-    let mut scheduler = Scheduler::new(worker, publish, gate.clone(), usize::from(per_queue));
-    let mut outcome = Ok(());
-    let mut phase = Phase::Consuming;
-    loop {
-        let next = match phase {
-            Phase::Consuming => tokio::select! {
-                next = deliveries.next() => next,
-                () = scheduler.ready() => {
-                    scheduler.flush_ready();
-                    continue;
-                }
-                _ = shutdown.cancelled() => {
-                    worker.set_ready(false);
-                    phase = Phase::Quiescing(tokio::time::Instant::now() + QUIESCE);
-                    continue;
-                }
-            },
-            Phase::Quiescing(deadline) => {
-                if gate.all_full(usize::from(per_queue)) {
-                    phase = Phase::Cancelling;
-                    continue;
-                }
-                tokio::select! {
-                    next = deliveries.next() => next,
-                    () = scheduler.ready() => {
-                        scheduler.flush_ready();
-                        continue;
-                    }
-                    _ = tokio::time::sleep_until(deadline) => {
-                        phase = Phase::Cancelling;
-                        continue;
-                    }
-                }
-            }
-            Phase::Cancelling => {
-                // Those already received still arrive; then each consumer's stream ends.
-                for tag in &tags {
-                    let _ = consume
-                        .basic_cancel(tag.clone(), BasicCancelOptions::default())
-                        .await;
-                }
-                gate.consumers_stopped.cancel();
-                phase = Phase::Draining;
-                continue;
-            }
-            Phase::Draining => tokio::select! {
-                next = deliveries.next() => next,
-                () = scheduler.ready() => {
-                    scheduler.flush_ready();
-                    continue;
-                }
-            },
-        };
-        match next {
-            Some((partition, Ok(delivery))) => {
-                let permit = tokio::select! {
-                    permit = bound.clone().acquire_owned() => permit,
-                    () = &mut deliveries.lost => {
-                        outcome = Err(SessionError::ChannelLost);
-                        break;
-                    }
-                };
-                let Ok(permit) = permit else {
-                    break;
-                };
-                scheduler.receive(partition, delivery, permit);
-            }
-            Some((_, Err(e))) => {
-                outcome = Err(e);
-                break;
-            }
-            None if phase == Phase::Draining => break,
-            None => {
-                outcome = Err(SessionError::ConsumerCancelled);
-                break;
-            }
-        }
-    }
+    let partitions = worker.topology.partitions();
+    let per_queue = usize::from(per_queue_prefetch(worker.prefetch, partitions));
+    let gate = SettleGate::new(shutdown.clone(), partitions);
+    let settling = Arc::new(Settling {
+        publish: channels.publish.clone(),
+        topology: worker.topology.clone(),
+        retry: worker.retry.clone(),
+        metrics: worker.metrics.clone(),
+        gate: gate.clone(),
+    });
+    let mut receiving = Receiving {
+        scheduler: Scheduler::new(
+            worker.applying.clone(),
+            settling,
+            worker.application_id.clone(),
+            per_queue,
+        ),
+        // The broker never has more than this many unsettled deliveries out to this worker, so
+        // this also bounds how many messages are applied at once.
+        window: Arc::new(Semaphore::new(per_queue * usize::from(partitions))),
+        gate,
+        per_queue,
+    };
+    let outcome = receiving
+        .until_stopped(&mut deliveries, worker, shutdown, &channels.consume, &tags)
+        .await;
     worker.set_ready(false);
-    gate.consumers_stopped.cancel();
+    receiving.gate.consumers_stopped.cancel();
     // What was received is finished, not handed back (contract section 7). With the broker
     // gone, nothing in flight can be acked any more; it is not waited on for ever, since the
     // broker hands every unacked message back.
-    scheduler.finish(end_bound(&outcome, ABANDON_AFTER)).await;
+    receiving
+        .scheduler
+        .finish(end_bound(&outcome, ABANDON_AFTER))
+        .await;
     // The broker answers a channel's close only after it has processed every frame sent on it
     // before, so once these return, every ack above has reached it; closing the connection
     // straight away could drop acks still queued and hand applied messages back.
-    for channel in [consume, publish.channel(), setup] {
+    for channel in [
+        &channels.consume,
+        channels.publish.channel(),
+        &channels.setup,
+    ] {
         let _ = tokio::time::timeout(
             end_bound(&outcome, CLOSE_TIMEOUT),
             channel.close(200, "worker stopping".into()),
@@ -389,6 +321,81 @@ async fn consume_on(
         .await;
     }
     outcome
+}
+
+/// What a consuming session hands its deliveries to.
+struct Receiving {
+    scheduler: Scheduler,
+    /// The prefetch window: a delivery takes a place before it is scheduled.
+    window: Arc<Semaphore>,
+    gate: SettleGate,
+    per_queue: usize,
+}
+
+impl Receiving {
+    /// Hands every delivery to the scheduler until the session ends: the broker goes away, a
+    /// consumer is cancelled, or `shutdown` has taken the session through its [`Phase`]s.
+    async fn until_stopped<C, L>(
+        &mut self,
+        deliveries: &mut Deliveries<C, L>,
+        worker: &Consuming,
+        shutdown: &CancellationToken,
+        consume: &Channel,
+        tags: &[lapin::types::ShortString],
+    ) -> Result<(), SessionError>
+    where
+        C: futures_util::Stream<Item = (u16, lapin::Result<Delivery>)> + Unpin,
+        L: std::future::Future<Output = ()>,
+    {
+        let mut phase = Phase::Consuming;
+        loop {
+            if matches!(phase, Phase::Quiescing(_)) && self.gate.all_full(self.per_queue) {
+                phase = Phase::Cancelling;
+            }
+            if phase == Phase::Cancelling {
+                // Those already received still arrive; then each consumer's stream ends.
+                for tag in tags {
+                    let _ = consume
+                        .basic_cancel(tag.clone(), BasicCancelOptions::default())
+                        .await;
+                }
+                self.gate.consumers_stopped.cancel();
+                phase = Phase::Draining;
+            }
+            let quiesced = match phase {
+                Phase::Quiescing(deadline) => deadline,
+                _ => tokio::time::Instant::now() + QUIESCE,
+            };
+            let next = tokio::select! {
+                next = deliveries.next() => next,
+                () = self.scheduler.tick() => continue,
+                _ = shutdown.cancelled(), if phase == Phase::Consuming => {
+                    worker.set_ready(false);
+                    phase = Phase::Quiescing(tokio::time::Instant::now() + QUIESCE);
+                    continue;
+                }
+                _ = tokio::time::sleep_until(quiesced), if matches!(phase, Phase::Quiescing(_)) => {
+                    phase = Phase::Cancelling;
+                    continue;
+                }
+            };
+            match next {
+                Some((partition, Ok(delivery))) => {
+                    let permit = tokio::select! {
+                        permit = self.window.clone().acquire_owned() => permit,
+                        () = &mut deliveries.lost => return Err(SessionError::ChannelLost),
+                    };
+                    let Ok(permit) = permit else {
+                        return Ok(());
+                    };
+                    self.scheduler.receive(partition, delivery, permit);
+                }
+                Some((_, Err(e))) => return Err(e),
+                None if phase == Phase::Draining => return Ok(()),
+                None => return Err(SessionError::ConsumerCancelled),
+            }
+        }
+    }
 }
 
 /// Every partition's deliveries, ended by an error as soon as a channel of the session is lost.
@@ -428,13 +435,6 @@ enum Phase {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prefetch_is_split_over_partitions() {
-        assert_eq!(per_queue_prefetch(64, 16), 4);
-        assert_eq!(per_queue_prefetch(8, 16), 1);
-        assert_eq!(per_queue_prefetch(10, 1), 10);
-    }
 
     #[test]
     fn only_a_failed_session_bounds_its_end() {

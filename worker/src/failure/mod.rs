@@ -1,7 +1,9 @@
-//! The one place that decides, for every way applying an event can fail, whether trying again
-//! can help (`Transient`: requeue) or not (`Permanent`: dead-letter at once).
-//!
-//! Texts say what the operator can do and never hold a database URL or other secret.
+//! Every way applying an event can fail, as a type, and what each is: whether trying again can
+//! help (`Transient`) or not (`Permanent`), and which facts about it the decision
+//! ([`decide`]) reads. Texts say what the operator can do and never hold a database URL or
+//! other secret.
+
+pub(crate) mod decide;
 
 use avsync_shared::event::EventError;
 use avsync_shared::EnvelopeError;
@@ -112,6 +114,28 @@ impl Failure {
 }
 
 impl Failure {
+    /// The database server itself could not be reached or talked to, as opposed to a tenant
+    /// that is not provisioned, not registered or busy: only such a failure can be an outage.
+    pub fn is_connection_level(&self) -> bool {
+        match self {
+            Failure::Unreachable(_) | Failure::Registry(_) | Failure::NoAnswer(_) => true,
+            Failure::Database(e) => match e.as_ref() {
+                // 08: connection exception; 57P0x: the server is shutting down or starting up.
+                sqlx::Error::Database(db) => db
+                    .code()
+                    .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
     /// The server refused a connection for lack of slots: backpressure, never an attempt.
     pub fn is_server_refusal(&self) -> bool {
         matches!(self, Failure::Refused(_))
@@ -176,13 +200,14 @@ fn migration_reason(e: &sqlx::migrate::MigrateError) -> String {
     }
 }
 
+/// Failures as the driver reports them, for the tests of what they mean.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use avsync_shared::event::InvalidTimestamp;
+pub(crate) mod fake {
+    use super::Failure;
     use sqlx::error::{DatabaseError, ErrorKind};
     use std::borrow::Cow;
     use std::fmt;
+    use std::sync::Arc;
 
     #[derive(Debug)]
     struct FakeDbError(&'static str);
@@ -216,20 +241,29 @@ mod tests {
         }
     }
 
-    fn sqlstate(code: &'static str) -> Failure {
+    /// A statement that failed with SQLSTATE `code`.
+    pub fn sqlstate(code: &'static str) -> Failure {
         Failure::from(sqlx::Error::Database(Box::new(FakeDbError(code))))
     }
+
+    /// A connection the server refused for lack of slots.
+    pub fn too_many_clients() -> Failure {
+        Failure::Refused(Arc::new(sqlx::Error::Database(Box::new(FakeDbError(
+            "53300",
+        )))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::{sqlstate, too_many_clients};
+    use super::*;
+    use avsync_shared::event::InvalidTimestamp;
 
     fn refused_io() -> Arc<sqlx::Error> {
         Arc::new(sqlx::Error::Io(std::io::Error::from(
             std::io::ErrorKind::ConnectionRefused,
         )))
-    }
-
-    fn too_many_clients() -> Failure {
-        Failure::Refused(Arc::new(sqlx::Error::Database(Box::new(FakeDbError(
-            "53300",
-        )))))
     }
 
     #[test]
@@ -308,6 +342,18 @@ mod tests {
             assert!(!f.marks_slow(), "{f}");
         }
         assert!(too_many_clients().is_server_refusal());
+    }
+
+    #[test]
+    fn only_connection_level_failures_can_be_an_outage() {
+        assert!(Failure::Database(refused_io()).is_connection_level());
+        assert!(Failure::Unreachable(cause("refused")).is_connection_level());
+        assert!(!Failure::TenantUnknown.is_connection_level());
+        assert!(!too_many_clients().is_connection_level());
+        assert!(!Failure::NotProvisioned {
+            database: "tenant_a".into()
+        }
+        .is_connection_level());
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Each tenant's standing in this worker, so that one tenant's trouble stays its own.
+//! Each tenant's standing in this worker (its held messages and its circuit), so that one tenant's trouble stays its own.
 //!
 //! - **The bound.** A tenant may hold at most `AVSYNC_TENANT_MAX_UNSETTLED` unsettled messages
 //!   while it is stalled (nothing committed for [`STALL`]); what it receives beyond that is set
@@ -9,6 +9,7 @@
 //!   After a backoff (from [`FIRST_BACKOFF`], doubling to [`MAX_BACKOFF`]) one message is let
 //!   through as a probe; its commit closes the circuit, another slow failure opens it for longer.
 
+use crate::metrics::SetAsideReason;
 use avsync_shared::TenantId;
 use prometheus::{IntCounter, IntGauge};
 use std::collections::HashMap;
@@ -27,7 +28,7 @@ pub const WARM: Duration = Duration::from_secs(5);
 /// held lock gives up after the lock timeout. A message set aside comes back no sooner than the
 /// probe after its tenant's backoff could have told, so that a stuck tenant's backlog does not
 /// pass through its partition again and again in front of its neighbours.
-const PROBE: Duration = crate::pools::LOCK_TIMEOUT;
+const PROBE: Duration = crate::tenant_db::provision::LOCK_TIMEOUT;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Circuit {
@@ -43,26 +44,6 @@ impl Circuit {
         match self {
             Circuit::Open { until, .. } => until.saturating_duration_since(now) + PROBE,
             Circuit::Closed | Circuit::Probing { .. } => PROBE,
-        }
-    }
-}
-
-/// Why a message was set aside; the `reason` label of `avsync_worker_events_set_aside_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SetAsideReason {
-    /// Its tenant is marked slow.
-    Slow,
-    /// Its tenant holds its bound of messages and is stalled.
-    Backlog,
-}
-
-impl SetAsideReason {
-    pub const ALL: [SetAsideReason; 2] = [SetAsideReason::Slow, SetAsideReason::Backlog];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SetAsideReason::Slow => "slow",
-            SetAsideReason::Backlog => "backlog",
         }
     }
 }
@@ -252,11 +233,11 @@ impl Commits {
 
 /// Every tenant's standing in this worker.
 #[derive(Clone)]
-pub struct Tenants {
+pub struct Standings {
     inner: Arc<Inner>,
 }
 
-impl Tenants {
+impl Standings {
     /// `bound` is the most unsettled messages a stalled tenant holds; `marked_slow` and
     /// `slow_now` are `avsync_worker_tenants_marked_slow_total` and `avsync_worker_tenants_slow`.
     pub fn new(bound: usize, marked_slow: IntCounter, slow_now: IntGauge) -> Self {
@@ -281,7 +262,7 @@ impl Tenants {
             .with(tenant, |e, now| e.standing.admit(bound, now, calm))
         {
             Admission::Hold { probe } => Admitted::Hold(Held {
-                tenants: self.clone(),
+                standings: self.clone(),
                 tenant: tenant.clone(),
                 probe,
             }),
@@ -343,7 +324,7 @@ impl Tenants {
 
 /// A held message's place in its tenant's count.
 pub struct Held {
-    tenants: Tenants,
+    standings: Standings,
     tenant: TenantId,
     probe: bool,
 }
@@ -357,7 +338,7 @@ impl Held {
 impl Drop for Held {
     fn drop(&mut self) {
         let probe = self.probe;
-        self.tenants.inner.with(&self.tenant, |e, now| {
+        self.standings.inner.with(&self.tenant, |e, now| {
             e.standing.held = e.standing.held.saturating_sub(1);
             if probe {
                 e.standing.probe_ended(now);
@@ -488,7 +469,7 @@ mod tests {
 
     #[tokio::test]
     async fn guards_count_and_forget_a_well_tenant() {
-        let tenants = Tenants::new(
+        let tenants = Standings::new(
             2,
             IntCounter::new("m", "m").unwrap(),
             IntGauge::new("g", "g").unwrap(),

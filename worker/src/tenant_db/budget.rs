@@ -177,6 +177,13 @@ impl ServerBudget {
         })
     }
 
+    /// Whether it is `tenant`'s turn in the line and the budget has no room for it: only then
+    /// may room be made by closing another tenant's idle session.
+    pub fn needs_room(&self, tenant: &str) -> bool {
+        self.with_line(|line| line.is_turn(tenant))
+            && self.with_limit(|l| l.open() >= l.at(Instant::now()))
+    }
+
     /// Whether sessions wait for room now.
     pub fn contended(&self) -> bool {
         !self.with_line(|line| line.is_empty())
@@ -226,12 +233,6 @@ pub struct InLine {
 }
 
 impl InLine {
-    /// Whether the next slot is this session's tenant's: only then may it make room by closing
-    /// another tenant's idle session.
-    pub fn is_turn(&self) -> bool {
-        self.budget.with_line(|line| line.is_turn(&self.tenant))
-    }
-
     /// A slot, when it is this tenant's turn and the budget has room now.
     pub fn try_take(&mut self) -> Option<Slot> {
         if self.served {

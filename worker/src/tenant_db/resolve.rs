@@ -277,7 +277,7 @@ pub struct Resolver {
     mode: Mode,
 }
 
-/// What to ask whether PostgreSQL is reachable at all ([`crate::outage`] decides).
+/// What to ask whether PostgreSQL is reachable at all (the executor's outage probe asks it).
 pub enum ProbeTarget {
     /// The template's server, which every tenant lives on.
     Server(Box<PgConnectOptions>),

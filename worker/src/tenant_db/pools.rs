@@ -8,23 +8,25 @@
 //!   recently used idle pool is evicted first.
 //! - Two tasks that need the same new tenant at once open one pool (`try_get_with` is
 //!   single-flight). The first opening of a database creates it (when allowed) and migrates it.
+//! - A pool's sessions wait for room in their server's budget; when it is their tenant's turn
+//!   and there is none, [`Pools::connection`] closes an idle session of another tenant: the
+//!   owner of every pool does that, never one pool reaching for the others.
 
-use crate::budget::{Budgets, ServerBudget, Slot};
 use crate::failure::{cause, Failure};
 use crate::metrics::PoolMetrics;
-use crate::provision::{migrate_untimed, open_session, Opened};
-use crate::tenants::TenantDb;
+use crate::tenant_db::budget::{Budgets, ServerBudget, Slot};
+use crate::tenant_db::provision::{session_options, Provisioning};
+use crate::tenant_db::resolve::TenantDb;
 use deadpool::managed::{self, Metrics, PoolError, RecycleError, RecycleResult};
 use deadpool::Runtime;
 use moka::future::Cache;
 use moka::notification::RemovalCause;
 use moka::policy::EvictionPolicy;
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, Connection, PgConnection};
-use std::collections::HashSet;
+use sqlx::{Connection, PgConnection};
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
@@ -40,14 +42,6 @@ const BUDGET_POLL: Duration = Duration::from_millis(50);
 /// While other tenants wait for room in the budget, a session this old is closed when next
 /// taken, so that the budget goes round the tenants instead of staying with the busiest.
 const FAIR_SHARE: Duration = Duration::from_millis(1000);
-/// Every tenant session says who it is, so operators find them in `pg_stat_activity`.
-pub const APPLICATION_NAME: &str = "avsync-worker";
-/// Longest one statement of a tenant session may run: an apply of a full batch takes
-/// milliseconds, so this only ends statements of a database in trouble.
-pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
-/// Longest a statement waits for a lock another session holds (a long migration or
-/// transaction): then its tenant is marked slow and its events are set aside.
-pub const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
 /// `AVSYNC_MAX_CONNECTIONS` when not set.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 20;
 
@@ -80,7 +74,8 @@ pub struct PgManager {
     /// The tenant's options, tagged and with the session timeouts.
     options: PgConnectOptions,
     budget: Arc<ServerBudget>,
-    shared: Weak<Shared>,
+    provisioning: Arc<Provisioning>,
+    metrics: PoolMetrics,
 }
 
 impl managed::Manager for PgManager {
@@ -89,26 +84,12 @@ impl managed::Manager for PgManager {
 
     async fn create(&self) -> Result<Session, Failure> {
         let slot = self.slot().await;
-        let Some(shared) = self.shared.upgrade() else {
-            return Err(Failure::Unreachable(cause("the worker is stopping")));
-        };
-        let opened = open_session(&self.db, &self.options, shared.settings.create_databases).await;
-        let mut conn = match opened {
-            Ok(Opened { conn, created }) => {
-                if created {
-                    // A database created now (first use, or dropped under the worker and made
-                    // again) has none of the schema it may have had when it was remembered.
-                    shared.forget_migrated(self.db.key());
-                }
-                conn
-            }
+        match self.provisioning.session(&self.db, &self.options).await {
+            Ok(conn) => Ok(Session { conn, _slot: slot }),
             Err(failure) => {
-                if matches!(failure, Failure::NotProvisioned { .. }) {
-                    shared.forget_migrated(self.db.key());
-                }
                 match &failure {
                     Failure::Refused(_) => {
-                        shared.metrics.refusals.with_label_values(&["server"]).inc();
+                        self.metrics.refusals.with_label_values(&["server"]).inc();
                         tracing::warn!(
                             server = self.budget.server(),
                             "PostgreSQL refused a connection for lack of slots; lowering this worker's budget"
@@ -116,27 +97,13 @@ impl managed::Manager for PgManager {
                         self.budget.refused(slot);
                     }
                     Failure::DatabaseRefused { .. } => {
-                        shared
-                            .metrics
-                            .refusals
-                            .with_label_values(&["database"])
-                            .inc();
+                        self.metrics.refusals.with_label_values(&["database"]).inc();
                     }
                     _ => {}
                 }
-                return Err(failure);
-            }
-        };
-        shared.metrics.sessions.inc();
-        if shared.settings.auto_migrate {
-            if shared.is_migrated(self.db.key()) {
-                shared.metrics.migrations_skipped.inc();
-            } else {
-                migrate_untimed(&mut conn).await?;
-                shared.remember_migrated(self.db.key());
+                Err(failure)
             }
         }
-        Ok(Session { conn, _slot: slot })
     }
 
     async fn recycle(&self, session: &mut Session, metrics: &Metrics) -> RecycleResult<Failure> {
@@ -157,9 +124,9 @@ impl managed::Manager for PgManager {
 
 impl PgManager {
     /// Room in the server's budget for one more session: when it is full, the tenants waiting
-    /// take turns (see [`crate::budget::Rotation`]), and the one whose turn it is closes an idle
-    /// session of the least recently used tenant on that server to make it. Never fails; the
-    /// wait ends when a session closes (or the budget grows back).
+    /// take turns (see [`crate::tenant_db::budget::Rotation`]), and [`Pools::connection`] makes
+    /// room on this tenant's turn. Never fails; the wait ends when a session closes (or the
+    /// budget grows back).
     async fn slot(&self) -> Slot {
         if !self.budget.contended() {
             if let Some(slot) = self.budget.try_take() {
@@ -173,11 +140,6 @@ impl PgManager {
             freed.as_mut().enable();
             if let Some(slot) = line.try_take() {
                 return slot;
-            }
-            if line.is_turn() {
-                if let Some(shared) = self.shared.upgrade() {
-                    shared.close_least_recently_used_idle(self.budget.server());
-                }
             }
             tokio::select! {
                 _ = freed => {}
@@ -205,15 +167,13 @@ impl DerefMut for PooledConnection {
 
 impl PooledConnection {
     /// The session found the tenant schema gone (the database was recreated empty under the
-    /// worker, which kept its sessions): the worker forgets that the database is migrated, and
-    /// this session and the pool's idle ones are closed instead of used again, so that the next
+    /// worker, which kept its sessions): the database is no longer known migrated, and this
+    /// session and the pool's idle ones are closed instead of used again, so that the next
     /// session migrates.
-    pub fn schema_missing(self) {
+    pub(crate) fn schema_missing(self) {
         if let Some(pool) = managed::Object::pool(&self.0) {
             let manager = pool.manager();
-            if let Some(shared) = manager.shared.upgrade() {
-                shared.forget_migrated(manager.db.key());
-            }
+            manager.provisioning.forget(&manager.db);
             pool.retain(|_, _| false);
         }
         drop(managed::Object::take(self.0));
@@ -311,71 +271,12 @@ pub struct PoolSettings {
     pub auto_migrate: bool,
 }
 
-/// What every pool's manager reaches back to: the other pools (to free budget), and which
-/// databases this worker has seen migrated to the current schema.
+/// Every pool, by database, and what the pools are opened with.
 struct Shared {
     cache: Cache<String, Arc<TenantPool>>,
     settings: PoolSettings,
     metrics: PoolMetrics,
-    migrated: Mutex<HashSet<String>>,
-}
-
-impl Shared {
-    fn is_migrated(&self, key: &str) -> bool {
-        self.migrated
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(key)
-    }
-
-    fn remember_migrated(&self, key: &str) {
-        self.migrated
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.to_owned());
-    }
-
-    fn forget_migrated(&self, key: &str) {
-        self.migrated
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
-    }
-
-    /// Closes one idle session of the least recently used pool on `server` that has one; false
-    /// when none is idle. A session in use is never touched.
-    fn close_least_recently_used_idle(&self, server: &str) -> bool {
-        // Sorted by a snapshot of each pool's last use: the clocks move while we sort, and a
-        // sort whose keys change under it may panic.
-        let mut candidates: Vec<(u64, Arc<TenantPool>)> = self
-            .cache
-            .iter()
-            .filter(|(_, pool)| pool.server == server)
-            .map(|(_, pool)| (pool.last_used_ms.load(Ordering::Relaxed), pool))
-            .collect();
-        candidates.sort_unstable_by_key(|(last_used, _)| *last_used);
-        for (_, pool) in candidates {
-            // An idle session may sit in a pool whose other users wait for room themselves.
-            let mut first = true;
-            let removed = pool
-                .pool
-                .retain(|_, _| !std::mem::replace(&mut first, false))
-                .removed;
-            if removed.is_empty() {
-                continue;
-            }
-            self.metrics.budget_closes.inc();
-            for session in removed {
-                tokio::spawn(async move {
-                    let Session { conn, _slot } = session;
-                    let _ = conn.close().await;
-                    drop(_slot);
-                });
-            }
-            return true;
-        }
-        false
-    }
+    provisioning: Arc<Provisioning>,
 }
 
 #[derive(Clone)]
@@ -428,8 +329,12 @@ impl Pools {
             shared: Arc::new(Shared {
                 cache,
                 settings,
+                provisioning: Arc::new(Provisioning::new(
+                    settings.create_databases,
+                    settings.auto_migrate,
+                    metrics.clone(),
+                )),
                 metrics,
-                migrated: Mutex::new(HashSet::new()),
             }),
             slots: Arc::new(Semaphore::new(permits)),
             budgets,
@@ -464,23 +369,12 @@ impl Pools {
     async fn open(&self, db: &TenantDb) -> Result<Arc<TenantPool>, Failure> {
         let slot = self.slot().await?;
         let server = server_of(db);
-        let options = db
-            .options()
-            .clone()
-            .application_name(APPLICATION_NAME)
-            .options([
-                ("statement_timeout", millis(STATEMENT_TIMEOUT)),
-                ("lock_timeout", millis(LOCK_TIMEOUT)),
-            ])
-            // sqlx warns of a slow statement with its whole text (some 10 kB for the batch
-            // upsert) each time a locked table makes one wait; the worker's own warning that
-            // marks the tenant slow says what the operator needs.
-            .log_slow_statements(log::LevelFilter::Debug, LOCK_TIMEOUT);
         let pool = managed::Pool::builder(PgManager {
             db: db.clone(),
-            options,
+            options: session_options(db),
             budget: self.budgets.server(&server),
-            shared: Arc::downgrade(&self.shared),
+            provisioning: self.shared.provisioning.clone(),
+            metrics: self.shared.metrics.clone(),
         })
         .max_size(usize::try_from(self.shared.settings.size).unwrap_or(usize::MAX))
         .runtime(Runtime::Tokio1)
@@ -547,6 +441,63 @@ impl Pools {
         self.shared.cache.run_pending_tasks().await;
     }
 
+    /// A session of `lease`'s pool (see [`Lease::connection`]). While it waits in its server's
+    /// budget line and its tenant's turn finds no room, an idle session of the least recently
+    /// used tenant on that server is closed to make some.
+    pub(crate) async fn connection(&self, lease: &Lease) -> Result<PooledConnection, Failure> {
+        let budget = lease.pool.pool.manager().budget.clone();
+        let tenant = lease.pool.pool.manager().db.key();
+        let connection = lease.connection();
+        tokio::pin!(connection);
+        loop {
+            let freed = budget.freed();
+            tokio::select! {
+                connection = &mut connection => return connection,
+                _ = freed => {}
+                _ = tokio::time::sleep(BUDGET_POLL) => {}
+            }
+            if budget.needs_room(tenant) {
+                self.close_least_recently_used_idle(budget.server());
+            }
+        }
+    }
+
+    /// Closes one idle session of the least recently used pool on `server` that has one; false
+    /// when none is idle. A session in use is never touched.
+    fn close_least_recently_used_idle(&self, server: &str) -> bool {
+        // Sorted by a snapshot of each pool's last use: the clocks move while we sort, and a
+        // sort whose keys change under it may panic.
+        let mut candidates: Vec<(u64, Arc<TenantPool>)> = self
+            .shared
+            .cache
+            .iter()
+            .filter(|(_, pool)| pool.server == server)
+            .map(|(_, pool)| (pool.last_used_ms.load(Ordering::Relaxed), pool))
+            .collect();
+        candidates.sort_unstable_by_key(|(last_used, _)| *last_used);
+        for (_, pool) in candidates {
+            // An idle session may sit in a pool whose other users wait for room themselves.
+            let mut first = true;
+            let removed = pool
+                .pool
+                .retain(|_, _| !std::mem::replace(&mut first, false))
+                .removed;
+            if removed.is_empty() {
+                continue;
+            }
+            self.shared.metrics.budget_closes.inc();
+            for session in removed {
+                tokio::spawn(async move {
+                    let Session { conn, _slot } = session;
+                    let _ = conn.close().await;
+                    drop(_slot);
+                });
+            }
+            return true;
+        }
+        false
+    }
+
     /// Open pools, as the gauge counts them.
     pub fn open_pools(&self) -> i64 {
         self.shared.metrics.open.get()
@@ -560,9 +511,4 @@ impl Pools {
         }
         self.shared.cache.run_pending_tasks().await;
     }
-}
-
-/// A duration as PostgreSQL reads a setting in milliseconds.
-fn millis(d: Duration) -> String {
-    format!("{}ms", d.as_millis())
 }

@@ -1,0 +1,180 @@
+//! Applying a tenant's events: one executor for a batch and a single event alike. It takes a
+//! session through the tenant connection door ([`crate::tenant_db`]), applies the events in one
+//! statement, and settles each message; when the attempt fails, the one decision
+//! ([`crate::failure::decide`]) says what follows, fed what was seen: whether PostgreSQL is down
+//! (`outage`), whether the budget is contended, whether the schema was migrated again. Each
+//! tenant's standing in this worker (`standing`) keeps one tenant's trouble its own.
+
+pub(crate) mod outage;
+pub(crate) mod standing;
+
+use crate::failure::decide::{decide, Seen, Step};
+use crate::failure::Failure;
+use crate::metrics::SetAsideReason;
+use crate::settle::Message;
+use crate::tenant_db::TenantDbs;
+use avsync_shared::event::Effect;
+use avsync_shared::TenantId;
+use outage::Outage;
+use standing::{Held, Standings};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+/// What applying needs, shared by every task of the worker: the tenant databases, every tenant's
+/// standing, and the view of a PostgreSQL outage.
+pub(crate) struct Applying {
+    pub dbs: Arc<TenantDbs>,
+    pub standings: Standings,
+    pub outage: Outage,
+}
+
+/// One received event waiting to be applied: its message (which settles itself), its effect,
+/// and its place in its tenant's standing (given back when it is settled).
+pub(crate) struct Pending {
+    pub message: Message,
+    pub effect: Effect,
+    pub held: Held,
+}
+
+/// Why an attempt did not commit.
+enum NotCommitted {
+    /// The tenant was marked slow while the attempt waited for a connection.
+    MarkedSlow,
+    Failed(Failure),
+}
+
+impl From<Failure> for NotCommitted {
+    fn from(failure: Failure) -> Self {
+        NotCommitted::Failed(failure)
+    }
+}
+
+impl Applying {
+    /// Applies `events` of `tenant` together and settles every message, whatever happens.
+    pub fn run(
+        &self,
+        tenant: TenantId,
+        events: Vec<Pending>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let marked = self.standings.marked(&tenant);
+            let probe = events.iter().any(|e| e.held.is_probe());
+            if !probe && self.standings.is_slow(&tenant) {
+                return self.set_aside(&tenant, events).await;
+            }
+            let mut remigrated = false;
+            let mut held = outage::Backoff::default();
+            loop {
+                let failure = match self.attempt(&tenant, &events, &marked).await {
+                    Ok(()) => return self.applied(&tenant, events).await,
+                    Err(NotCommitted::MarkedSlow) => return self.set_aside(&tenant, events).await,
+                    Err(NotCommitted::Failed(failure)) => failure,
+                };
+                let seen = Seen {
+                    events: events.len(),
+                    outage: self
+                        .outage
+                        .confirms(&self.dbs.resolver, &tenant, &failure)
+                        .await,
+                    budget_contended: false,
+                    remigrated,
+                    stopping: self.dbs.shutdown().is_cancelled(),
+                };
+                match decide(&failure, seen) {
+                    Step::Remigrate => remigrated = true,
+                    Step::HoldForOutage => {
+                        if !self
+                            .outage
+                            .hold(&mut held, &failure, self.dbs.shutdown())
+                            .await
+                        {
+                            return settle_each(events, |m, _| m.hand_back()).await;
+                        }
+                    }
+                    // Only the door waits for a connection; one that gives up while the worker
+                    // stops hands the work back.
+                    Step::WaitForSlot | Step::BackOff | Step::HandBack => {
+                        return settle_each(events, |m, _| m.hand_back()).await;
+                    }
+                    Step::MarkSlow => {
+                        tracing::warn!(error = %failure, "tenant marked slow; its events are set aside until a probe succeeds");
+                        self.standings.mark_slow(&tenant);
+                        return self.set_aside(&tenant, events).await;
+                    }
+                    Step::Split => {
+                        tracing::warn!(error = %failure, "batch failed permanently; applying its events one by one");
+                        let alone = events
+                            .into_iter()
+                            .map(|e| self.run(tenant.clone(), vec![e]));
+                        futures_util::future::join_all(alone).await;
+                        return;
+                    }
+                    Step::Retry => {
+                        return settle_each(events, |m, _| m.retry(&tenant, &failure)).await;
+                    }
+                    Step::DeadLetter => {
+                        return settle_each(events, |m, _| m.permanent(&failure)).await;
+                    }
+                }
+            }
+        })
+    }
+
+    /// One try: a session, then the events in one statement. The wait for a session is given up
+    /// when the tenant is marked slow meanwhile.
+    async fn attempt(
+        &self,
+        tenant: &TenantId,
+        events: &[Pending],
+        marked: &Notify,
+    ) -> Result<(), NotCommitted> {
+        let marked = marked.notified();
+        tokio::pin!(marked);
+        marked.as_mut().enable();
+        let conn = tokio::select! {
+            conn = self.dbs.connection(tenant) => conn?,
+            _ = marked.as_mut() => return Err(NotCommitted::MarkedSlow),
+        };
+        conn.apply(events.iter().map(|e| &e.effect)).await?;
+        Ok(())
+    }
+
+    async fn applied(&self, tenant: &TenantId, events: Vec<Pending>) {
+        self.standings.committed(tenant);
+        settle_each(events, |m, effect| m.applied(effect.key.time.to_utc())).await;
+    }
+
+    /// Sets every message aside, to come back after about the time its tenant stays marked slow.
+    async fn set_aside(&self, tenant: &TenantId, events: Vec<Pending>) {
+        let wait = self.standings.set_aside_wait(tenant);
+        settle_each(events, |m, _| {
+            m.set_aside(tenant, SetAsideReason::Slow, wait)
+        })
+        .await;
+    }
+}
+
+/// Settles every message with `settle`, all at once; each gives its place in its tenant's
+/// standing back once it is settled.
+async fn settle_each<F, Fut>(events: Vec<Pending>, settle: F)
+where
+    F: Fn(Message, &Effect) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let each = events.into_iter().map(
+        |Pending {
+             message,
+             effect,
+             held,
+         }| {
+            let settled = settle(message, &effect);
+            async move {
+                settled.await;
+                drop(held);
+            }
+        },
+    );
+    futures_util::future::join_all(each).await;
+}
