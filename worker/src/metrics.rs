@@ -42,6 +42,13 @@ impl Outcome {
     }
 }
 
+/// A gauge per PostgreSQL server (`host:port`), registered in `registry`.
+fn per_server(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntGaugeVec> {
+    let gauge = IntGaugeVec::new(Opts::new(name, help), &["server"])?;
+    registry.register(Box::new(gauge.clone()))?;
+    Ok(gauge)
+}
+
 /// Why a message was set aside; the `reason` label of `avsync_worker_events_set_aside_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SetAsideReason {
@@ -49,15 +56,22 @@ pub enum SetAsideReason {
     Slow,
     /// Its tenant holds its bound of messages and is stalled.
     Backlog,
+    /// Its tenant's PostgreSQL server does not answer.
+    ServerDown,
 }
 
 impl SetAsideReason {
-    pub const ALL: [SetAsideReason; 2] = [SetAsideReason::Slow, SetAsideReason::Backlog];
+    pub const ALL: [SetAsideReason; 3] = [
+        SetAsideReason::Slow,
+        SetAsideReason::Backlog,
+        SetAsideReason::ServerDown,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             SetAsideReason::Slow => "slow",
             SetAsideReason::Backlog => "backlog",
+            SetAsideReason::ServerDown => "server_down",
         }
     }
 }
@@ -89,9 +103,11 @@ pub struct PoolMetrics {
     pub opens: IntCounter,
     pub evictions: IntCounter,
     pub wait_seconds: Histogram,
-    /// Sessions open per server (`host:port`), and the budget in force there.
+    /// Sessions open per server (`host:port`), the budget in force there, and whether it
+    /// answers.
     pub connections: IntGaugeVec,
     pub connection_budget: IntGaugeVec,
+    pub server_reachable: IntGaugeVec,
     /// Connections refused, by `scope`: `server` (lack of slots) or `database` (its own limit).
     pub refusals: IntCounterVec,
     /// New tenant sessions opened (cold opens).
@@ -125,19 +141,20 @@ impl PoolMetrics {
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
         )?;
-        let connections = IntGaugeVec::new(
-            Opts::new(
-                "avsync_worker_connections",
-                "Tenant sessions this worker holds open, by PostgreSQL server (host:port).",
-            ),
-            &["server"],
+        let connections = per_server(
+            registry,
+            "avsync_worker_connections",
+            "Tenant sessions this worker holds open, by PostgreSQL server (host:port).",
         )?;
-        let connection_budget = IntGaugeVec::new(
-            Opts::new(
-                "avsync_worker_connection_budget",
-                "Most tenant sessions this worker may hold to the server now: AVSYNC_MAX_CONNECTIONS, or less for a while after a refusal.",
-            ),
-            &["server"],
+        let connection_budget = per_server(
+            registry,
+            "avsync_worker_connection_budget",
+            "Most tenant sessions this worker may hold to the server now: AVSYNC_MAX_CONNECTIONS, or less for a while after a refusal.",
+        )?;
+        let server_reachable = per_server(
+            registry,
+            "avsync_worker_server_reachable",
+            "1 while the PostgreSQL server (host:port) answers this worker, 0 since a probe after a failed connection found it unreachable (its tenants' events are set aside meanwhile).",
         )?;
         let refusals = IntCounterVec::new(
             Opts::new(
@@ -165,8 +182,6 @@ impl PoolMetrics {
         registry.register(Box::new(opens.clone()))?;
         registry.register(Box::new(evictions.clone()))?;
         registry.register(Box::new(wait_seconds.clone()))?;
-        registry.register(Box::new(connections.clone()))?;
-        registry.register(Box::new(connection_budget.clone()))?;
         registry.register(Box::new(refusals.clone()))?;
         registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(budget_closes.clone()))?;
@@ -178,6 +193,7 @@ impl PoolMetrics {
             wait_seconds,
             connections,
             connection_budget,
+            server_reachable,
             refusals,
             sessions,
             budget_closes,
@@ -316,7 +332,7 @@ impl StandingMetrics {
         let set_aside = IntCounterVec::new(
             Opts::new(
                 "avsync_worker_events_set_aside_total",
-                "Events set aside through a delay tier without counting an attempt, by reason: `slow` (its tenant is marked slow), `backlog` (its stalled tenant holds AVSYNC_TENANT_MAX_UNSETTLED).",
+                "Events set aside through a delay tier without counting an attempt, by reason: `slow` (its tenant is marked slow), `backlog` (its stalled tenant holds AVSYNC_TENANT_MAX_UNSETTLED), `server_down` (its tenant's PostgreSQL server does not answer).",
             ),
             &["reason"],
         )?;

@@ -62,22 +62,21 @@ impl Applying {
             let marked = self.standings.marked(&tenant);
             let probe = events.iter().any(|e| e.held.is_probe());
             if !probe && self.standings.is_slow(&tenant) {
-                return self.set_aside(&tenant, events).await;
+                return self.set_aside(&tenant, events, SetAsideReason::Slow).await;
             }
             let mut remigrated = false;
             let mut held = outage::Backoff::default();
             loop {
                 let failure = match self.attempt(&tenant, &events, &marked).await {
                     Ok(()) => return self.applied(&tenant, events).await,
-                    Err(NotCommitted::MarkedSlow) => return self.set_aside(&tenant, events).await,
+                    Err(NotCommitted::MarkedSlow) => {
+                        return self.set_aside(&tenant, events, SetAsideReason::Slow).await;
+                    }
                     Err(NotCommitted::Failed(failure)) => failure,
                 };
                 let seen = Seen {
                     events: events.len(),
-                    outage: self
-                        .outage
-                        .confirms(&self.dbs.resolver, &tenant, &failure)
-                        .await,
+                    reach: self.outage.reach(&self.dbs, &tenant, &failure).await,
                     budget_contended: false,
                     remigrated,
                     stopping: self.dbs.shutdown().is_cancelled(),
@@ -100,8 +99,13 @@ impl Applying {
                     }
                     Step::MarkSlow => {
                         tracing::warn!(error = %failure, "tenant marked slow; its events are set aside until a probe succeeds");
-                        self.standings.mark_slow(&tenant);
-                        return self.set_aside(&tenant, events).await;
+                        return self.mark_slow(&tenant, events, SetAsideReason::Slow).await;
+                    }
+                    Step::WaitOutServer => {
+                        tracing::warn!(error = %failure, "the tenant's PostgreSQL server does not answer; its events are set aside until a probe finds it back");
+                        return self
+                            .mark_slow(&tenant, events, SetAsideReason::ServerDown)
+                            .await;
                     }
                     Step::Split => {
                         tracing::warn!(error = %failure, "batch failed permanently; applying its events one by one");
@@ -146,13 +150,16 @@ impl Applying {
         settle_each(events, |m, effect| m.applied(effect.key.time.to_utc())).await;
     }
 
+    /// Marks the tenant slow, so that its new events are set aside too, and sets these aside.
+    async fn mark_slow(&self, tenant: &TenantId, events: Vec<Pending>, reason: SetAsideReason) {
+        self.standings.mark_slow(tenant);
+        self.set_aside(tenant, events, reason).await;
+    }
+
     /// Sets every message aside, to come back after about the time its tenant stays marked slow.
-    async fn set_aside(&self, tenant: &TenantId, events: Vec<Pending>) {
+    async fn set_aside(&self, tenant: &TenantId, events: Vec<Pending>, reason: SetAsideReason) {
         let wait = self.standings.set_aside_wait(tenant);
-        settle_each(events, |m, _| {
-            m.set_aside(tenant, SetAsideReason::Slow, wait)
-        })
-        .await;
+        settle_each(events, |m, _| m.set_aside(tenant, reason, wait)).await;
     }
 }
 

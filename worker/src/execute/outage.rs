@@ -1,31 +1,48 @@
-//! PostgreSQL outage, the I/O half: whether a failure means that no tenant database can be
-//! reached at all (rather than one tenant's database: dropped, not provisioned, or on a server
-//! of its own), asked of the server itself, and how work waits out such an outage. What follows
+//! PostgreSQL outage, the I/O half: whether a failure means that the tenant's server cannot be
+//! reached (while others, and the registry, can), or that no tenant database can be reached at
+//! all, asked of the servers themselves; and how work waits out a whole outage. What follows
 //! from the answer is decided in [`crate::failure::decide`]; while any work is held, no tenant is
 //! singled out as stalled.
 
+use crate::failure::decide::Reach;
 use crate::failure::Failure;
-use crate::tenant_db::resolve::{ProbeTarget, Resolver};
+use crate::tenant_db::pools::server_of;
+use crate::tenant_db::TenantDbs;
 use avsync_shared::backoff::jittered;
 use avsync_shared::TenantId;
 use backon::BackoffBuilder;
+use moka::future::Cache;
+use sqlx::PgPool;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Backoff between attempts while PostgreSQL cannot be reached at all.
 const OUTAGE_MIN: Duration = Duration::from_secs(1);
 const OUTAGE_MAX: Duration = Duration::from_secs(30);
-/// How long one answer to "is PostgreSQL reachable at all?" is reused: a batch of failures asks
+/// How long one server's answer to "do you answer at all?" is reused: a batch of failures asks
 /// once, not once per message.
 const PROBE_FRESH: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The key of the registry's answer beside the servers' `host:port` keys.
+const REGISTRY: &str = "registry";
 
-/// One worker's view of an outage: its last probe and the messages it holds.
-#[derive(Default)]
+/// One worker's view of outages: each server's last answer, and the work it holds.
 pub struct Outage {
-    last_probe: tokio::sync::Mutex<Option<(Instant, bool)>>,
+    answers: Cache<String, bool>,
     holds: AtomicUsize,
+}
+
+impl Default for Outage {
+    fn default() -> Self {
+        Self {
+            answers: Cache::builder()
+                .time_to_live(PROBE_FRESH)
+                .max_capacity(10_000)
+                .build(),
+            holds: AtomicUsize::new(0),
+        }
+    }
 }
 
 /// The waits of one held message, growing with jitter to [`OUTAGE_MAX`].
@@ -44,36 +61,50 @@ impl Backoff {
 }
 
 impl Outage {
-    /// Whether `failure` means PostgreSQL cannot be reached at all. Only a connection-level
-    /// failure can; then the resolver's server is asked (see [`Resolver::probe_target`]), at most
-    /// once per [`PROBE_FRESH`].
-    pub async fn confirms(
-        &self,
-        resolver: &Resolver,
-        tenant: &TenantId,
-        failure: &Failure,
-    ) -> bool {
+    /// Whether the PostgreSQL behind `tenant`'s `failure` answers. Only a connection-level
+    /// failure can mean it does not; then `tenant`'s own server is asked, and when it does not
+    /// answer, the registry (in registry mode): tenants on other servers may still be reached.
+    /// Each is asked at most once per [`PROBE_FRESH`], and what a server answered shows in its
+    /// `avsync_worker_server_reachable` series.
+    pub async fn reach(&self, dbs: &TenantDbs, tenant: &TenantId, failure: &Failure) -> Reach {
         if !failure.is_connection_level() {
-            return false;
+            return Reach::Answers;
         }
-        let mut last = self.last_probe.lock().await;
-        if let Some((at, unreachable)) = *last {
-            if at.elapsed() < PROBE_FRESH {
-                return unreachable;
-            }
+        // The registry itself failed: no tenant can be resolved.
+        if matches!(failure, Failure::Registry(_)) {
+            return Reach::AllDown;
         }
-        let unreachable = match resolver.probe_target(tenant) {
-            ProbeTarget::Nothing => false,
-            ProbeTarget::Server(options) => server_unreachable(&options).await,
-            // The registry itself failed: no tenant can be resolved.
-            ProbeTarget::Registry(_) if matches!(failure, Failure::Registry(_)) => true,
-            ProbeTarget::Registry(pool) => {
-                let probe = sqlx::query("SELECT 1").execute(&pool);
-                !matches!(tokio::time::timeout(PROBE_TIMEOUT, probe).await, Ok(Ok(_)))
-            }
+        let Ok(db) = dbs.resolver.resolve(tenant).await else {
+            return Reach::Answers;
         };
-        *last = Some((Instant::now(), unreachable));
-        unreachable
+        let server = server_of(&db);
+        let options = db.options().clone();
+        let answers = self
+            .answers
+            .get_with(
+                server.clone(),
+                async move { server_answers(&options).await },
+            )
+            .await;
+        dbs.pools.server_reachable(&server, answers);
+        if answers {
+            return Reach::Answers;
+        }
+        let Some(registry) = dbs.resolver.registry().cloned() else {
+            // Template mode: every tenant lives on this one server.
+            return Reach::AllDown;
+        };
+        let registry_answers = self
+            .answers
+            .get_with(REGISTRY.to_owned(), async move {
+                registry_answers(&registry).await
+            })
+            .await;
+        if registry_answers {
+            Reach::ServerDown
+        } else {
+            Reach::AllDown
+        }
     }
 
     /// No message is held for an outage right now.
@@ -101,9 +132,14 @@ impl Outage {
     }
 }
 
-/// Whether the server of `options` gives no answer: its maintenance database `postgres` is asked,
-/// and any answer, even a refusal, means it is up.
-async fn server_unreachable(options: &sqlx::postgres::PgConnectOptions) -> bool {
+async fn registry_answers(registry: &PgPool) -> bool {
+    let probe = sqlx::query("SELECT 1").execute(registry);
+    matches!(tokio::time::timeout(PROBE_TIMEOUT, probe).await, Ok(Ok(_)))
+}
+
+/// Whether the server of `options` answers: its maintenance database `postgres` is asked, and
+/// any answer, even a refusal, means it is up.
+async fn server_answers(options: &sqlx::postgres::PgConnectOptions) -> bool {
     use sqlx::Connection as _;
     let maintenance = options.clone().database("postgres");
     match tokio::time::timeout(
@@ -114,11 +150,11 @@ async fn server_unreachable(options: &sqlx::postgres::PgConnectOptions) -> bool 
     {
         Ok(Ok(conn)) => {
             let _ = conn.close().await;
-            false
+            true
         }
         // The server answered: a refused login, a missing database or "too many connections"
         // all mean it is up.
-        Ok(Err(sqlx::Error::Database(_))) => false,
-        _ => true,
+        Ok(Err(sqlx::Error::Database(_))) => true,
+        _ => false,
     }
 }

@@ -6,14 +6,27 @@
 
 use crate::failure::{Failure, FailureClass};
 
+/// Whether the PostgreSQL behind a failure answers, as a probe found it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum Reach {
+    /// It answers, or the failure is not one that a server's absence explains.
+    #[default]
+    Answers,
+    /// The tenant's server does not answer while the registry does: that server's outage.
+    ServerDown,
+    /// No tenant database can be reached: the only server (template mode) or the registry is
+    /// down.
+    AllDown,
+}
+
 /// What was seen when an attempt failed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Seen {
     /// Events the attempt carried.
     pub events: usize,
-    /// A probe found the PostgreSQL behind the failure unreachable (asked only after a
+    /// What a probe found of the PostgreSQL behind the failure (asked only after a
     /// connection-level failure).
-    pub outage: bool,
+    pub reach: Reach,
     /// Sessions of other tenants wait for room in the server's connection budget.
     pub budget_contended: bool,
     /// The tenant's schema was already migrated again for this work.
@@ -37,6 +50,11 @@ pub(crate) enum Step {
     /// PostgreSQL cannot be reached at all: hold the messages, back off, try again; retrying
     /// through the tiers would only burn every message's attempts.
     HoldForOutage,
+    /// The tenant's server cannot be reached while others can: an outage of that server, not a
+    /// failure of its events (contract section 7). The tenant is marked slow and its messages
+    /// set aside, counting no attempt however long it lasts, so that they hold nothing that
+    /// other servers' tenants need; its probes find the server back.
+    WaitOutServer,
     /// The tenant's own database is in trouble: mark it slow and set its messages aside, so that
     /// it holds neither the partition nor the budget.
     MarkSlow,
@@ -64,12 +82,13 @@ pub(crate) fn decide(failure: &Failure, seen: Seen) -> Step {
     if failure.is_schema_missing() && !seen.remigrated {
         return Step::Remigrate;
     }
-    if seen.outage && failure.is_connection_level() {
-        return if seen.stopping {
-            Step::HandBack
-        } else {
-            Step::HoldForOutage
-        };
+    if failure.is_connection_level() {
+        match (seen.reach, seen.stopping) {
+            (Reach::AllDown, true) => return Step::HandBack,
+            (Reach::AllDown, false) => return Step::HoldForOutage,
+            (Reach::ServerDown, _) => return Step::WaitOutServer,
+            (Reach::Answers, _) => {}
+        }
     }
     // The tenant's own pool stayed busy with nobody else waiting: its sessions are held by
     // statements that do not end, which is the tenant's trouble, and no attempt either.
@@ -105,7 +124,7 @@ mod tests {
 
     const ONE: Seen = Seen {
         events: 1,
-        outage: false,
+        reach: Reach::Answers,
         budget_contended: false,
         remigrated: false,
         stopping: false,
@@ -116,7 +135,11 @@ mod tests {
         ..ONE
     };
     const OUTAGE: Seen = Seen {
-        outage: true,
+        reach: Reach::AllDown,
+        ..ONE
+    };
+    const SERVER_DOWN: Seen = Seen {
+        reach: Reach::ServerDown,
         ..ONE
     };
     const STOPPING: Seen = Seen {
@@ -177,6 +200,32 @@ mod tests {
                 Step::HandBack,
             ),
             (unreachable(), ONE, Step::Retry),
+            (unreachable(), SERVER_DOWN, Step::WaitOutServer),
+            (
+                unreachable(),
+                Seen {
+                    events: 3,
+                    ..SERVER_DOWN
+                },
+                Step::WaitOutServer,
+            ),
+            (
+                unreachable(),
+                Seen {
+                    stopping: true,
+                    ..SERVER_DOWN
+                },
+                Step::WaitOutServer,
+            ),
+            (
+                Failure::NoAnswer(Duration::from_secs(10)),
+                SERVER_DOWN,
+                Step::WaitOutServer,
+            ),
+            (sqlstate("08006"), SERVER_DOWN, Step::WaitOutServer),
+            (refused(), SERVER_DOWN, Step::BackOff),
+            (Failure::TenantUnknown, SERVER_DOWN, Step::Retry),
+            (sqlstate("23514"), SERVER_DOWN, Step::DeadLetter),
             (
                 Failure::NoAnswer(Duration::from_secs(10)),
                 OUTAGE,
@@ -222,11 +271,11 @@ mod tests {
     #[test]
     fn a_wait_for_a_connection_is_never_an_attempt() {
         for events in [1, 2, 250] {
-            for outage in [false, true] {
+            for reach in [Reach::Answers, Reach::ServerDown, Reach::AllDown] {
                 for remigrated in [false, true] {
                     let seen = Seen {
                         events,
-                        outage,
+                        reach,
                         budget_contended: true,
                         remigrated,
                         stopping: false,

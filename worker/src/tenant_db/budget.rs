@@ -152,12 +152,18 @@ pub struct ServerBudget {
     line: Mutex<Rotation>,
     open_gauge: IntGauge,
     budget_gauge: IntGauge,
+    reachable_gauge: IntGauge,
 }
 
 impl ServerBudget {
     /// `host:port`, as the `server` label shows it.
     pub fn server(&self) -> &str {
         &self.server
+    }
+
+    /// Whether the server answers, as a probe or a new session last found it.
+    pub fn reachable(&self, answers: bool) {
+        self.reachable_gauge.set(i64::from(answers));
     }
 
     fn with_limit<T>(&self, f: impl FnOnce(&mut Limit) -> T) -> T {
@@ -296,17 +302,20 @@ pub struct Budgets {
     servers: Arc<Mutex<HashMap<String, Arc<ServerBudget>>>>,
     open: IntGaugeVec,
     budget: IntGaugeVec,
+    reachable: IntGaugeVec,
 }
 
 impl Budgets {
-    /// `open` and `budget` are the `avsync_worker_connections{server}` and
-    /// `avsync_worker_connection_budget{server}` gauges.
-    pub fn new(max: usize, open: IntGaugeVec, budget: IntGaugeVec) -> Self {
+    /// `open`, `budget` and `reachable` are the `avsync_worker_connections{server}`,
+    /// `avsync_worker_connection_budget{server}` and `avsync_worker_server_reachable{server}`
+    /// gauges.
+    pub fn new(max: usize, open: IntGaugeVec, budget: IntGaugeVec, reachable: IntGaugeVec) -> Self {
         Self {
             max: max.max(1),
             servers: Arc::new(Mutex::new(HashMap::new())),
             open,
             budget,
+            reachable,
         }
     }
 
@@ -317,6 +326,8 @@ impl Budgets {
             .or_insert_with(|| {
                 let budget_gauge = self.budget.with_label_values(&[server]);
                 budget_gauge.set(i64::try_from(self.max).unwrap_or(i64::MAX));
+                let reachable_gauge = self.reachable.with_label_values(&[server]);
+                reachable_gauge.set(1);
                 Arc::new(ServerBudget {
                     server: server.to_owned(),
                     limit: Mutex::new(Limit::new(self.max)),
@@ -324,6 +335,7 @@ impl Budgets {
                     line: Mutex::new(Rotation::default()),
                     open_gauge: self.open.with_label_values(&[server]),
                     budget_gauge,
+                    reachable_gauge,
                 })
             })
             .clone()

@@ -85,7 +85,10 @@ impl managed::Manager for PgManager {
     async fn create(&self) -> Result<Session, Failure> {
         let slot = self.slot().await;
         match self.provisioning.session(&self.db, &self.options).await {
-            Ok(conn) => Ok(Session { conn, _slot: slot }),
+            Ok(conn) => {
+                self.budget.reachable(true);
+                Ok(Session { conn, _slot: slot })
+            }
             Err(failure) => {
                 match &failure {
                     Failure::Refused(_) => {
@@ -324,6 +327,7 @@ impl Pools {
             usize::try_from(max_connections).unwrap_or(usize::MAX),
             metrics.connections.clone(),
             metrics.connection_budget.clone(),
+            metrics.server_reachable.clone(),
         );
         Self {
             shared: Arc::new(Shared {
@@ -341,6 +345,11 @@ impl Pools {
             epoch: Instant::now(),
             idle: Arc::new(Notify::new()),
         }
+    }
+
+    /// Records whether `server` answers, as the outage probe found it.
+    pub(crate) fn server_reachable(&self, server: &str, answers: bool) {
+        self.budgets.server(server).reachable(answers);
     }
 
     /// Creates the connection series of `db`'s server now, so they exist before its first use.

@@ -277,16 +277,6 @@ pub struct Resolver {
     mode: Mode,
 }
 
-/// What to ask whether PostgreSQL is reachable at all (the executor's outage probe asks it).
-pub enum ProbeTarget {
-    /// The template's server, which every tenant lives on.
-    Server(Box<PgConnectOptions>),
-    /// The registry database: tenants may live on servers of their own.
-    Registry(PgPool),
-    /// Nothing: the tenant has no database URL to reach.
-    Nothing,
-}
-
 impl Resolver {
     /// Template mode, or registry mode. Connects to nothing yet.
     pub fn new(source: &TenantSource) -> Self {
@@ -333,16 +323,12 @@ impl Resolver {
         }
     }
 
-    /// Where to ask whether PostgreSQL is up, after a connection-level failure of `tenant`. In
-    /// template mode every tenant lives on the template's server; in registry mode tenants may
-    /// live on other servers, so the registry database is asked.
-    pub fn probe_target(&self, tenant: &TenantId) -> ProbeTarget {
+    /// The registry's pool, in registry mode: whether it answers tells a whole outage from one
+    /// tenant server's.
+    pub fn registry(&self) -> Option<&PgPool> {
         match &self.mode {
-            Mode::Template(template) => match template.database(tenant) {
-                Ok(db) => ProbeTarget::Server(Box::new(db.options().clone())),
-                Err(_) => ProbeTarget::Nothing,
-            },
-            Mode::Registry { pool, .. } => ProbeTarget::Registry(pool.clone()),
+            Mode::Template(_) => None,
+            Mode::Registry { pool, .. } => Some(pool),
         }
     }
 
