@@ -134,7 +134,37 @@ pub struct TestDatabases {
     prefix: String,
 }
 
+/// Adds a tenant to the registry table that `conn` is connected to.
+pub async fn add_to_registry(conn: &mut PgConnection, tenant: &str, url: &str, enabled: bool) {
+    sqlx::query("INSERT INTO avsync_tenants VALUES ($1, $2, $3)")
+        .bind(tenant)
+        .bind(url)
+        .bind(enabled)
+        .execute(conn)
+        .await
+        .unwrap();
+}
+
 impl TestDatabases {
+    /// A registry database of this test (dropped with the others) with the contract's table
+    /// and the given `(tenant, database URL, enabled)` entries; its URL.
+    pub async fn registry(&self, entries: &[(&str, String, bool)]) -> String {
+        let name = self.name("registry");
+        support::create_database(&name).await;
+        let mut conn = self.connect(&name).await;
+        sqlx::query(
+            "CREATE TABLE avsync_tenants (tenant_id text primary key, database_url text not null, enabled boolean not null default true)",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        for (tenant, url, enabled) in entries {
+            add_to_registry(&mut conn, tenant, url, *enabled).await;
+        }
+        let _ = conn.close().await;
+        support::database_url(&name)
+    }
+
     pub fn new(tag: &str) -> Self {
         Self {
             prefix: support::unique(tag),

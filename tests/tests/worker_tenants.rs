@@ -5,8 +5,8 @@ use avsync_shared::topology::Topology;
 use avsync_tests::ingress_harness::TopologyCleanup;
 use avsync_tests::support::{self, wait_until};
 use avsync_tests::worker_harness::{
-    model_of, publish, publisher, settings, take_dead_letters, wait_for_dead_letters,
-    TestDatabases, TestWorker,
+    add_to_registry, model_of, publish, publisher, settings, take_dead_letters,
+    wait_for_dead_letters, TestDatabases, TestWorker,
 };
 use avsync_worker::metrics::Outcome;
 use avsync_worker::migrate::{self, MigrateArgs};
@@ -40,34 +40,6 @@ fn joined(id: &str, tenant: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// A registry database of this test with the contract's table and the given entries.
-async fn registry(dbs: &TestDatabases, entries: &[(&str, String, bool)]) -> String {
-    let name = dbs.name("registry");
-    support::create_database(&name).await;
-    let mut conn = dbs.connect(&name).await;
-    sqlx::query(
-        "CREATE TABLE avsync_tenants (tenant_id text primary key, database_url text not null, enabled boolean not null default true)",
-    )
-    .execute(&mut conn)
-    .await
-    .unwrap();
-    for (tenant, url, enabled) in entries {
-        add(&mut conn, tenant, url, *enabled).await;
-    }
-    let _ = conn.close().await;
-    support::database_url(&name)
-}
-
-async fn add(conn: &mut sqlx::PgConnection, tenant: &str, url: &str, enabled: bool) {
-    sqlx::query("INSERT INTO avsync_tenants VALUES ($1, $2, $3)")
-        .bind(tenant)
-        .bind(url)
-        .bind(enabled)
-        .execute(conn)
-        .await
-        .unwrap();
-}
-
 #[tokio::test]
 async fn the_registry_decides_each_tenants_database() {
     let prefix = support::unique("wreg");
@@ -75,14 +47,12 @@ async fn the_registry_decides_each_tenants_database() {
     let topology = Topology::new(&prefix, PARTITIONS).unwrap();
     let dbs = TestDatabases::new("wreg");
     // "known" lives in a database whose name has nothing to do with the tenant id.
-    let registry_url = registry(
-        &dbs,
-        &[
+    let registry_url = dbs
+        .registry(&[
             ("known", support::database_url(&dbs.name("elsewhere")), true),
             ("off", support::database_url(&dbs.name("off")), false),
-        ],
-    )
-    .await;
+        ])
+        .await;
     let (_conn, ch) = publisher(&topology).await;
     let delays = retry_delays_flag();
     let worker = TestWorker::start(settings(
@@ -128,7 +98,7 @@ async fn the_registry_decides_each_tenants_database() {
     )
     .await;
     let mut conn = dbs.connect(&dbs.name("registry")).await;
-    add(
+    add_to_registry(
         &mut conn,
         "later",
         &support::database_url(&dbs.name("later")),
@@ -216,15 +186,13 @@ async fn migrate_in_template_mode() {
 #[tokio::test]
 async fn migrate_all_registry_tenants() {
     let dbs = TestDatabases::new("wmigr");
-    let registry_url = registry(
-        &dbs,
-        &[
+    let registry_url = dbs
+        .registry(&[
             ("t1", support::database_url(&dbs.name("one")), true),
             ("t2", support::database_url(&dbs.name("two")), true),
             ("t3", support::database_url(&dbs.name("three")), false),
-        ],
-    )
-    .await;
+        ])
+        .await;
     let s = settings("unused", 1, &dbs, &["--tenant-registry-url", &registry_url]);
     let mut out = Vec::new();
     migrate::run(&migrate_args(None), &checked(&s), &mut out)

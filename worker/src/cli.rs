@@ -1,9 +1,11 @@
-//! The `avsync-worker` command line: consume (the default), `migrate`, `dlq`, `reconcile`.
+//! The `avsync-worker` command line: consume (the default), `migrate`, `dlq`, `reconcile`,
+//! `status`.
 
 use crate::dlq_cli::DlqCommand;
 use crate::migrate::MigrateArgs;
 use crate::reconcile_cli::ReconcileArgs;
 use crate::settings::Settings;
+use crate::status::StatusArgs;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -35,6 +37,8 @@ pub enum Command {
     Dlq(DlqCommand),
     /// Read tenants' members from AuthVital's integration API and fold them into their databases.
     Reconcile(ReconcileArgs),
+    /// What a running worker is doing now: servers, tenants marked slow, messages.
+    Status(StatusArgs),
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ pub mod reconcile_cli;
 pub mod retry;
 pub mod settings;
 pub(crate) mod settle;
+pub mod status;
 pub mod tenant_db;
 
 use crate::consume::depth::DepthPoller;
@@ -124,6 +125,7 @@ pub async fn start(checked: Checked, shutdown: CancellationToken) -> anyhow::Res
         retry,
         metrics,
         ready: Arc::new(AtomicBool::new(false)),
+        window: std::sync::Mutex::new(None),
         applying: Arc::new(Applying {
             dbs: Arc::new(dbs),
             standings,
@@ -199,9 +201,12 @@ impl Tasks {
         let ready_check: admin::ReadyCheck = Arc::new(move || ready.load(Ordering::SeqCst));
         Tasks {
             admin: tokio::spawn(
-                axum::serve(listener, admin::router(registry, ready_check))
-                    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-                    .into_future(),
+                axum::serve(
+                    listener,
+                    admin::router(registry, ready_check).merge(status::router(worker.clone())),
+                )
+                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+                .into_future(),
             ),
             depth: tokio::spawn(
                 DepthPoller {

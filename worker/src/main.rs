@@ -20,6 +20,10 @@ async fn main() -> ExitCode {
         Command::Dlq(command) => {
             avsync_worker::dlq_cli::run(command, &checked.settings.common).await
         }
+        Command::Status(args) => {
+            avsync_worker::status::run(&args, &checked.settings.common, &mut std::io::stdout())
+                .await
+        }
         Command::Reconcile(args) => {
             if let Err(e) = checked.settings.reconcile_settings() {
                 exit_bad_setting(PROGRAM, &e.to_string());

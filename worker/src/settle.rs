@@ -387,6 +387,11 @@ impl SettleGate {
             .map_or(0, |n| n.load(Ordering::Acquire))
     }
 
+    /// Messages received and not yet settled, over every partition.
+    pub fn in_window(&self) -> usize {
+        self.held.iter().map(|n| n.load(Ordering::Acquire)).sum()
+    }
+
     pub fn all_full(&self, per_queue: usize) -> bool {
         self.held
             .iter()

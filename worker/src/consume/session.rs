@@ -68,6 +68,8 @@ pub(crate) struct Consuming {
     pub metrics: Metrics,
     pub ready: Arc<AtomicBool>,
     pub applying: Arc<Applying>,
+    /// The gate of the session consuming now, whose count is the window in use.
+    pub window: std::sync::Mutex<Option<SettleGate>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +87,15 @@ enum SessionError {
 }
 
 impl Consuming {
+    /// Messages received and not yet settled, and the most the window holds.
+    pub fn window(&self) -> (usize, usize) {
+        let partitions = self.topology.partitions();
+        let size =
+            usize::from(per_queue_prefetch(self.prefetch, partitions)) * usize::from(partitions);
+        let gate = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        (gate.as_ref().map_or(0, SettleGate::in_window), size)
+    }
+
     fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
         self.metrics.ready.set(i64::from(ready));
@@ -274,6 +285,7 @@ async fn consume_on(
     let partitions = worker.topology.partitions();
     let per_queue = usize::from(per_queue_prefetch(worker.prefetch, partitions));
     let gate = SettleGate::new(shutdown.clone(), partitions);
+    *worker.window.lock().unwrap_or_else(|e| e.into_inner()) = Some(gate.clone());
     let settling = Arc::new(Settling {
         publish: channels.publish.clone(),
         topology: worker.topology.clone(),

@@ -99,12 +99,14 @@ impl Applying {
                     }
                     Step::MarkSlow => {
                         tracing::warn!(error = %failure, "tenant marked slow; its events are set aside until a probe succeeds");
-                        return self.mark_slow(&tenant, events, SetAsideReason::Slow).await;
+                        return self
+                            .mark_slow(&tenant, &failure, events, SetAsideReason::Slow)
+                            .await;
                     }
                     Step::WaitOutServer => {
                         tracing::warn!(error = %failure, "the tenant's PostgreSQL server does not answer; its events are set aside until a probe finds it back");
                         return self
-                            .mark_slow(&tenant, events, SetAsideReason::ServerDown)
+                            .mark_slow(&tenant, &failure, events, SetAsideReason::ServerDown)
                             .await;
                     }
                     Step::Split => {
@@ -150,9 +152,16 @@ impl Applying {
         settle_each(events, |m, effect| m.applied(effect.key.time.to_utc())).await;
     }
 
-    /// Marks the tenant slow, so that its new events are set aside too, and sets these aside.
-    async fn mark_slow(&self, tenant: &TenantId, events: Vec<Pending>, reason: SetAsideReason) {
-        self.standings.mark_slow(tenant);
+    /// Marks the tenant slow for `failure`, so that its new events are set aside too, and sets
+    /// these aside.
+    async fn mark_slow(
+        &self,
+        tenant: &TenantId,
+        failure: &Failure,
+        events: Vec<Pending>,
+        reason: SetAsideReason,
+    ) {
+        self.standings.mark_slow(tenant, failure.to_string());
         self.set_aside(tenant, events, reason).await;
     }
 

@@ -107,6 +107,11 @@ impl Outage {
         }
     }
 
+    /// Work held for a whole outage right now (each a batch or one event).
+    pub fn held(&self) -> usize {
+        self.holds.load(Ordering::Acquire)
+    }
+
     /// No message is held for an outage right now.
     pub fn calm(&self) -> bool {
         self.holds.load(Ordering::Acquire) == 0

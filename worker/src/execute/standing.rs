@@ -172,6 +172,8 @@ struct Entry {
     standing: Standing,
     /// Wakes the tenant's batches that wait for a connection when it is marked slow.
     marked: Arc<Notify>,
+    /// What marked it slow last, for the status view.
+    why: Option<String>,
 }
 
 struct Inner {
@@ -191,6 +193,7 @@ impl Inner {
         let entry = tenants.entry(tenant.clone()).or_insert_with(|| Entry {
             standing: Standing::new(now),
             marked: Arc::new(Notify::new()),
+            why: None,
         });
         let was_slow = entry.standing.is_slow();
         let out = f(entry, now);
@@ -300,16 +303,46 @@ impl Standings {
             .is_warm(tenant, Instant::now())
     }
 
-    /// Marks `tenant` slow; its batches waiting for a connection are told to give up.
-    pub fn mark_slow(&self, tenant: &TenantId) {
+    /// Marks `tenant` slow (`why` says what its failure was); its batches waiting for a
+    /// connection are told to give up.
+    pub fn mark_slow(&self, tenant: &TenantId, why: String) {
         let opened = self.inner.with(tenant, |e, now| {
             let opened = e.standing.slow(now);
             e.marked.notify_waiters();
+            e.why = Some(why);
             opened
         });
         if opened {
             self.inner.marked_slow.inc();
         }
+    }
+
+    /// The tenants marked slow now, and the messages all tenants hold.
+    pub fn view(&self) -> (Vec<SlowTenant>, usize) {
+        let now = Instant::now();
+        let wall = chrono::Utc::now();
+        let tenants = self.inner.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        let slow = tenants
+            .iter()
+            .filter(|(_, e)| e.standing.is_slow())
+            .map(|(tenant, e)| SlowTenant {
+                tenant: tenant.to_string(),
+                why: e.why.clone().unwrap_or_default(),
+                until: match e.standing.circuit {
+                    Circuit::Open { until, .. } => {
+                        chrono::Duration::from_std(until.saturating_duration_since(now))
+                            .ok()
+                            .map(|left| {
+                                (wall + left).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                            })
+                    }
+                    Circuit::Closed | Circuit::Probing { .. } => None,
+                },
+                probing: matches!(e.standing.circuit, Circuit::Probing { .. }),
+            })
+            .collect();
+        let held = tenants.values().map(|e| e.standing.held).sum();
+        (slow, held)
     }
 
     pub fn is_slow(&self, tenant: &TenantId) -> bool {
@@ -320,6 +353,18 @@ impl Standings {
     pub fn marked(&self, tenant: &TenantId) -> Arc<Notify> {
         self.inner.with(tenant, |e, _| e.marked.clone())
     }
+}
+
+/// A tenant marked slow, as the status view shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SlowTenant {
+    pub tenant: String,
+    /// The failure that marked it.
+    pub why: String,
+    /// Until when (RFC 3339) its new events are set aside before one is let through as a
+    /// probe; none while a probe runs.
+    pub until: Option<String>,
+    pub probing: bool,
 }
 
 /// A held message's place in its tenant's count.
@@ -484,7 +529,7 @@ mod tests {
         assert!(tenants.is_cold(&t));
         tenants.committed(&t);
         assert!(!tenants.is_cold(&t));
-        tenants.mark_slow(&t);
+        tenants.mark_slow(&t, "locked".into());
         assert!(tenants.is_slow(&t));
         let wait = tenants.set_aside_wait(&t);
         assert!(wait > PROBE && wait <= FIRST_BACKOFF + PROBE, "{wait:?}");

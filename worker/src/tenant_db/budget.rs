@@ -295,6 +295,21 @@ impl Drop for Slot {
     }
 }
 
+/// One server, as the status view shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ServerView {
+    /// `host:port`.
+    pub server: String,
+    /// Sessions this worker holds there.
+    pub sessions: usize,
+    /// The most it may hold there now (lowered for a while after a refusal).
+    pub budget: usize,
+    /// Free slots in that budget.
+    pub free: usize,
+    /// Whether it answered the last probe or new session.
+    pub reachable: bool,
+}
+
 /// Every server's budget, created on first use.
 #[derive(Clone)]
 pub struct Budgets {
@@ -317,6 +332,26 @@ impl Budgets {
             budget,
             reachable,
         }
+    }
+
+    /// Every server this worker has used, as the status view shows it.
+    pub fn view(&self) -> Vec<ServerView> {
+        let servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut view: Vec<ServerView> = servers
+            .values()
+            .map(|b| {
+                let (sessions, budget) = b.with_limit(|l| (l.open(), l.at(Instant::now())));
+                ServerView {
+                    server: b.server.clone(),
+                    sessions,
+                    budget,
+                    free: budget.saturating_sub(sessions),
+                    reachable: b.reachable_gauge.get() == 1,
+                }
+            })
+            .collect();
+        view.sort_by(|a, b| a.server.cmp(&b.server));
+        view
     }
 
     pub fn server(&self, server: &str) -> Arc<ServerBudget> {

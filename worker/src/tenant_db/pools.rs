@@ -347,6 +347,11 @@ impl Pools {
         }
     }
 
+    /// Every server this worker has used: its sessions, budget and whether it answers.
+    pub(crate) fn servers(&self) -> Vec<super::budget::ServerView> {
+        self.budgets.view()
+    }
+
     /// Records whether `server` answers, as the outage probe found it.
     pub(crate) fn server_reachable(&self, server: &str, answers: bool) {
         self.budgets.server(server).reachable(answers);
