@@ -7,7 +7,7 @@ use avsync_shared::broker::ConfirmedPublisher;
 use avsync_shared::topology::Topology;
 use avsync_shared::TenantId;
 use avsync_tests::support::{self, wait_until};
-use avsync_worker::retry::{self, History, Retry};
+use avsync_worker::test_support::{publish_retry, History, Retry};
 use chrono::Utc;
 use lapin::options::{BasicGetOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -77,7 +77,7 @@ async fn a_retried_message_returns_to_its_partition_after_the_delay_with_its_his
     assert_eq!(history.failed_attempts, 0);
     let failed_at = Utc::now();
     let sent = Instant::now();
-    retry::publish_retry(
+    publish_retry(
         &publisher,
         &topology,
         &first,

@@ -15,7 +15,7 @@
 pub mod apply;
 pub mod authvital;
 pub mod cli;
-pub mod consume;
+pub(crate) mod consume;
 pub mod dlq;
 pub mod dlq_cli;
 pub(crate) mod execute;
@@ -24,11 +24,18 @@ pub mod metrics;
 pub mod migrate;
 pub mod reconcile;
 pub mod reconcile_cli;
-pub mod retry;
+pub(crate) mod retry;
 pub mod settings;
 pub(crate) mod settle;
 pub mod status;
 pub mod tenant_db;
+
+/// What only `avsync-tests` (the tests, the benchmark and the demo) reach inside the worker.
+#[cfg(feature = "test-support")]
+pub mod test_support {
+    pub use crate::consume::depth::POLL_INTERVAL;
+    pub use crate::retry::{publish_retry, History, Retry};
+}
 
 use crate::consume::depth::DepthPoller;
 use crate::consume::schedule::tenant_bound;

@@ -625,7 +625,7 @@ async fn scrape_all(
 ) -> Vec<(String, Scrape)> {
     let mut scrapes = vec![("ingress".to_owned(), scrape(client, ingress).await)];
     let by =
-        Instant::now() + avsync_worker::consume::depth::POLL_INTERVAL * 2 + Duration::from_secs(1);
+        Instant::now() + avsync_worker::test_support::POLL_INTERVAL * 2 + Duration::from_secs(1);
     for (n, url) in workers.iter().enumerate() {
         let mut last = scrape(client, url).await;
         while last.matching("avsync_worker_queue_messages", &[]).count() == 0
