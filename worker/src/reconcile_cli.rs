@@ -12,7 +12,7 @@ use crate::authvital::ApiSettings;
 use crate::failure::Failure;
 use crate::metrics::{ReconcileMetrics, RunOutcome};
 use crate::provision::{connect, migrator, quote_identifier};
-use crate::reconcile::{Mode, Reconciler, Report};
+use crate::reconcile::{LeftBound, Mode, Reconciler, Report};
 use crate::session::Worker;
 use crate::settings::{Checked, ReconcileSchedule, Settings};
 use crate::tenants::{Resolver, TenantDb, PLACEHOLDER};
@@ -119,18 +119,17 @@ async fn tenants_in_shared_database(db: &TenantDb) -> anyhow::Result<Vec<Target>
 /// is set, so it checks those settings here.
 pub fn reconciler(settings: &Settings, metrics: ReconcileMetrics) -> anyhow::Result<Reconciler> {
     let (api, application_id) = settings.reconcile_settings()?;
-    build(
-        api,
-        application_id,
-        settings.reconcile_max_left_percent,
-        metrics,
-    )
+    let left = LeftBound {
+        max_percent: settings.reconcile_max_left_percent,
+        max_count: settings.reconcile_max_left,
+    };
+    build(api, application_id, left, metrics)
 }
 
 fn build(
     api: ApiSettings,
     application_id: Option<String>,
-    max_left_percent: u8,
+    left: LeftBound,
     metrics: ReconcileMetrics,
 ) -> anyhow::Result<Reconciler> {
     let api = crate::authvital::AuthVital::new(api, metrics.clone())
@@ -138,7 +137,7 @@ fn build(
     Ok(Reconciler {
         api,
         application_id,
-        max_left_percent,
+        left,
         metrics,
     })
 }
@@ -240,13 +239,13 @@ pub async fn schedule(
         interval,
         api,
         application_id,
+        max_left,
     } = schedule;
-    let reconciler = build(
-        api,
-        application_id,
-        max_left_percent,
-        worker.metrics.reconcile.clone(),
-    )?;
+    let left = LeftBound {
+        max_percent: max_left_percent,
+        max_count: max_left,
+    };
+    let reconciler = build(api, application_id, left, worker.metrics.reconcile.clone())?;
     // The first round comes at a random point of the first interval.
     let mut wait = interval.mul_f64(rand::rng().random_range(0.0..1.0));
     loop {
