@@ -11,6 +11,7 @@
 use crate::authvital::ApiSettings;
 use crate::failure::Failure;
 use crate::metrics::{ReconcileMetrics, RunOutcome};
+use crate::progress;
 use crate::provision::{connect, migrator, quote_identifier};
 use crate::reconcile::{LeftBound, Mode, Reconciler, Report};
 use crate::session::Worker;
@@ -142,8 +143,9 @@ fn build(
     })
 }
 
-/// Runs the command, one report per tenant on `out`, progress of `--all` on stderr. Every tenant
-/// is tried; the result is an error when any was refused or failed.
+/// Runs the command, one report per tenant on `out`, progress of `--all` on stderr (a bar on a
+/// terminal, none with `--json`). Every tenant is tried; the result is an error when any was
+/// refused or failed.
 pub async fn run<W: Write>(
     args: &ReconcileArgs,
     checked: &Checked,
@@ -168,10 +170,13 @@ pub async fn run<W: Write>(
     };
     let total = targets.len();
     let mut not_ok = 0usize;
-    for (i, (tenant, db)) in targets.into_iter().enumerate() {
-        if args.all {
-            eprintln!("[{}/{total}] reconciling tenant {tenant}", i + 1);
-        }
+    let progress = progress::bar(
+        "reconcile",
+        u64::try_from(total).unwrap_or(u64::MAX),
+        args.json || !args.all,
+    );
+    for (tenant, db) in targets {
+        progress.set_message(tenant.clone());
         let report = match (TenantId::parse(&tenant), db) {
             (Ok(id), Ok(db)) => reconcile_direct(&reconciler, settings, &db, &id, mode).await,
             (Err(e), _) => reconciler.failed(&tenant, &e),
@@ -180,12 +185,16 @@ pub async fn run<W: Write>(
         if !report.ok() {
             not_ok += 1;
         }
-        if args.json {
-            writeln!(out, "{}", serde_json::to_string(&report)?)?;
+        let line = if args.json {
+            serde_json::to_string(&report)?
         } else {
-            writeln!(out, "{report}")?;
-        }
+            report.to_string()
+        };
+        // Stdout and the bar may share a terminal: the line goes out while the bar is off it.
+        progress.suspend(|| writeln!(out, "{line}"))?;
+        progress.inc(1);
     }
+    progress.finish_and_clear();
     if args.all {
         eprintln!("reconciled {total} tenant(s), {not_ok} refused or failed");
     }
