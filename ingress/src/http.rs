@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Semaphore;
 
 pub const WEBHOOK_PATH: &str = "/webhooks/authvital";
 /// What a 503 asks the sender to wait before retrying, in seconds.
@@ -51,6 +52,9 @@ const SIGNATURE_HEADERS: [&str; 6] = [
 ];
 
 pub struct AppState {
+    /// One permit per request past its headers (`AVSYNC_MAX_CONCURRENT_REQUESTS`): the bound on
+    /// bodies in memory, now that connections are many.
+    pub requests: Arc<Semaphore>,
     pub verifier: Verifier,
     pub publisher: Publisher,
     pub metrics: Metrics,
@@ -88,6 +92,10 @@ pub enum IngressError {
     EventIdTooLong { len: usize },
     #[error("the event was not queued ({0}); retry later")]
     Unavailable(#[from] PublishError),
+    #[error(
+        "as many requests as AVSYNC_MAX_CONCURRENT_REQUESTS allows are being handled; retry later"
+    )]
+    TooManyRequests,
     #[error("no such route: webhooks go to POST /webhooks/authvital")]
     NotFound,
     #[error("method not allowed: webhooks go to POST /webhooks/authvital")]
@@ -103,7 +111,7 @@ impl IngressError {
             }
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::Signature(_) | Self::DuplicateSignatureHeader(_) => StatusCode::UNAUTHORIZED,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::TooManyRequests => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
@@ -122,6 +130,7 @@ impl IngressError {
             Self::Content(EnvelopeError::InvalidTenantId(_)) => "invalid_tenant_id",
             Self::EventIdTooLong { .. } => "invalid_event_id",
             Self::Unavailable(e) => e.code(),
+            Self::TooManyRequests => "overloaded",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
         }
@@ -140,7 +149,10 @@ impl IngressError {
     fn body_unread(&self) -> bool {
         matches!(
             self,
-            Self::PayloadTooLarge { .. } | Self::BodyTimeout { .. } | Self::UnreadableBody(_)
+            Self::PayloadTooLarge { .. }
+                | Self::BodyTimeout { .. }
+                | Self::UnreadableBody(_)
+                | Self::TooManyRequests
         )
     }
 
@@ -153,7 +165,7 @@ impl IngressError {
             | Self::Content(_)
             | Self::EventIdTooLong { .. } => Some(Outcome::BadRequest),
             Self::Signature(_) | Self::DuplicateSignatureHeader(_) => Some(Outcome::Unauthorized),
-            Self::Unavailable(_) => Some(Outcome::Unavailable),
+            Self::Unavailable(_) | Self::TooManyRequests => Some(Outcome::Unavailable),
             Self::NotFound | Self::MethodNotAllowed => None,
         }
     }
@@ -172,7 +184,7 @@ impl IntoResponse for IngressError {
             message: self.to_string(),
         };
         let mut response = (self.status(), Json(body)).into_response();
-        if matches!(self, Self::Unavailable(_)) {
+        if matches!(self, Self::Unavailable(_) | Self::TooManyRequests) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
@@ -212,6 +224,11 @@ async fn receive(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Bod
 }
 
 async fn accept(app: &AppState, headers: &HeaderMap, body: Body) -> Result<Queued, IngressError> {
+    // Held until the answer: the body is in memory until then.
+    let _permit = app
+        .requests
+        .try_acquire()
+        .map_err(|_| IngressError::TooManyRequests)?;
     let body = tokio::time::timeout(
         app.body_read_timeout,
         read_limited(headers, body, app.max_body_bytes),
@@ -500,6 +517,17 @@ mod tests {
                 "{status}"
             );
         }
+    }
+
+    #[test]
+    fn too_many_requests_at_once_is_a_503_to_retry_that_closes_the_connection() {
+        let error = IngressError::TooManyRequests;
+        assert_eq!(error.code(), "overloaded");
+        assert!(error.to_string().contains("AVSYNC_MAX_CONCURRENT_REQUESTS"));
+        let response = error.into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "5");
+        assert_eq!(response.headers()[header::CONNECTION], "close");
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub(crate) mod publish;
 pub mod server;
 pub mod settings;
 pub mod verify;
+pub mod waiting;
 
 use crate::http::AppState;
 use crate::jwks::Jwks;
@@ -127,6 +128,9 @@ pub async fn start(checked: Checked, shutdown: CancellationToken) -> anyhow::Res
     metrics::register_ready(&registry, ready.clone()).context("registering metrics")?;
     let connection_metrics = metrics.connections();
     let app = http::router(AppState {
+        requests: Arc::new(tokio::sync::Semaphore::new(
+            settings.max_concurrent_requests,
+        )),
         verifier,
         publisher,
         metrics,

@@ -62,6 +62,7 @@ pub struct Metrics {
     jwks_fetches: IntCounterVec,
     connections_open: IntGauge,
     connections_refused: IntCounter,
+    connections_evicted: IntCounter,
     pending_publishes: IntGauge,
 }
 
@@ -101,7 +102,11 @@ impl Metrics {
         )?;
         let connections_refused = IntCounter::new(
             "avsync_ingress_connections_refused_total",
-            "Connections to the public listener closed at once because AVSYNC_MAX_HTTP_CONNECTIONS were open",
+            "Connections to the public listener closed at once because AVSYNC_MAX_HTTP_CONNECTIONS were open, each busy with a request",
+        )?;
+        let connections_evicted = IntCounter::new(
+            "avsync_ingress_connections_evicted_total",
+            "Connections to the public listener closed while they waited for a request head, to make room for a new one when AVSYNC_MAX_HTTP_CONNECTIONS were open",
         )?;
         let pending_publishes = IntGauge::new(
             "avsync_ingress_pending_publishes",
@@ -110,6 +115,7 @@ impl Metrics {
         registry.register(Box::new(pending_publishes.clone()))?;
         registry.register(Box::new(connections_open.clone()))?;
         registry.register(Box::new(connections_refused.clone()))?;
+        registry.register(Box::new(connections_evicted.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(publish_seconds.clone()))?;
         registry.register(Box::new(signature_failures.clone()))?;
@@ -130,6 +136,7 @@ impl Metrics {
             jwks_fetches,
             connections_open,
             connections_refused,
+            connections_evicted,
             pending_publishes,
         })
     }
@@ -145,6 +152,7 @@ impl Metrics {
         ConnectionMetrics {
             open: self.connections_open.clone(),
             refused: self.connections_refused.clone(),
+            evicted: self.connections_evicted.clone(),
         }
     }
 
@@ -240,6 +248,7 @@ mod tests {
         assert!(text.contains("\navsync_ingress_connections_open 0\n"));
         assert!(text.contains("\navsync_ingress_pending_publishes 0\n"));
         assert!(text.contains("\navsync_ingress_connections_refused_total 0\n"));
+        assert!(text.contains("\navsync_ingress_connections_evicted_total 0\n"));
     }
 
     #[test]

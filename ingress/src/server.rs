@@ -2,16 +2,21 @@
 //! connection level: a client that opens a connection and never finishes its request line would
 //! hold a descriptor for ever, and enough of them would leave none for AuthVital's deliveries.
 //!
-//! Per listener: at most `max_connections` open at once (more are closed as soon as they are
-//! accepted); the request line and headers must arrive within `header_read_timeout`, which hyper
+//! Per listener: at most `max_connections` open at once. When all are taken, a new connection
+//! takes the place of the one that has waited longest for its request head (see [`waiting`]);
+//! only when every connection is busy with a request is the new one closed as soon as it is
+//! accepted. The request line and headers must arrive within `header_read_timeout`, which hyper
 //! also starts whenever a keep-alive connection waits for its next request, so it is the idle
 //! timeout too; at most `max_headers` headers of `max_header_bytes` in all (431 beyond).
+//!
+//! [`waiting`]: crate::waiting
 //!
 //! Shutdown, as a sender sees it: for [`DRAIN_GRACE`] after the signal the listener still
 //! accepts and idle connections stay open, so a request already on its way is answered rather
 //! than reset; every answer from the signal on carries `Connection: close`; then the listener
 //! closes, idle connections are closed, and the rest close after their current answer.
 
+use crate::waiting::{Place, Waiting, Watched};
 use axum::extract::Request;
 use axum::http::{header, HeaderValue};
 use axum::middleware::{self, Next};
@@ -25,7 +30,7 @@ use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 /// How long after the shutdown signal a request already on its way is still taken: a round trip
@@ -40,6 +45,9 @@ pub const RESERVED_DESCRIPTORS: u64 = 64;
 /// After a failed accept (for instance out of descriptors) the loop waits this long instead of
 /// spinning on the error.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
+/// Longest wait for a connection told to make room to give its slot back; it only has to be
+/// polled once, so this is reached only on a stalled runtime.
+const MAKE_ROOM_WAIT: Duration = Duration::from_secs(1);
 
 /// The connection-level bounds of one listener.
 #[derive(Debug, Clone, Copy)]
@@ -55,6 +63,8 @@ pub struct Limits {
 pub struct ConnectionMetrics {
     pub open: IntGauge,
     pub refused: IntCounter,
+    /// Connections closed, while they waited for a request head, to make room for a new one.
+    pub evicted: IntCounter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +127,7 @@ pub async fn serve(
         .keep_alive(true);
     let builder = Arc::new(builder);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let waiting = Arc::new(Waiting::default());
     let stop_accepting = async {
         shutdown.cancelled().await;
         tokio::time::sleep(DRAIN_GRACE).await;
@@ -134,16 +145,25 @@ pub async fn serve(
                 }
             },
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            // Closing at once costs the descriptor for microseconds; holding it is the attack.
-            if let Some(m) = &metrics {
-                m.refused.inc();
-            }
-            drop(stream);
-            continue;
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => match make_room(&slots, &waiting, metrics.as_ref()).await {
+                Some(slot) => slot,
+                None => {
+                    // Closing at once costs the descriptor for microseconds; holding it is the
+                    // attack.
+                    if let Some(m) = &metrics {
+                        m.refused.inc();
+                    }
+                    drop(stream);
+                    continue;
+                }
+            },
         };
-        let connection =
-            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let place = Place::new(waiting.clone());
+        let make_room = place.closing();
+        let service = Watched::new(TowerToHyperService::new(app.clone()), place.clone());
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
         let draining = shutdown.clone();
         let open = metrics.as_ref().map(|m| m.open.clone());
         tokio::spawn(async move {
@@ -151,9 +171,13 @@ pub async fn serve(
                 open.inc();
             }
             tokio::pin!(connection);
+            // The connection first: an answer it is writing is written before a signal counts.
             let finished = tokio::select! {
+                biased;
                 _ = connection.as_mut() => true,
-                _ = draining.cancelled() => false,
+                // Dropping the connection closes it, with no answer: it had no request.
+                () = make_room.cancelled() => true,
+                () = draining.cancelled() => false,
             };
             if !finished {
                 tokio::select! {
@@ -164,6 +188,7 @@ pub async fn serve(
                     }
                 }
             }
+            place.end();
             if let Some(open) = &open {
                 open.dec();
             }
@@ -173,6 +198,25 @@ pub async fn serve(
     drop(listener);
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let _ = slots.acquire_many(all).await;
+}
+
+/// When every slot is taken: tells the connection that has waited longest for its request head
+/// to close and takes its slot. None when no connection waits (every one is busy with a request).
+async fn make_room(
+    slots: &Arc<Semaphore>,
+    waiting: &Waiting,
+    metrics: Option<&ConnectionMetrics>,
+) -> Option<OwnedSemaphorePermit> {
+    if !waiting.close_oldest() {
+        return None;
+    }
+    if let Some(m) = metrics {
+        m.evicted.inc();
+    }
+    tokio::time::timeout(MAKE_ROOM_WAIT, slots.clone().acquire_owned())
+        .await
+        .ok()?
+        .ok()
 }
 
 /// From the shutdown signal on, every answer tells the client not to send another request on

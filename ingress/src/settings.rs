@@ -76,14 +76,26 @@ pub struct Settings {
     #[arg(long, env = "AVSYNC_HEADER_READ_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
 
-    /// Most open connections on AVSYNC_LISTEN; more are closed as soon as they are accepted.
+    /// Most open connections on AVSYNC_LISTEN. When all are open, a new one takes the place of
+    /// the one that has waited longest for its request head; when every one is busy with a
+    /// request, the new one is closed at once.
     #[arg(
         long,
         env = "AVSYNC_MAX_HTTP_CONNECTIONS",
         value_name = "COUNT",
-        default_value_t = 512
+        default_value_t = DEFAULT_MAX_HTTP_CONNECTIONS
     )]
     pub max_http_connections: usize,
+
+    /// Most requests past their headers at once (body being read, verified or published); more
+    /// get 503 `overloaded`. Bounds the memory of bodies to this × AVSYNC_MAX_BODY_BYTES.
+    #[arg(
+        long,
+        env = "AVSYNC_MAX_CONCURRENT_REQUESTS",
+        value_name = "COUNT",
+        default_value_t = DEFAULT_MAX_CONCURRENT_REQUESTS
+    )]
+    pub max_concurrent_requests: usize,
 
     /// Most headers in one request; more get 431.
     #[arg(
@@ -107,6 +119,14 @@ pub struct Settings {
     #[arg(long, env = "AVSYNC_JWKS_REFRESH_INTERVAL", value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
     pub jwks_refresh_interval: Duration,
 }
+
+/// A connection that waits for its head costs a descriptor and about 16 KiB (hyper's 8 KiB read
+/// buffer is half of it), so thousands cost little; what makes a sender wait is a cap that stalled
+/// connections can fill. 8,192 of them are about 128 MiB.
+pub const DEFAULT_MAX_HTTP_CONNECTIONS: usize = 8_192;
+/// 256 bodies of the default 256 KiB are 64 MiB at most; with the connections, within the
+/// Kubernetes manifest's 256 MiB.
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 256;
 
 /// Beyond this many connections or pending publishes a bound protects nothing.
 const MAX_COUNT: usize = 1_000_000;
@@ -201,6 +221,12 @@ impl Settings {
             (
                 "AVSYNC_MAX_HTTP_CONNECTIONS",
                 self.max_http_connections,
+                1,
+                MAX_COUNT,
+            ),
+            (
+                "AVSYNC_MAX_CONCURRENT_REQUESTS",
+                self.max_concurrent_requests,
                 1,
                 MAX_COUNT,
             ),
@@ -393,6 +419,11 @@ mod tests {
                 "AVSYNC_MAX_PENDING_PUBLISHES",
             ),
             ("--max-http-connections", "0", "AVSYNC_MAX_HTTP_CONNECTIONS"),
+            (
+                "--max-concurrent-requests",
+                "0",
+                "AVSYNC_MAX_CONCURRENT_REQUESTS",
+            ),
             ("--max-headers", "2", "AVSYNC_MAX_HEADERS"),
             ("--max-header-bytes", "100", "AVSYNC_MAX_HEADER_BYTES"),
             ("--header-read-timeout", "0s", "AVSYNC_HEADER_READ_TIMEOUT"),
@@ -445,7 +476,8 @@ mod tests {
         assert_eq!(s.publish_timeout, Duration::from_secs(10));
         assert_eq!(s.max_pending_publishes, 256);
         assert_eq!(s.header_read_timeout, Duration::from_secs(10));
-        assert_eq!(s.max_http_connections, 512);
+        assert_eq!(s.max_http_connections, 8_192);
+        assert_eq!(s.max_concurrent_requests, 256);
         assert_eq!(s.max_headers, 64);
         assert_eq!(s.max_header_bytes, 16_384);
         assert_eq!(s.jwks_refresh_interval, Duration::from_secs(300));
@@ -468,6 +500,7 @@ mod tests {
             "AVSYNC_MAX_PENDING_PUBLISHES",
             "AVSYNC_HEADER_READ_TIMEOUT",
             "AVSYNC_MAX_HTTP_CONNECTIONS",
+            "AVSYNC_MAX_CONCURRENT_REQUESTS",
             "AVSYNC_MAX_HEADERS",
             "AVSYNC_MAX_HEADER_BYTES",
             "AVSYNC_JWKS_REFRESH_INTERVAL",
@@ -481,7 +514,7 @@ mod tests {
             "262144",
             "[default: 10s]",
             "[default: 256]",
-            "[default: 512]",
+            "[default: 8192]",
             "[default: 64]",
             "[default: 16384]",
             "[default: 5m]",

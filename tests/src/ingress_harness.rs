@@ -30,8 +30,8 @@ pub struct TestIngress {
 
 /// Settings for a test instance: both listeners on 127.0.0.1:0, the local broker, a 2 s publish
 /// timeout, the given `AVSYNC_HMAC_SECRETS` value, room for a thousand concurrent requests
-/// (connection and pending-publish bounds of 2,048 and 1,024), and the production defaults
-/// otherwise.
+/// (connection, request and pending-publish bounds of 2,048, 1,024 and 1,024), and the
+/// production defaults otherwise.
 pub fn settings(prefix: &str, partitions: u16, hmac_secrets: &str) -> Settings {
     Settings {
         common: CommonArgs {
@@ -50,6 +50,7 @@ pub fn settings(prefix: &str, partitions: u16, hmac_secrets: &str) -> Settings {
         max_pending_publishes: 1024,
         header_read_timeout: Duration::from_secs(10),
         max_http_connections: 2048,
+        max_concurrent_requests: 1024,
         max_headers: 64,
         max_header_bytes: 16_384,
         jwks_refresh_interval: Duration::from_secs(300),

@@ -12,7 +12,7 @@ use avsync_tests::worker_harness::{
 use avsync_worker::apply::{self, Identity, Model};
 use avsync_worker::authvital::{MemberStatus, Membership, Role, User};
 use avsync_worker::metrics::{ReconcileMetrics, RunOutcome};
-use avsync_worker::reconcile::{plan, Mode};
+use avsync_worker::reconcile::{plan, LeftBound, Mode};
 use avsync_worker::reconcile_cli::{self, ReconcileArgs};
 use avsync_worker::settings::Settings;
 use rand::rngs::StdRng;
@@ -24,6 +24,11 @@ use std::time::Duration;
 
 const TENANT: &str = "acme";
 const USERS: [&str; 5] = ["u1", "u2", "u3", "u4", "u5"];
+/// A departure guard that never refuses: the model comparisons are about the fold, not the guard.
+const NO_BOUND: LeftBound = LeftBound {
+    max_percent: 100,
+    max_count: 0,
+};
 
 fn reconcile_settings(dbs: &TestDatabases, fake: &FakeAuthVital, extra: &[&str]) -> Settings {
     // The fake's flags come in pairs; a flag of `extra` replaces the fake's.
@@ -45,24 +50,34 @@ struct Flags {
     force: bool,
 }
 
+/// Runs the command for one tenant (or `--all`), with `--json` or not: its result and its output.
+async fn run_command(
+    settings: &Settings,
+    tenant: Option<&str>,
+    flags: Flags,
+    json: bool,
+) -> (anyhow::Result<()>, String) {
+    let args = ReconcileArgs {
+        tenant: tenant.map(str::to_owned),
+        all: tenant.is_none(),
+        dry_run: flags.dry_run,
+        json,
+        force: flags.force,
+    };
+    let mut out = Vec::new();
+    let checked = settings.clone().check().expect("usable worker settings");
+    let result = reconcile_cli::run(&args, &checked, &mut out).await;
+    (result, String::from_utf8(out).expect("utf-8"))
+}
+
 /// Runs the command for one tenant (or `--all`) with `--json`: its result and its reports.
 async fn reconcile(
     settings: &Settings,
     tenant: Option<&str>,
     flags: Flags,
 ) -> (anyhow::Result<()>, Vec<Value>) {
-    let args = ReconcileArgs {
-        tenant: tenant.map(str::to_owned),
-        all: tenant.is_none(),
-        dry_run: flags.dry_run,
-        json: true,
-        force: flags.force,
-    };
-    let mut out = Vec::new();
-    let checked = settings.clone().check().expect("usable worker settings");
-    let result = reconcile_cli::run(&args, &checked, &mut out).await;
-    let reports = String::from_utf8(out)
-        .expect("utf-8")
+    let (result, out) = run_command(settings, tenant, flags, true).await;
+    let reports = out
         .lines()
         .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
         .collect();
@@ -335,19 +350,31 @@ async fn guard_rails_refuse_and_force_overrides() {
         json!([{"rule": "no_roles", "listed": 5, "with_app_role_in_db": 4}])
     );
 
+    // Two of five is 40 %: over the share, but the default count (10) lets it pass, so the
+    // share is tested with a count of 1.
     let three: Vec<FakeMember> = ["u1", "u2", "u3"].map(FakeMember::active).to_vec();
     fake.set_members(TENANT, three);
-    let (result, reports) = reconcile(&settings, Some(TENANT), Flags::default()).await;
+    let strict = reconcile_settings(&dbs, &fake, &["--reconcile-max-left", "1"]);
+    let (result, reports) = reconcile(&strict, Some(TENANT), Flags::default()).await;
     assert!(result.is_err());
     assert_eq!(
         refused(&reports),
-        json!([{"rule": "too_many_left", "flipping": 2, "active_in_db": 5, "max_percent": 20}])
+        json!([{"rule": "too_many_left", "flipping": 2, "active_in_db": 5, "max_percent": 20, "max_left": 1}])
     );
     assert_eq!(rows(&mut conn).await, before, "a refusal writes nothing");
     assert_eq!(versions(&mut conn).await, before_versions);
 
-    // The threshold is a setting.
-    let lenient = reconcile_settings(&dbs, &fake, &["--reconcile-max-left-percent", "40"]);
+    // Both bounds are settings.
+    let lenient = reconcile_settings(
+        &dbs,
+        &fake,
+        &[
+            "--reconcile-max-left-percent",
+            "40",
+            "--reconcile-max-left",
+            "1",
+        ],
+    );
     let (result, reports) = reconcile(
         &lenient,
         Some(TENANT),
@@ -361,7 +388,7 @@ async fn guard_rails_refuse_and_force_overrides() {
     assert_eq!(reports[0]["outcome"], "dry_run");
 
     let (result, reports) = reconcile(
-        &settings,
+        &strict,
         Some(TENANT),
         Flags {
             dry_run: false,
@@ -408,6 +435,102 @@ async fn authvital_refusals_name_what_to_fix() {
     assert!(error.contains("AVSYNC_AUTHVITAL_CLIENT_SECRET"), "{error}");
     assert!(!error.contains(wrong_secret) && !error.contains(CLIENT_SECRET));
     assert!(rows(&mut conn).await.is_empty());
+    let _ = conn.close().await;
+    dbs.drop_all().await;
+}
+
+/// `n` active members `m00`, `m01`, …
+fn members(n: usize) -> Vec<FakeMember> {
+    (0..n)
+        .map(|i| FakeMember::active(&format!("m{i:02}")))
+        .collect()
+}
+
+fn left_rows(rows: &[Identity]) -> usize {
+    rows.iter()
+        .filter(|r| r.membership_status.as_deref() == Some("left"))
+        .count()
+}
+
+/// A tenant whose `n` active members (`m00`, …) a reconcile at the default settings created.
+async fn backfilled(
+    name: &str,
+    n: usize,
+) -> (TestDatabases, FakeAuthVital, PgConnection, Settings) {
+    let dbs = TestDatabases::new(name);
+    let fake = FakeAuthVital::start().await;
+    let conn = dbs.migrated(TENANT).await;
+    let settings = reconcile_settings(&dbs, &fake, &[]);
+    fake.set_members(TENANT, members(n));
+    let (result, _) = reconcile(&settings, Some(TENANT), Flags::default()).await;
+    result.expect("backfill");
+    (dbs, fake, conn, settings)
+}
+
+#[tokio::test]
+async fn a_small_tenants_routine_departure_passes_the_guard_at_the_defaults() {
+    let (dbs, fake, mut conn, settings) = backfilled("rcsmall", 3).await;
+    // One of three leaves: 33 %, over the 20 % share, but not over 10 members.
+    fake.set_members(TENANT, members(2));
+    let (result, reports) = reconcile(&settings, Some(TENANT), Flags::default()).await;
+    result.expect("one departure of three is applied");
+    assert_eq!(reports[0]["outcome"], "applied", "{}", reports[0]);
+    assert_eq!(reports[0]["marked_left"], 1);
+    assert_eq!(reports[0]["refusals"], json!([]));
+    assert_eq!(left_rows(&rows(&mut conn).await), 1);
+    let _ = conn.close().await;
+    dbs.drop_all().await;
+}
+
+#[tokio::test]
+async fn a_departure_over_both_bounds_is_refused_and_dry_run_names_the_guard() {
+    let (dbs, fake, mut conn, settings) = backfilled("rcmass", 15).await;
+    let before = rows(&mut conn).await;
+
+    // Twelve of fifteen leave: 80 % and 12, over both 20 % and 10.
+    fake.set_members(TENANT, members(3));
+    let dry = Flags {
+        dry_run: true,
+        force: false,
+    };
+    let (result, text) = run_command(&settings, Some(TENANT), dry, false).await;
+    assert!(
+        result.is_err(),
+        "a refusal exits non-zero, also in a dry run"
+    );
+    println!("{text}");
+    assert!(
+        text.contains(
+            "would be refused by too many left: 12 of 15 active members would become left"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("AVSYNC_RECONCILE_MAX_LEFT_PERCENT=20%")
+            && text.contains("AVSYNC_RECONCILE_MAX_LEFT=10"),
+        "{text}"
+    );
+
+    let (result, reports) = reconcile(&settings, Some(TENANT), Flags::default()).await;
+    assert!(result.is_err());
+    assert_eq!(reports[0]["outcome"], "refused");
+    assert_eq!(
+        reports[0]["refusals"],
+        json!([{"rule": "too_many_left", "flipping": 12, "active_in_db": 15, "max_percent": 20, "max_left": 10}])
+    );
+    assert_eq!(rows(&mut conn).await, before, "a refusal writes nothing");
+
+    // The empty-snapshot guard stays, whatever the bounds.
+    fake.set_members(TENANT, vec![]);
+    let (result, text) = run_command(&settings, Some(TENANT), dry, false).await;
+    assert!(result.is_err());
+    assert!(
+        text.contains(
+            "would be refused by empty snapshot: AuthVital lists no member, the database has 15 active"
+        ),
+        "{text}"
+    );
+    assert_eq!(rows(&mut conn).await, before);
     let _ = conn.close().await;
     dbs.drop_all().await;
 }
@@ -656,13 +779,20 @@ async fn random_webhooks_and_snapshots_in_random_order_match_the_model_in_sql() 
                         members,
                         *at,
                         model.stored_rows(),
-                        100,
+                        NO_BOUND,
                     );
                     for e in &expected.effects {
                         model.apply_versioned(&e.sub, &e.version, &e.changes);
                     }
                     let stored = apply::load_tenant(&mut conn, TENANT).await.expect("load");
-                    let p = plan(&tenant, Some(APPLICATION_ID), members, *at, stored, 100);
+                    let p = plan(
+                        &tenant,
+                        Some(APPLICATION_ID),
+                        members,
+                        *at,
+                        stored,
+                        NO_BOUND,
+                    );
                     assert_eq!(
                         p.counts, expected.counts,
                         "seed {seed}: the database and the model agree before"

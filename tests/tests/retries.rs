@@ -10,7 +10,8 @@ use avsync_tests::support::{self, queue_depth, wait_until, TcpProxy};
 use avsync_tests::worker_harness::{
     model_of, publish, publisher, settings, take_dead_letters, TestDatabases, TestWorker,
 };
-use avsync_worker::dlq_cli::{self, DlqCommand, ListArgs, Selection};
+use avsync_worker::dlq_cli::{self, DlqCommand, ListArgs};
+use avsync_worker::dlq_select::{Filters, Selection};
 use avsync_worker::metrics::Outcome;
 use lapin::options::{BasicGetOptions, BasicNackOptions};
 use std::time::Duration;
@@ -44,7 +45,7 @@ async fn list_json(prefix: &str) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     dlq_cli::run_to(
         DlqCommand::List(ListArgs {
-            tenant: None,
+            filters: Filters::default(),
             limit: None,
             json: true,
         }),
@@ -180,8 +181,10 @@ async fn exhausted_events_are_dead_lettered_with_their_history_and_replay_after_
     let mut out = Vec::new();
     dlq_cli::run_to(
         DlqCommand::Replay(Selection {
-            tenant: Some("bad".into()),
-            event_id: None,
+            filters: Filters {
+                tenant: Some("bad".into()),
+                ..Filters::default()
+            },
             all: false,
         }),
         &common(&prefix),

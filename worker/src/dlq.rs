@@ -15,7 +15,7 @@ use lapin::types::AMQPValue;
 use lapin::BasicProperties;
 
 /// Why a message was dead-lettered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ErrorClass {
     /// It can never be applied as it is: fix the payload, the tenant or the settings, then replay.
     Permanent,
@@ -106,6 +106,14 @@ fn broker_death_reason(properties: &BasicProperties) -> Option<String> {
 }
 
 impl Listed {
+    /// The instant of `last_failure`, when it is readable RFC 3339.
+    pub fn last_failed_at(&self) -> Option<DateTime<Utc>> {
+        self.last_failure
+            .as_deref()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc))
+    }
+
     pub fn from_delivery(delivery: &Delivery) -> Self {
         let p = &delivery.properties;
         let envelope = Envelope::decode(&delivery.data).ok();

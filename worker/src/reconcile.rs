@@ -62,11 +62,12 @@ pub enum Refusal {
         listed: usize,
         with_app_role_in_db: usize,
     },
-    /// Too many active members would become `left`.
+    /// More active members would become `left` than both bounds of [`LeftBound`] allow.
     TooManyLeft {
         flipping: usize,
         active_in_db: usize,
         max_percent: u8,
+        max_left: u32,
     },
 }
 
@@ -88,9 +89,10 @@ impl fmt::Display for Refusal {
                 flipping,
                 active_in_db,
                 max_percent,
+                max_left,
             } => write!(
                 f,
-                "too many left: {flipping} of {active_in_db} active members would become left, over AVSYNC_RECONCILE_MAX_LEFT_PERCENT={max_percent}%"
+                "too many left: {flipping} of {active_in_db} active members would become left, over both AVSYNC_RECONCILE_MAX_LEFT_PERCENT={max_percent}% and AVSYNC_RECONCILE_MAX_LEFT={max_left}"
             ),
         }
     }
@@ -213,62 +215,89 @@ fn left_changes(app_fields: bool) -> Vec<Change> {
     changes
 }
 
-/// The effects of a snapshot taken at `taken_at` on the tenant's `stored` rows, their predicted
-/// outcome (through [`Model`], the same rule the database applies) and the guard rails.
-pub fn plan(
-    tenant: &TenantId,
-    application_id: Option<&str>,
-    memberships: &[Membership],
-    taken_at: EventTime,
-    stored: Vec<Stored>,
-    max_left_percent: u8,
-) -> Plan {
-    let version = apply::snapshot_version(taken_at);
-    let listed: BTreeMap<&str, (&Membership, MembershipStatus)> = memberships
+/// The guard rail on departures: a snapshot is refused when it would turn more than
+/// `max_percent` of a tenant's active members **and** more than `max_count` of them into `left`.
+/// The share alone would refuse every departure of a small tenant (one of three is 33 %), the
+/// count alone every departure wave of a large one; a mass departure is both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeftBound {
+    /// `AVSYNC_RECONCILE_MAX_LEFT_PERCENT`.
+    pub max_percent: u8,
+    /// `AVSYNC_RECONCILE_MAX_LEFT`.
+    pub max_count: u32,
+}
+
+impl LeftBound {
+    /// Whether `flipping` of `active` active members becoming `left` is beyond both bounds.
+    pub fn refuses(self, flipping: usize, active: usize) -> bool {
+        let over_share = flipping * 100 > usize::from(self.max_percent) * active;
+        let over_count = u64::try_from(flipping).unwrap_or(u64::MAX) > u64::from(self.max_count);
+        over_share && over_count
+    }
+}
+
+/// The members a snapshot lists, by `sub`, with the status their membership stores; `INVITED`
+/// ones and unusable ids are left out.
+fn listed_members(memberships: &[Membership]) -> BTreeMap<&str, (&Membership, MembershipStatus)> {
+    memberships
         .iter()
         .filter(|m| !m.user.id.is_empty() && !m.user.id.contains('\0'))
         .filter_map(|m| Some((m.user.id.as_str(), (m, joined_status(m.status)?))))
-        .collect();
+        .collect()
+}
+
+/// What the snapshot sets: each listed member's fields, and `left` for every stored row it does
+/// not list.
+fn snapshot_effects(
+    tenant: &TenantId,
+    application_id: Option<&str>,
+    listed: &BTreeMap<&str, (&Membership, MembershipStatus)>,
+    version: &str,
+    stored: &[Stored],
+) -> Vec<VersionedEffect> {
     let mut effects: Vec<VersionedEffect> = listed
         .iter()
         .map(|(sub, (member, status))| VersionedEffect {
             sub: (*sub).to_owned(),
-            version: version.clone(),
+            version: version.to_owned(),
             changes: member_changes(tenant, application_id, member, *status),
         })
         .collect();
-    let existing: BTreeSet<String> = stored.iter().map(|s| s.identity.id.clone()).collect();
+    let existing: BTreeSet<&str> = stored.iter().map(|s| s.identity.id.as_str()).collect();
     effects.extend(
         existing
-            .iter()
-            .filter(|id| !listed.contains_key(id.as_str()))
+            .into_iter()
+            .filter(|id| !listed.contains_key(id))
             .map(|id| VersionedEffect {
-                sub: id.clone(),
-                version: version.clone(),
+                sub: id.to_owned(),
+                version: version.to_owned(),
                 changes: left_changes(application_id.is_some()),
             }),
     );
+    effects
+}
 
-    let active = |row: &Identity| row.membership_status.as_deref() == Some("active");
-    let active_in_db = stored.iter().filter(|s| active(&s.identity)).count();
-    let with_app_role_in_db = stored
-        .iter()
-        .filter(|s| s.identity.app_role.is_some())
-        .count();
+fn is_active(row: &Identity) -> bool {
+    row.membership_status.as_deref() == Some("active")
+}
+
+/// What `effects` change in `stored`, predicted through [`Model`] (the same rule the database
+/// applies), and how many active members they turn `left`.
+fn predict(stored: Vec<Stored>, effects: &[VersionedEffect], listed: usize) -> (Counts, usize) {
     let mut before = Model::default();
     for row in stored {
         before.insert_stored(row);
     }
     let mut after = before.clone();
-    for effect in &effects {
+    for effect in effects {
         after.apply_versioned(&effect.sub, &effect.version, &effect.changes);
     }
     let mut counts = Counts {
-        listed: listed.len(),
+        listed,
         ..Counts::default()
     };
     let mut flipping = 0;
-    for effect in &effects {
+    for effect in effects {
         let new = after.get(&effect.sub).expect("every effect has its row");
         let Some(old) = before.get(&effect.sub) else {
             counts.created += 1;
@@ -285,7 +314,7 @@ pub fn plan(
             && old.membership_status.as_deref() != Some("left");
         if now_left {
             counts.marked_left += 1;
-            if active(old) {
+            if is_active(old) {
                 flipping += 1;
             }
         } else if fields.is_empty() {
@@ -294,28 +323,73 @@ pub fn plan(
             counts.changed += 1;
         }
     }
+    (counts, flipping)
+}
 
+/// What the database held before the snapshot, as the guard rails weigh it.
+struct Before {
+    active: usize,
+    with_app_role: usize,
+}
+
+/// The guard rails' verdict on a snapshot that lists `listed` and turns `flipping` active
+/// members `left`.
+fn guard_rails(
+    application_id: Option<&str>,
+    listed: &BTreeMap<&str, (&Membership, MembershipStatus)>,
+    before: &Before,
+    flipping: usize,
+    left: LeftBound,
+) -> Vec<Refusal> {
     let mut refusals = Vec::new();
-    if listed.is_empty() && active_in_db > 0 {
-        refusals.push(Refusal::EmptySnapshot { active_in_db });
+    if listed.is_empty() && before.active > 0 {
+        refusals.push(Refusal::EmptySnapshot {
+            active_in_db: before.active,
+        });
     }
     if application_id.is_some()
         && !listed.is_empty()
         && listed.values().all(|(m, _)| m.roles.is_empty())
-        && with_app_role_in_db > 0
+        && before.with_app_role > 0
     {
         refusals.push(Refusal::NoRoles {
             listed: listed.len(),
-            with_app_role_in_db,
+            with_app_role_in_db: before.with_app_role,
         });
     }
-    if flipping * 100 > usize::from(max_left_percent) * active_in_db && !listed.is_empty() {
+    if !listed.is_empty() && left.refuses(flipping, before.active) {
         refusals.push(Refusal::TooManyLeft {
             flipping,
-            active_in_db,
-            max_percent: max_left_percent,
+            active_in_db: before.active,
+            max_percent: left.max_percent,
+            max_left: left.max_count,
         });
     }
+    refusals
+}
+
+/// The effects of a snapshot taken at `taken_at` on the tenant's `stored` rows, their predicted
+/// outcome and the guard rails' verdict.
+pub fn plan(
+    tenant: &TenantId,
+    application_id: Option<&str>,
+    memberships: &[Membership],
+    taken_at: EventTime,
+    stored: Vec<Stored>,
+    left: LeftBound,
+) -> Plan {
+    let version = apply::snapshot_version(taken_at);
+    let listed = listed_members(memberships);
+    let effects = snapshot_effects(tenant, application_id, &listed, &version, &stored);
+    let before = Before {
+        active: stored.iter().filter(|s| is_active(&s.identity)).count(),
+        with_app_role: stored
+            .iter()
+            .filter(|s| s.identity.app_role.is_some())
+            .count(),
+    };
+    let (counts, flipping) = predict(stored, &effects, listed.len());
+    let refusals = guard_rails(application_id, &listed, &before, flipping, left);
     Plan {
         effects,
         counts,
@@ -341,6 +415,9 @@ pub struct Report {
     pub counts: Counts,
     pub refusals: Vec<Refusal>,
     pub error: Option<String>,
+    /// `--dry-run`: a refusal is told as what would happen.
+    #[serde(skip)]
+    pub dry_run: bool,
 }
 
 impl Report {
@@ -351,6 +428,7 @@ impl Report {
             counts: Counts::default(),
             refusals: Vec::new(),
             error: None,
+            dry_run: false,
         }
     }
 
@@ -393,14 +471,21 @@ impl fmt::Display for Report {
                 .collect();
             write!(f, " (fields: {})", fields.join(", "))?;
         }
+        let refused = if self.dry_run {
+            "would be refused by"
+        } else {
+            "refused by"
+        };
         for refusal in &self.refusals {
-            write!(f, "\n  refused by {refusal}")?;
+            write!(f, "\n  {refused} {refusal}")?;
         }
         if self.outcome == RunOutcome::Refused.as_str() {
             write!(
                 f,
                 "\n  nothing written; check AuthVital, or use --force to apply anyway"
             )?;
+        } else if self.dry_run && !self.refusals.is_empty() {
+            write!(f, "\n  --force would apply it anyway")?;
         }
         Ok(())
     }
@@ -411,7 +496,7 @@ pub struct Reconciler {
     pub api: AuthVital,
     /// Whose app access and roles a snapshot sets; None leaves the app fields to webhooks.
     pub application_id: Option<String>,
-    pub max_left_percent: u8,
+    pub left: LeftBound,
     pub metrics: ReconcileMetrics,
 }
 
@@ -452,42 +537,12 @@ impl Reconciler {
         mode: Mode,
     ) -> Result<(Report, RunOutcome), ReconcileError> {
         let mut tx = conn.begin().await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, hashtext($2))")
-            .bind(LOCK_CLASS)
-            .bind(tenant.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
-        if !locked {
-            tracing::info!(
-                tenant = tenant.as_str(),
-                "another reconcile of this tenant is running; skipped"
-            );
+        if let Some(skipped) = skip(&mut tx, tenant, mode).await? {
             tx.rollback().await?;
-            return Ok((
-                Report::new(tenant.as_str(), RunOutcome::Busy),
-                RunOutcome::Busy,
-            ));
+            return Ok((Report::new(tenant.as_str(), skipped), skipped));
         }
-        if let Some(within) = mode.not_within {
-            let recent: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM avsync_reconcile_runs WHERE tenant_id = $1 \
-                 AND applied_at > now() - make_interval(secs => $2))",
-            )
-            .bind(tenant.as_str())
-            .bind(within.as_secs_f64())
-            .fetch_one(&mut *tx)
-            .await?;
-            if recent {
-                tx.rollback().await?;
-                let outcome = RunOutcome::NotDue;
-                return Ok((Report::new(tenant.as_str(), outcome), outcome));
-            }
-        }
-        let sent = Utc::now() - CLOCK_SKEW;
-        let taken_at = EventTime::from_micros(sent.timestamp_micros())
-            .expect("the clock is within years 0000 to 9999");
-        let memberships = match self.api.tenant_memberships(tenant.as_str()).await {
-            Ok(memberships) => memberships,
+        let (memberships, taken_at) = match self.snapshot(tenant).await {
+            Ok(snapshot) => snapshot,
             Err(e) => {
                 // Now, not when the connection is next used: it may go back to a pool.
                 let _ = tx.rollback().await;
@@ -501,7 +556,7 @@ impl Reconciler {
             &memberships,
             taken_at,
             stored,
-            self.max_left_percent,
+            self.left,
         );
         let outcome = if !plan.refusals.is_empty() && !mode.force {
             RunOutcome::Refused
@@ -511,16 +566,7 @@ impl Reconciler {
             RunOutcome::Applied
         };
         if outcome == RunOutcome::Applied {
-            for chunk in plan.effects.chunks(CHUNK) {
-                apply::apply_versioned(&mut tx, chunk).await?;
-            }
-            sqlx::query(
-                "INSERT INTO avsync_reconcile_runs (tenant_id, applied_at) VALUES ($1, now()) \
-                 ON CONFLICT (tenant_id) DO UPDATE SET applied_at = EXCLUDED.applied_at",
-            )
-            .bind(tenant.as_str())
-            .execute(&mut *tx)
-            .await?;
+            write(&mut tx, tenant, &plan.effects).await?;
             tx.commit().await?;
         } else {
             tx.rollback().await?;
@@ -528,6 +574,7 @@ impl Reconciler {
         let report = Report {
             counts: plan.counts,
             refusals: plan.refusals,
+            dry_run: mode.dry_run,
             ..Report::new(tenant.as_str(), outcome)
         };
         tracing::info!(
@@ -542,6 +589,69 @@ impl Reconciler {
         );
         Ok((report, outcome))
     }
+
+    /// The tenant's members as AuthVital lists them, and the instant the snapshot stands for
+    /// (taken before the request is sent, see the module doc).
+    async fn snapshot(&self, tenant: &TenantId) -> Result<(Vec<Membership>, EventTime), ApiError> {
+        let sent = Utc::now() - CLOCK_SKEW;
+        let taken_at = EventTime::from_micros(sent.timestamp_micros())
+            .expect("the clock is within years 0000 to 9999");
+        let memberships = self.api.tenant_memberships(tenant.as_str()).await?;
+        Ok((memberships, taken_at))
+    }
+}
+
+/// Why a run stops before asking AuthVital, if it does: another reconcile of the tenant holds the
+/// lock (`busy`), or `mode.not_within` finds it reconciled recently (`not_due`). Takes the lock
+/// otherwise, for the rest of `tx`.
+async fn skip(
+    tx: &mut PgConnection,
+    tenant: &TenantId,
+    mode: Mode,
+) -> Result<Option<RunOutcome>, sqlx::Error> {
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, hashtext($2))")
+        .bind(LOCK_CLASS)
+        .bind(tenant.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+    if !locked {
+        tracing::info!(
+            tenant = tenant.as_str(),
+            "another reconcile of this tenant is running; skipped"
+        );
+        return Ok(Some(RunOutcome::Busy));
+    }
+    let Some(within) = mode.not_within else {
+        return Ok(None);
+    };
+    let recent: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM avsync_reconcile_runs WHERE tenant_id = $1 \
+         AND applied_at > now() - make_interval(secs => $2))",
+    )
+    .bind(tenant.as_str())
+    .bind(within.as_secs_f64())
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok(recent.then_some(RunOutcome::NotDue))
+}
+
+/// Writes a snapshot's effects and records when the tenant was last reconciled.
+async fn write(
+    tx: &mut PgConnection,
+    tenant: &TenantId,
+    effects: &[VersionedEffect],
+) -> Result<(), sqlx::Error> {
+    for chunk in effects.chunks(CHUNK) {
+        apply::apply_versioned(&mut *tx, chunk).await?;
+    }
+    sqlx::query(
+        "INSERT INTO avsync_reconcile_runs (tenant_id, applied_at) VALUES ($1, now()) \
+         ON CONFLICT (tenant_id) DO UPDATE SET applied_at = EXCLUDED.applied_at",
+    )
+    .bind(tenant.as_str())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -550,6 +660,15 @@ mod tests {
     use crate::authvital::{Role, User};
     use avsync_shared::event::{Effect, EventKey};
     use proptest::prelude::*;
+
+    const DEFAULT_BOUND: LeftBound = LeftBound {
+        max_percent: 20,
+        max_count: 10,
+    };
+    const NO_BOUND: LeftBound = LeftBound {
+        max_percent: 100,
+        max_count: 0,
+    };
 
     fn tenant() -> TenantId {
         TenantId::parse("t1").unwrap()
@@ -646,23 +765,71 @@ mod tests {
     fn a_refused_report_names_the_rule_and_counts() {
         let report = Report {
             refusals: vec![Refusal::TooManyLeft {
-                flipping: 3,
-                active_in_db: 5,
+                flipping: 13,
+                active_in_db: 50,
                 max_percent: 20,
+                max_left: 10,
             }],
             ..Report::new("t1", RunOutcome::Refused)
         };
         let text = report.to_string();
         assert!(text.starts_with("tenant t1: refused: 0 listed"), "{text}");
         assert!(
-            text.contains("too many left: 3 of 5 active members"),
+            text.contains("refused by too many left: 13 of 50 active members"),
+            "{text}"
+        );
+        assert!(
+            text.contains("AVSYNC_RECONCILE_MAX_LEFT_PERCENT=20% and AVSYNC_RECONCILE_MAX_LEFT=10"),
             "{text}"
         );
         assert!(text.contains("--force"), "{text}");
         assert!(!report.ok());
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["refusals"][0]["rule"], "too_many_left");
+        assert_eq!(json["refusals"][0]["max_left"], 10);
+        let dry = Report {
+            dry_run: true,
+            ..report.clone()
+        };
+        assert!(
+            dry.to_string()
+                .contains("would be refused by too many left"),
+            "{dry}"
+        );
         assert!(Report::new("t1", RunOutcome::Busy).ok());
+    }
+
+    #[test]
+    fn departures_are_refused_only_beyond_both_the_share_and_the_count() {
+        let bound = LeftBound {
+            max_percent: 20,
+            max_count: 10,
+        };
+        for (flipping, active, refused) in [
+            (1, 3, false),   // 33 % but one member: a small tenant's routine departure
+            (10, 10, false), // every member, but not more than 10
+            (11, 11, true),
+            (11, 100, false), // more than 10, but 11 %
+            (20, 100, false), // exactly 20 %
+            (21, 100, true),
+            (0, 0, false),
+        ] {
+            assert_eq!(
+                bound.refuses(flipping, active),
+                refused,
+                "{flipping} of {active}"
+            );
+        }
+        let by_share_alone = LeftBound {
+            max_percent: 20,
+            max_count: 0,
+        };
+        assert!(by_share_alone.refuses(1, 3));
+        let never = LeftBound {
+            max_percent: 100,
+            max_count: 0,
+        };
+        assert!(!never.refuses(5, 5));
     }
 
     #[test]
@@ -678,7 +845,7 @@ mod tests {
             &members,
             at("2026-08-21T01:00:00Z"),
             vec![],
-            20,
+            DEFAULT_BOUND,
         );
         assert_eq!(p.counts.created, 2);
         assert_eq!(p.counts.listed, 2);
@@ -711,41 +878,38 @@ mod tests {
                 .collect()
         };
         let t = at("2026-08-21T01:00:00Z");
+        // The share alone, as a count of 0 makes it.
+        let share = LeftBound {
+            max_percent: 20,
+            max_count: 0,
+        };
+        let planned =
+            |members: &[Membership], bound| plan(&tenant(), Some("app"), members, t, rows(), bound);
         // One of five leaving is 20%: allowed.
-        let p = plan(
-            &tenant(),
-            Some("app"),
-            &keep(&["a", "b", "c", "d"]),
-            t,
-            rows(),
-            20,
-        );
+        let p = planned(&keep(&["a", "b", "c", "d"]), share);
         assert_eq!(p.counts.marked_left, 1);
         assert!(p.refusals.is_empty(), "{:?}", p.refusals);
         // Two of five is 40%.
-        let p = plan(
-            &tenant(),
-            Some("app"),
-            &keep(&["a", "b", "c"]),
-            t,
-            rows(),
-            20,
-        );
+        let p = planned(&keep(&["a", "b", "c"]), share);
         assert_eq!(
             p.refusals,
             vec![Refusal::TooManyLeft {
                 flipping: 2,
                 active_in_db: 5,
-                max_percent: 20
+                max_percent: 20,
+                max_left: 0,
             }]
         );
-        let p = plan(&tenant(), Some("app"), &[], t, rows(), 20);
+        // At the defaults two departures of five pass: not more than 10.
+        let p = planned(&keep(&["a", "b", "c"]), DEFAULT_BOUND);
+        assert!(p.refusals.is_empty(), "{:?}", p.refusals);
+        let p = planned(&[], DEFAULT_BOUND);
         assert_eq!(p.refusals, vec![Refusal::EmptySnapshot { active_in_db: 5 }]);
         let roleless: Vec<Membership> = ["a", "b", "c", "d", "e"]
             .iter()
             .map(|s| member(s, MemberStatus::Active, &[]))
             .collect();
-        let p = plan(&tenant(), Some("app"), &roleless, t, rows(), 20);
+        let p = planned(&roleless, DEFAULT_BOUND);
         assert_eq!(
             p.refusals,
             vec![Refusal::NoRoles {
@@ -755,7 +919,7 @@ mod tests {
         );
         // A snapshot older than every row's events changes nothing and refuses nothing.
         let old = at("2026-08-20T00:00:00Z");
-        let p = plan(&tenant(), Some("app"), &[], old, rows(), 20);
+        let p = plan(&tenant(), Some("app"), &[], old, rows(), DEFAULT_BOUND);
         assert_eq!(p.counts.marked_left, 0);
         assert_eq!(p.counts.unchanged, 5);
         assert_eq!(p.refusals, vec![Refusal::EmptySnapshot { active_in_db: 5 }]);
@@ -941,7 +1105,7 @@ mod tests {
                 match arrival {
                     Arrival::Webhook(e) => model.apply(e),
                     Arrival::Snapshot((at, members)) => {
-                        let p = plan(&tenant(), Some("app"), members, *at, model.stored_rows(), 100);
+                        let p = plan(&tenant(), Some("app"), members, *at, model.stored_rows(), NO_BOUND);
                         for e in &p.effects {
                             model.apply_versioned(&e.sub, &e.version, &e.changes);
                         }

@@ -11,7 +11,8 @@
 use crate::authvital::ApiSettings;
 use crate::failure::Failure;
 use crate::metrics::{ReconcileMetrics, RunOutcome};
-use crate::reconcile::{Mode, Reconciler, Report};
+use crate::progress;
+use crate::reconcile::{LeftBound, Mode, Reconciler, Report};
 use crate::settings::{Checked, ReconcileSchedule, Settings};
 use crate::tenant_db::provision::{connect, migrator, quote_identifier};
 use crate::tenant_db::resolve::{Resolver, TenantDb, PLACEHOLDER};
@@ -119,18 +120,17 @@ async fn tenants_in_shared_database(db: &TenantDb) -> anyhow::Result<Vec<Target>
 /// is set, so it checks those settings here.
 pub fn reconciler(settings: &Settings, metrics: ReconcileMetrics) -> anyhow::Result<Reconciler> {
     let (api, application_id) = settings.reconcile_settings()?;
-    build(
-        api,
-        application_id,
-        settings.reconcile_max_left_percent,
-        metrics,
-    )
+    let left = LeftBound {
+        max_percent: settings.reconcile_max_left_percent,
+        max_count: settings.reconcile_max_left,
+    };
+    build(api, application_id, left, metrics)
 }
 
 fn build(
     api: ApiSettings,
     application_id: Option<String>,
-    max_left_percent: u8,
+    left: LeftBound,
     metrics: ReconcileMetrics,
 ) -> anyhow::Result<Reconciler> {
     let api = crate::authvital::AuthVital::new(api, metrics.clone())
@@ -138,13 +138,14 @@ fn build(
     Ok(Reconciler {
         api,
         application_id,
-        max_left_percent,
+        left,
         metrics,
     })
 }
 
-/// Runs the command, one report per tenant on `out`, progress of `--all` on stderr. Every tenant
-/// is tried; the result is an error when any was refused or failed.
+/// Runs the command, one report per tenant on `out`, progress of `--all` on stderr (a bar on a
+/// terminal, none with `--json`). Every tenant is tried; the result is an error when any was
+/// refused or failed.
 pub async fn run<W: Write>(
     args: &ReconcileArgs,
     checked: &Checked,
@@ -169,10 +170,13 @@ pub async fn run<W: Write>(
     };
     let total = targets.len();
     let mut not_ok = 0usize;
-    for (i, (tenant, db)) in targets.into_iter().enumerate() {
-        if args.all {
-            eprintln!("[{}/{total}] reconciling tenant {tenant}", i + 1);
-        }
+    let progress = progress::bar(
+        "reconcile",
+        u64::try_from(total).unwrap_or(u64::MAX),
+        args.json || !args.all,
+    );
+    for (tenant, db) in targets {
+        progress.set_message(tenant.clone());
         let report = match (TenantId::parse(&tenant), db) {
             (Ok(id), Ok(db)) => reconcile_direct(&reconciler, settings, &db, &id, mode).await,
             (Err(e), _) => reconciler.failed(&tenant, &e),
@@ -181,12 +185,16 @@ pub async fn run<W: Write>(
         if !report.ok() {
             not_ok += 1;
         }
-        if args.json {
-            writeln!(out, "{}", serde_json::to_string(&report)?)?;
+        let line = if args.json {
+            serde_json::to_string(&report)?
         } else {
-            writeln!(out, "{report}")?;
-        }
+            report.to_string()
+        };
+        // Stdout and the bar may share a terminal: the line goes out while the bar is off it.
+        progress.suspend(|| writeln!(out, "{line}"))?;
+        progress.inc(1);
     }
+    progress.finish_and_clear();
     if args.all {
         eprintln!("reconciled {total} tenant(s), {not_ok} refused or failed");
     }
@@ -241,8 +249,13 @@ pub(crate) async fn schedule(
         interval,
         api,
         application_id,
+        max_left,
     } = schedule;
-    let reconciler = build(api, application_id, max_left_percent, metrics)?;
+    let left = LeftBound {
+        max_percent: max_left_percent,
+        max_count: max_left,
+    };
+    let reconciler = build(api, application_id, left, metrics)?;
     // The first round comes at a random point of the first interval.
     let mut wait = interval.mul_f64(rand::rng().random_range(0.0..1.0));
     loop {

@@ -127,9 +127,21 @@ pub struct Settings {
     pub reconcile_app_access: String,
 
     /// A reconcile refuses (unless --force) a snapshot that turns more than this percentage of
-    /// a tenant's active members to `left`.
+    /// a tenant's active members, and more than AVSYNC_RECONCILE_MAX_LEFT of them, to `left`.
     #[arg(long, global = true, env = "AVSYNC_RECONCILE_MAX_LEFT_PERCENT", value_name = "PERCENT", default_value_t = 20, value_parser = number_from_to(0u8, 100))]
     pub reconcile_max_left_percent: u8,
+
+    /// A reconcile refuses (unless --force) a snapshot that turns more than this many of a
+    /// tenant's active members, and more than AVSYNC_RECONCILE_MAX_LEFT_PERCENT of them, to
+    /// `left`; so a small tenant's routine departures pass.
+    #[arg(
+        long,
+        global = true,
+        env = "AVSYNC_RECONCILE_MAX_LEFT",
+        value_name = "COUNT",
+        default_value_t = 10
+    )]
+    pub reconcile_max_left: u32,
 }
 
 /// The retry ladder: at least one delay, each above zero.
@@ -174,6 +186,8 @@ pub struct ReconcileSchedule {
     pub api: ApiSettings,
     /// The application whose access and roles a reconcile takes (None with `ignore`).
     pub application_id: Option<String>,
+    /// `AVSYNC_RECONCILE_MAX_LEFT`, beside the share that `reconcile_cli::schedule` takes.
+    pub max_left: u32,
 }
 
 impl Settings {
@@ -209,6 +223,7 @@ impl Settings {
                     interval,
                     api,
                     application_id,
+                    max_left: self.reconcile_max_left,
                 })
             }
         };
@@ -392,5 +407,13 @@ mod tests {
         assert_eq!(s.clone().check().unwrap_err().name, "AVSYNC_AUTHVITAL_URL");
         assert!(parse(&["--reconcile-max-left-percent", "101"]).is_err());
         assert_eq!(parse(&[]).unwrap().reconcile_max_left_percent, 20);
+        assert_eq!(parse(&[]).unwrap().reconcile_max_left, 10);
+        assert_eq!(
+            parse(&["--reconcile-max-left", "3"])
+                .unwrap()
+                .reconcile_max_left,
+            3
+        );
+        assert!(parse(&["--reconcile-max-left", "-1"]).is_err());
     }
 }

@@ -101,11 +101,11 @@ fn a_missing_selection_shows_clap_s_whole_message() {
     for (args, alternatives) in [
         (
             &["dlq", "replay"][..],
-            "<--tenant <TENANT>|--event-id <EVENT_ID>|--all>",
+            "<--tenant <T>|--event-id <ID>|--class <CLASS>|--type <EVENT_TYPE>|--since <TIME>|--until <TIME>|--all>",
         ),
         (
             &["dlq", "purge"],
-            "<--tenant <TENANT>|--event-id <EVENT_ID>|--all>",
+            "<--tenant <T>|--event-id <ID>|--class <CLASS>|--type <EVENT_TYPE>|--since <TIME>|--until <TIME>|--all>",
         ),
         (&["migrate"], "<--tenant <TENANT>|--all>"),
     ] {
@@ -118,6 +118,24 @@ fn a_missing_selection_shows_clap_s_whole_message() {
         );
         assert!(err.contains(alternatives), "{args:?}: {err}");
         assert!(err.contains("Usage: avsync-worker"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn bad_dlq_filters_are_refused_before_the_broker_is_asked() {
+    for (args, needle) in [
+        (&["dlq", "replay", "--since", "yesterday"][..], "RFC 3339"),
+        (&["dlq", "list", "--until", "2026-12-06"], "RFC 3339"),
+        (&["dlq", "summary", "--class", "sometimes"], "poison"),
+        (
+            &["dlq", "purge", "--all", "--tenant", "acme"],
+            "cannot be used with",
+        ),
+    ] {
+        let out = worker(args, &[]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
 
