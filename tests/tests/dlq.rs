@@ -13,7 +13,7 @@ use avsync_shared::topology::Topology;
 use avsync_shared::TenantId;
 use avsync_tests::support::{self, queue_depth, wait_until};
 use avsync_worker::dlq::{self, DeadLetter, ErrorClass};
-use avsync_worker::dlq_cli::{self, DlqCommand};
+use avsync_worker::ops::dlq_cli::{self, DlqCommand};
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::Parser;
 use futures_util::stream::{self, StreamExt};

@@ -10,10 +10,10 @@ use avsync_tests::worker_harness::{
     effect_of, random_history, settings, TestDatabases, TestWorker,
 };
 use avsync_worker::apply::{self, Identity, Model};
-use avsync_worker::authvital::{MemberStatus, Membership, Role, User};
 use avsync_worker::metrics::{ReconcileMetrics, RunOutcome};
-use avsync_worker::reconcile::{plan, LeftBound, Mode};
-use avsync_worker::reconcile_cli::{self, ReconcileArgs};
+use avsync_worker::ops::authvital::{MemberStatus, Membership, Role, User};
+use avsync_worker::ops::reconcile::{plan, LeftBound, Mode};
+use avsync_worker::ops::reconcile_cli::{self, ReconcileArgs};
 use avsync_worker::settings::Settings;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;

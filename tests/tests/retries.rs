@@ -10,9 +10,9 @@ use avsync_tests::support::{self, queue_depth, wait_until, TcpProxy};
 use avsync_tests::worker_harness::{
     model_of, publish, publisher, settings, take_dead_letters, TestDatabases, TestWorker,
 };
-use avsync_worker::dlq_cli::{self, DlqCommand, ListArgs};
-use avsync_worker::dlq_select::{Filters, Selection};
 use avsync_worker::metrics::Outcome;
+use avsync_worker::ops::dlq_cli::{self, DlqCommand, ListArgs};
+use avsync_worker::ops::dlq_select::{Filters, Selection};
 use lapin::options::{BasicGetOptions, BasicNackOptions};
 use std::time::Duration;
 

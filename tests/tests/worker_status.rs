@@ -10,7 +10,7 @@ use avsync_tests::worker_harness::{
     TestWorker,
 };
 use avsync_worker::metrics::Outcome;
-use avsync_worker::status::{self, Status, StatusArgs};
+use avsync_worker::ops::status::{self, Status, StatusArgs};
 use std::time::Duration;
 
 const PARTITIONS: u16 = 2;

@@ -9,7 +9,7 @@ use avsync_tests::worker_harness::{
     wait_for_dead_letters, TestDatabases, TestWorker,
 };
 use avsync_worker::metrics::Outcome;
-use avsync_worker::migrate::{self, MigrateArgs};
+use avsync_worker::ops::migrate::{self, MigrateArgs};
 use avsync_worker::settings::{Checked, Settings};
 use serde_json::json;
 use sqlx::Connection;

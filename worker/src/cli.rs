@@ -1,11 +1,11 @@
 //! The `avsync-worker` command line: consume (the default), `migrate`, `dlq`, `reconcile`,
 //! `status`.
 
-use crate::dlq_cli::DlqCommand;
-use crate::migrate::MigrateArgs;
-use crate::reconcile_cli::ReconcileArgs;
+use crate::ops::dlq_cli::DlqCommand;
+use crate::ops::migrate::MigrateArgs;
+use crate::ops::reconcile_cli::ReconcileArgs;
+use crate::ops::status::StatusArgs;
 use crate::settings::Settings;
-use crate::status::StatusArgs;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]

@@ -9,28 +9,20 @@
 //! each server's `budget`, `provision`) → `apply` (the event rules, one statement) → `settle`
 //! (the message settles itself: ack, retry, set aside, dead letter, hand back). What a failure
 //! means is decided once, in `failure::decide`, fed what `execute::outage` probed. The operator
-//! commands (`dlq_cli`, `migrate`, `reconcile_cli` with `reconcile` and `authvital`) use
+//! commands (`ops`: `dlq_cli`, `migrate`, `reconcile_cli` with `reconcile` and `authvital`, `status`) use
 //! `tenant_db` and the broker directly.
 
 pub mod apply;
-pub mod authvital;
 pub mod cli;
 pub(crate) mod consume;
 pub mod dlq;
-pub mod dlq_cli;
-pub mod dlq_select;
-pub mod dlq_summary;
 pub(crate) mod execute;
 pub mod failure;
 pub mod metrics;
-pub mod migrate;
-pub(crate) mod progress;
-pub mod reconcile;
-pub mod reconcile_cli;
+pub mod ops;
 pub(crate) mod retry;
 pub mod settings;
 pub(crate) mod settle;
-pub mod status;
 pub mod tenant_db;
 
 /// What only `avsync-tests` (the tests, the benchmark and the demo) reach inside the worker.
@@ -213,7 +205,7 @@ impl Tasks {
             admin: tokio::spawn(
                 axum::serve(
                     listener,
-                    admin::router(registry, ready_check).merge(status::router(worker.clone())),
+                    admin::router(registry, ready_check).merge(ops::status::router(worker.clone())),
                 )
                 .with_graceful_shutdown(shutdown.clone().cancelled_owned())
                 .into_future(),
@@ -228,7 +220,7 @@ impl Tasks {
                 .run(shutdown.clone()),
             ),
             reconcile: reconcile.map(|schedule| {
-                tokio::spawn(reconcile_cli::schedule(
+                tokio::spawn(ops::reconcile_cli::schedule(
                     worker.applying.dbs.clone(),
                     worker.metrics.reconcile.clone(),
                     schedule,

@@ -15,20 +15,20 @@ async fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(checked).await,
         Command::Migrate(args) => {
-            avsync_worker::migrate::run(&args, &checked, &mut std::io::stdout()).await
+            avsync_worker::ops::migrate::run(&args, &checked, &mut std::io::stdout()).await
         }
         Command::Dlq(command) => {
-            avsync_worker::dlq_cli::run(command, &checked.settings.common).await
+            avsync_worker::ops::dlq_cli::run(command, &checked.settings.common).await
         }
         Command::Status(args) => {
-            avsync_worker::status::run(&args, &checked.settings.common, &mut std::io::stdout())
+            avsync_worker::ops::status::run(&args, &checked.settings.common, &mut std::io::stdout())
                 .await
         }
         Command::Reconcile(args) => {
             if let Err(e) = checked.settings.reconcile_settings() {
                 exit_bad_setting(PROGRAM, &e.to_string());
             }
-            avsync_worker::reconcile_cli::run(&args, &checked, &mut std::io::stdout()).await
+            avsync_worker::ops::reconcile_cli::run(&args, &checked, &mut std::io::stdout()).await
         }
     };
     match result {

@@ -1,6 +1,6 @@
 //! Every worker setting: a flag with an environment fallback; `--help` lists them with defaults.
 
-use crate::authvital::{ApiSettings, ClientSecret};
+use crate::ops::authvital::{ApiSettings, ClientSecret};
 use crate::retry::RetryPolicy;
 use crate::tenant_db::pools::PoolSettings;
 use crate::tenant_db::resolve::{setting_url, Template, TenantSource};

@@ -1,6 +1,6 @@
 //! The operator commands `dlq list`, `dlq summary`, `dlq replay` and `dlq purge`: one walk over
 //! the dead-letter queue, each command deciding what to do with the letters it meets, which the
-//! filters of [`crate::dlq_select`] choose.
+//! filters of [`crate::ops::dlq_select`] choose.
 //!
 //! Every move is confirmed before the source is removed: a dead letter is acknowledged away only
 //! after its republish was confirmed, so an interrupted replay or a broker restart loses nothing.
@@ -9,9 +9,9 @@
 //! is replayed at the broker's pace rather than one round trip at a time.
 
 use crate::dlq::Listed;
-use crate::dlq_select::{Filter, Filters, Selection};
-use crate::dlq_summary::Summary;
-use crate::progress;
+use crate::ops::dlq_select::{Filter, Filters, Selection};
+use crate::ops::dlq_summary::Summary;
+use crate::ops::progress;
 use avsync_shared::broker::headers::{
     carried_headers, header_str, long, republished, FAILURE_HEADERS, TENANT_HEADER,
 };

@@ -18,8 +18,8 @@
 //!   `avsync_reconcile_runs`), so that many workers ask AuthVital once per tenant and interval.
 
 use crate::apply::{self, Identity, Model, Stored, VersionedEffect};
-use crate::authvital::{ApiError, AuthVital, MemberStatus, Membership};
 use crate::metrics::{ReconcileMetrics, RunOutcome};
+use crate::ops::authvital::{ApiError, AuthVital, MemberStatus, Membership};
 use avsync_shared::event::{Change, EventTime, Field, MembershipStatus};
 use avsync_shared::TenantId;
 use chrono::Utc;
@@ -657,7 +657,7 @@ async fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authvital::{Role, User};
+    use crate::ops::authvital::{Role, User};
     use avsync_shared::event::{Effect, EventKey};
     use proptest::prelude::*;
 

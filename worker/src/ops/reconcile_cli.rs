@@ -8,11 +8,11 @@
 //! with no database (or no row) yet is reconciled with `--tenant`, which creates and migrates its
 //! database as the worker would.
 
-use crate::authvital::ApiSettings;
 use crate::failure::Failure;
 use crate::metrics::{ReconcileMetrics, RunOutcome};
-use crate::progress;
-use crate::reconcile::{LeftBound, Mode, Reconciler, Report};
+use crate::ops::authvital::ApiSettings;
+use crate::ops::progress;
+use crate::ops::reconcile::{LeftBound, Mode, Reconciler, Report};
 use crate::settings::{Checked, ReconcileSchedule, Settings};
 use crate::tenant_db::provision::{connect, migrator, quote_identifier};
 use crate::tenant_db::resolve::{Resolver, TenantDb, PLACEHOLDER};
@@ -133,7 +133,7 @@ fn build(
     left: LeftBound,
     metrics: ReconcileMetrics,
 ) -> anyhow::Result<Reconciler> {
-    let api = crate::authvital::AuthVital::new(api, metrics.clone())
+    let api = crate::ops::authvital::AuthVital::new(api, metrics.clone())
         .context("cannot build the HTTP client for AuthVital")?;
     Ok(Reconciler {
         api,
