@@ -65,6 +65,7 @@ const METRICS: &[&str] = &[
     "avsync_worker_tenant_pools",
     "avsync_worker_queue_messages",
     "avsync_worker_ready",
+    "avsync_worker_server_reachable",
 ];
 const HISTOGRAMS: &[&str] = &[
     "avsync_ingress_publish_seconds",

@@ -36,6 +36,10 @@ pub const REPLAY_WINDOW: usize = 256;
 const CONSUMER_WINDOW: u16 = u16::MAX;
 /// How long a walk waits for the next letter before it takes the queue for empty.
 const WALK_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+/// Longest a walk waits for the queue to count the letters it handed back, and how often it
+/// looks.
+const RETURN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+const RETURN_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// `avsync-worker dlq …`
 #[derive(Debug, Subcommand)]
@@ -120,10 +124,24 @@ struct Walked {
 impl Walked {
     /// Closes the walk's channels, each after the acknowledgements sent on it (the broker takes
     /// a channel's frames in order), so the letters nobody acknowledged go back to the queue and
-    /// no acknowledgement is lost to a connection closing first. Returns the walk's total.
-    async fn close(self) -> u32 {
+    /// no acknowledgement is lost to a connection closing first. A quorum queue counts a letter
+    /// handed back only once its log has applied the return, a moment after the close: the walk
+    /// ends when the queue counts them again (the `taken` ones aside), for at most
+    /// [`RETURN_WAIT`], so that a command right after this one finds every letter. Returns the
+    /// walk's total.
+    async fn close(self, channel: &Channel, topology: &Topology, taken: u64) -> u32 {
         for channel in self.channels {
             let _ = channel.close(200, "walked".into()).await;
+        }
+        let back = u64::from(self.total).saturating_sub(taken);
+        let deadline = tokio::time::Instant::now() + RETURN_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            match dead_count(channel, topology).await {
+                Ok(count) if u64::from(count) < back => {
+                    tokio::time::sleep(RETURN_POLL).await;
+                }
+                _ => break,
+            }
         }
         self.total
     }
@@ -279,7 +297,7 @@ async fn list<W: Write>(
         },
     )
     .await?
-    .close()
+    .close(channel, topology, 0)
     .await;
     if !args.json {
         eprintln!("{shown} dead letter(s) shown of {total}");
@@ -309,7 +327,7 @@ async fn summary<W: Write>(
         },
     )
     .await?
-    .close()
+    .close(channel, topology, 0)
     .await;
     if json {
         writeln!(out, "{}", serde_json::to_string(&summary)?)?;
@@ -381,7 +399,7 @@ async fn replay<W: Write>(
     while let Some(done) = confirming.join_next().await {
         settled(Some(done), &mut replayed)?;
     }
-    walked.close().await;
+    walked.close(publisher.channel(), topology, replayed).await;
     progress.finish_and_clear();
     if skipped > 0 {
         eprintln!("{skipped} dead letter(s) without a valid tenant id were left in place");
@@ -431,7 +449,7 @@ async fn purge<W: Write>(
         },
     )
     .await?
-    .close()
+    .close(channel, topology, purged)
     .await;
     progress.finish_and_clear();
     writeln!(out, "purged {purged}")?;
