@@ -1873,6 +1873,47 @@ async fn a_full_bound_makes_room_by_closing_the_longest_waiting_connection() {
     child.stop().await;
 }
 
+/// With `AVSYNC_MAX_CONCURRENT_REQUESTS=2` and two requests whose bodies have not arrived, a
+/// third request is answered 503 `overloaded` with `Retry-After` at once (its body unread, so
+/// its connection closes) and nothing is published; once they are gone, a webhook gets 202.
+#[tokio::test]
+async fn requests_beyond_the_concurrent_bound_get_503_overloaded_and_publish_nothing() {
+    let scene = Scene::start_tuned(Tuning::default(), |s| s.max_concurrent_requests = 2).await;
+    let mut busy = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(&scene.addr).await.expect("connect");
+        stream
+            .write_all(&head("Content-Length: 10\r\n", b""))
+            .await
+            .expect("write");
+        busy.push(stream);
+    }
+    // An unsigned probe: 401 while a permit is free (it cannot be published), 503 once both are
+    // taken, since the bound is checked before anything else.
+    let body = event("evt-over-bound");
+    support::wait_until(
+        "the two bodies being waited for",
+        ANSWER_DEADLINE,
+        || async { (scene.post(&[], &body).await.status == 503).then_some(()) },
+    )
+    .await;
+    let answer = scene.post(&scene.standard(&body), &body).await;
+    assert_eq!(answer.refusal(), refused(503, "overloaded"));
+    scene
+        .assert_nothing_published("over the request bound")
+        .await;
+    drop(busy);
+    let body = event("evt-after-bound");
+    let answer = support::wait_until("the bound free again", ANSWER_DEADLINE, || async {
+        let answer = scene.post(&scene.standard(&body), &body).await;
+        (answer.status == 202).then_some(answer)
+    })
+    .await;
+    assert_eq!(answer.status, 202);
+    assert_eq!(scene.drain_ids().await, ["evt-after-bound"]);
+    scene.stop().await;
+}
+
 #[tokio::test]
 async fn the_default_header_bounds_answer_431_before_any_handler_runs() {
     let scene = Scene::start().await;
