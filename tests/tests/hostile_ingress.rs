@@ -1873,6 +1873,33 @@ async fn a_full_bound_makes_room_by_closing_the_longest_waiting_connection() {
     child.stop().await;
 }
 
+/// On shutdown a connection stalled mid-header is closed once the drain grace has passed, not
+/// kept until its (here 60 s) header read timeout: the ingress stops well within that.
+#[tokio::test]
+async fn shutdown_closes_connections_stalled_mid_header_without_waiting_for_the_timeout() {
+    let header_read_timeout = Duration::from_secs(60);
+    let scene = Scene::start_tuned(Tuning::default(), |s| {
+        s.header_read_timeout = header_read_timeout
+    })
+    .await;
+    let mut stalled = stall(&scene.addr).await;
+    support::wait_until("the stalled connection open", ANSWER_DEADLINE, || async {
+        (scene.metric("avsync_ingress_connections_open").await == 1.0).then_some(())
+    })
+    .await;
+    let signalled = Instant::now();
+    scene.stop().await;
+    let stopped_after = signalled.elapsed();
+    assert!(
+        stopped_after < header_read_timeout / 2,
+        "stopped only after {stopped_after:?}"
+    );
+    assert!(
+        closed_by_peer(&mut stalled).await,
+        "the stalled connection is closed"
+    );
+}
+
 /// With `AVSYNC_MAX_CONCURRENT_REQUESTS=2` and two requests whose bodies have not arrived, a
 /// third request is answered 503 `overloaded` with `Retry-After` at once (its body unread, so
 /// its connection closes) and nothing is published; once they are gone, a webhook gets 202.
