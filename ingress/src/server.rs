@@ -182,7 +182,9 @@ pub async fn serve(
             };
             if !finished {
                 tokio::select! {
+                    biased;
                     _ = connection.as_mut() => {}
+                    () = make_room.cancelled() => {}
                     _ = tokio::time::sleep(DRAIN_GRACE) => {
                         // One still waiting for a request head has nothing to finish: hyper's
                         // graceful shutdown would keep it until the header read timeout.

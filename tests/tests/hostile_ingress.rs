@@ -37,6 +37,10 @@ const KEY_SECRET: &[u8] = b"av-secret-one";
 /// Longest wait for any single answer; every refusal here should come far sooner.
 const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
 
+/// Taken by the tests that open thousands of connections, so that they run one at a time: side
+/// by side on a loaded 2-core machine, each would measure the other's flood.
+static FLOODS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn event(id: &str) -> Vec<u8> {
     format!(
         r#"{{"id":"{id}","data":{{"sub":"usr_1","email":"jane@acme.test"}},"type":"subject.created","tenant_id":"{TENANT}","timestamp":"2026-08-21T01:40:03.512Z","application_id":"app_crm"}}"#
@@ -1404,6 +1408,7 @@ async fn slow_headers_are_closed_within_the_header_read_timeout_and_publish_noth
 async fn two_thousand_connections_stalled_mid_header_are_closed_while_valid_requests_pass() {
     const STALLED: usize = 2_000;
     const VALID: usize = 100;
+    let _turn = FLOODS.lock().await;
     // Long enough that every stalled connection is still open once the last one is: opening
     // 2,000 takes seconds on a loaded 2-core machine.
     let bound = Duration::from_secs(15);
@@ -1663,6 +1668,7 @@ async fn five_thousand_connections_stalled_at_the_defaults_keep_no_valid_sender_
     const BESIDES: usize = 64;
     /// Generous: a stalled connection costs a few KiB; a body buffer each would be 256 KiB.
     const MOST_KIB_PER_CONNECTION: u64 = 64;
+    let _turn = FLOODS.lock().await;
     // This process holds the client end of every connection, besides what parallel tests hold.
     avsync_ingress::server::reserve_descriptors(STALLED + 2_048)
         .expect("file descriptors for 5,000 client ends");
