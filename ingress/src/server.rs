@@ -14,7 +14,8 @@
 //! Shutdown, as a sender sees it: for [`DRAIN_GRACE`] after the signal the listener still
 //! accepts and idle connections stay open, so a request already on its way is answered rather
 //! than reset; every answer from the signal on carries `Connection: close`; then the listener
-//! closes, idle connections are closed, and the rest close after their current answer.
+//! closes, connections waiting for a request head (idle or stalled) are closed, and the rest
+//! close after their current answer.
 
 use crate::waiting::{Place, Waiting, Watched};
 use axum::extract::Request;
@@ -181,10 +182,16 @@ pub async fn serve(
             };
             if !finished {
                 tokio::select! {
+                    biased;
                     _ = connection.as_mut() => {}
+                    () = make_room.cancelled() => {}
                     _ = tokio::time::sleep(DRAIN_GRACE) => {
-                        connection.as_mut().graceful_shutdown();
-                        let _ = connection.await;
+                        // One still waiting for a request head has nothing to finish: hyper's
+                        // graceful shutdown would keep it until the header read timeout.
+                        if !place.is_waiting() {
+                            connection.as_mut().graceful_shutdown();
+                            let _ = connection.await;
+                        }
                     }
                 }
             }

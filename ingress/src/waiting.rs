@@ -101,6 +101,11 @@ impl Place {
         *state = State::Ended;
     }
 
+    /// Whether the connection waits for a request head (it has no request to finish).
+    pub fn is_waiting(&self) -> bool {
+        matches!(*lock(&self.state), State::Waiting(_))
+    }
+
     fn busy(&self) {
         let mut state = lock(&self.state);
         if let State::Waiting(key) = *state {
@@ -211,6 +216,7 @@ mod tests {
         let third = Place::new(waiting.clone());
         // The first one's head arrives: it is busy, then waits again behind the others.
         first.busy();
+        assert!(!first.is_waiting() && second.is_waiting());
         assert!(waiting.close_oldest());
         assert!(second.closing().is_cancelled());
         assert!(!first.closing().is_cancelled() && !third.closing().is_cancelled());

@@ -37,6 +37,10 @@ const KEY_SECRET: &[u8] = b"av-secret-one";
 /// Longest wait for any single answer; every refusal here should come far sooner.
 const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
 
+/// Taken by the tests that open thousands of connections, so that they run one at a time: side
+/// by side on a loaded 2-core machine, each would measure the other's flood.
+static FLOODS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn event(id: &str) -> Vec<u8> {
     format!(
         r#"{{"id":"{id}","data":{{"sub":"usr_1","email":"jane@acme.test"}},"type":"subject.created","tenant_id":"{TENANT}","timestamp":"2026-08-21T01:40:03.512Z","application_id":"app_crm"}}"#
@@ -1404,6 +1408,7 @@ async fn slow_headers_are_closed_within_the_header_read_timeout_and_publish_noth
 async fn two_thousand_connections_stalled_mid_header_are_closed_while_valid_requests_pass() {
     const STALLED: usize = 2_000;
     const VALID: usize = 100;
+    let _turn = FLOODS.lock().await;
     // Long enough that every stalled connection is still open once the last one is: opening
     // 2,000 takes seconds on a loaded 2-core machine.
     let bound = Duration::from_secs(15);
@@ -1663,6 +1668,7 @@ async fn five_thousand_connections_stalled_at_the_defaults_keep_no_valid_sender_
     const BESIDES: usize = 64;
     /// Generous: a stalled connection costs a few KiB; a body buffer each would be 256 KiB.
     const MOST_KIB_PER_CONNECTION: u64 = 64;
+    let _turn = FLOODS.lock().await;
     // This process holds the client end of every connection, besides what parallel tests hold.
     avsync_ingress::server::reserve_descriptors(STALLED + 2_048)
         .expect("file descriptors for 5,000 client ends");
@@ -1871,6 +1877,74 @@ async fn a_full_bound_makes_room_by_closing_the_longest_waiting_connection() {
     // The client ends close, so that shutdown need not wait for the header read timeout.
     drop(flood);
     child.stop().await;
+}
+
+/// On shutdown a connection stalled mid-header is closed once the drain grace has passed, not
+/// kept until its (here 60 s) header read timeout: the ingress stops well within that.
+#[tokio::test]
+async fn shutdown_closes_connections_stalled_mid_header_without_waiting_for_the_timeout() {
+    let header_read_timeout = Duration::from_secs(60);
+    let scene = Scene::start_tuned(Tuning::default(), |s| {
+        s.header_read_timeout = header_read_timeout
+    })
+    .await;
+    let mut stalled = stall(&scene.addr).await;
+    support::wait_until("the stalled connection open", ANSWER_DEADLINE, || async {
+        (scene.metric("avsync_ingress_connections_open").await == 1.0).then_some(())
+    })
+    .await;
+    let signalled = Instant::now();
+    scene.stop().await;
+    let stopped_after = signalled.elapsed();
+    assert!(
+        stopped_after < header_read_timeout / 2,
+        "stopped only after {stopped_after:?}"
+    );
+    assert!(
+        closed_by_peer(&mut stalled).await,
+        "the stalled connection is closed"
+    );
+}
+
+/// With `AVSYNC_MAX_CONCURRENT_REQUESTS=2` and two requests whose bodies have not arrived, a
+/// third request is answered 503 `overloaded` with `Retry-After` at once (its body unread, so
+/// its connection closes) and nothing is published; once they are gone, a webhook gets 202.
+#[tokio::test]
+async fn requests_beyond_the_concurrent_bound_get_503_overloaded_and_publish_nothing() {
+    let scene = Scene::start_tuned(Tuning::default(), |s| s.max_concurrent_requests = 2).await;
+    let mut busy = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(&scene.addr).await.expect("connect");
+        stream
+            .write_all(&head("Content-Length: 10\r\n", b""))
+            .await
+            .expect("write");
+        busy.push(stream);
+    }
+    // An unsigned probe: 401 while a permit is free (it cannot be published), 503 once both are
+    // taken, since the bound is checked before anything else.
+    let body = event("evt-over-bound");
+    support::wait_until(
+        "the two bodies being waited for",
+        ANSWER_DEADLINE,
+        || async { (scene.post(&[], &body).await.status == 503).then_some(()) },
+    )
+    .await;
+    let answer = scene.post(&scene.standard(&body), &body).await;
+    assert_eq!(answer.refusal(), refused(503, "overloaded"));
+    scene
+        .assert_nothing_published("over the request bound")
+        .await;
+    drop(busy);
+    let body = event("evt-after-bound");
+    let answer = support::wait_until("the bound free again", ANSWER_DEADLINE, || async {
+        let answer = scene.post(&scene.standard(&body), &body).await;
+        (answer.status == 202).then_some(answer)
+    })
+    .await;
+    assert_eq!(answer.status, 202);
+    assert_eq!(scene.drain_ids().await, ["evt-after-bound"]);
+    scene.stop().await;
 }
 
 #[tokio::test]
