@@ -2,6 +2,8 @@
 //! every effect is observable, a sender that retries 503s, guards that bring a stopped shared
 //! service back, and the final ledger: every accepted event is applied or dead-lettered.
 
+pub mod servers;
+
 use crate::ingress_harness::TestIngress;
 use crate::support::{self, queue_depth, wait_until};
 use crate::worker_harness::{model_of, take_dead_letters, DeadLetterSeen, TestDatabases};

@@ -143,7 +143,7 @@ async fn registry_answers(registry: &PgPool) -> bool {
 }
 
 /// Whether the server of `options` answers: its maintenance database `postgres` is asked, and
-/// any answer, even a refusal, means it is up.
+/// any answer but "starting up" or "shutting down", even a refusal, means it is up.
 async fn server_answers(options: &sqlx::postgres::PgConnectOptions) -> bool {
     use sqlx::Connection as _;
     let maintenance = options.clone().database("postgres");
@@ -157,6 +157,8 @@ async fn server_answers(options: &sqlx::postgres::PgConnectOptions) -> bool {
             let _ = conn.close().await;
             true
         }
+        // Starting up or shutting down (57P03): it gives no session to anyone for a while.
+        Ok(Err(sqlx::Error::Database(db))) if db.code().as_deref() == Some("57P03") => false,
         // The server answered: a refused login, a missing database or "too many connections"
         // all mean it is up.
         Ok(Err(sqlx::Error::Database(_))) => true,

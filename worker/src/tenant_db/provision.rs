@@ -153,8 +153,10 @@ fn is_already_created(e: &sqlx::Error) -> bool {
 }
 
 /// Whether a refused connection is the server's lack of slots (too many clients, the reserved
-/// slots, a role's limit, not accepting connections now) or one database's own
-/// `CONNECTION LIMIT`. PostgreSQL gives both SQLSTATE 53300; only the text tells them apart.
+/// slots, a role's limit) or one database's own `CONNECTION LIMIT`: PostgreSQL gives both
+/// SQLSTATE 53300, only the text tells them apart. A server that is starting up or shutting
+/// down (57P03) has no session to give anyone for a while: that is the server being away, as
+/// when it refuses the connection outright, not a lack of slots to wait for.
 fn connect_failure(e: sqlx::Error, database: &str) -> Failure {
     if let sqlx::Error::Database(db) = &e {
         match db.code().as_deref() {
@@ -167,7 +169,7 @@ fn connect_failure(e: sqlx::Error, database: &str) -> Failure {
                     database: database.to_owned(),
                 };
             }
-            Some("53300" | "57P03") => return Failure::Refused(Arc::new(e)),
+            Some("53300") => return Failure::Refused(Arc::new(e)),
             _ => {}
         }
     }
