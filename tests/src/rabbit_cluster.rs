@@ -47,6 +47,22 @@ pub struct Node {
 }
 
 impl Node {
+    fn configure(&self) {
+        std::fs::write(
+            self.dir.join("rabbitmq.conf"),
+            format!(
+                "listeners.tcp.1 = 127.0.0.1:{}\nlog.console = false\n",
+                self.port
+            ),
+        )
+        .expect("node config");
+    }
+
+    /// The exit status, once the node's process has ended by itself.
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.process.as_mut()?.try_wait().ok().flatten()
+    }
+
     fn start(&mut self, home: &Path) {
         let log = std::fs::File::create(self.dir.join("stdout.log")).expect("node stdout log");
         let child = Command::new(Path::new(RABBITMQ_BIN).join("rabbitmq-server"))
@@ -136,24 +152,19 @@ impl RabbitCluster {
         for i in 0..size {
             let dir = home.join(format!("n{i}"));
             std::fs::create_dir_all(&dir).expect("node directory");
-            let port = free_port();
-            std::fs::write(
-                dir.join("rabbitmq.conf"),
-                format!("listeners.tcp.1 = 127.0.0.1:{port}\nlog.console = false\n"),
-            )
-            .expect("node config");
             let mut node = Node {
                 name: format!("{tag}-{i}@localhost"),
-                port,
+                port: free_port(),
                 dist_port: free_port(),
                 dir,
                 process: None,
             };
+            node.configure();
             node.start(&home);
             cluster.nodes.push(node);
         }
         for i in 0..size {
-            cluster.await_startup(i).await;
+            cluster.await_startup(i, true).await;
         }
         let first = cluster.nodes[0].name.clone();
         for i in 1..size {
@@ -223,24 +234,43 @@ impl RabbitCluster {
     }
 
     /// Waits until node `i` has booted; it is not known to the command-line tools before its
-    /// VM registered its name.
-    async fn await_startup(&self, node: usize) {
-        let timeout = NODE_START.as_secs().to_string();
-        wait_until(
-            &format!(
-                "{} started (log: {})",
-                self.nodes[node].name,
-                self.nodes[node].dir.join("log").display()
-            ),
-            NODE_START,
-            || async {
-                self.try_ctl(node, &["await_startup", "--timeout", &timeout])
-                    .await
-                    .ok()
-                    .map(|_| ())
-            },
-        )
-        .await;
+    /// VM registered its name. A node that exits while booting at the cluster's first start is
+    /// started again on other ports (`may_move`): a free port chosen for it may have been taken
+    /// by another process before the node bound it.
+    async fn await_startup(&mut self, i: usize, may_move: bool) {
+        let started = std::time::Instant::now();
+        let mut moves = 0;
+        loop {
+            if self
+                .try_ctl(i, &["await_startup", "--timeout", "5"])
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            let node = &mut self.nodes[i];
+            if let Some(status) = node.exited() {
+                assert!(
+                    may_move && moves < 3,
+                    "{} exited while booting ({status}); log: {}",
+                    node.name,
+                    node.dir.join("log").display()
+                );
+                moves += 1;
+                node.port = free_port();
+                node.dist_port = free_port();
+                node.configure();
+                let home = self.home.clone();
+                self.nodes[i].start(&home);
+            }
+            assert!(
+                started.elapsed() < NODE_START,
+                "{} did not start within {NODE_START:?} (log: {})",
+                self.nodes[i].name,
+                self.nodes[i].dir.join("log").display()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     /// SIGKILL to node `i`: no chance to hand anything over.
@@ -253,7 +283,7 @@ impl RabbitCluster {
     pub async fn restart(&mut self, i: usize, prefix: &str) {
         let home = self.home.clone();
         self.nodes[i].start(&home);
-        self.await_startup(i).await;
+        self.await_startup(i, false).await;
         let name = self.nodes[i].name.clone();
         wait_until(
             &format!("every queue of {prefix} online on {name} again"),
@@ -371,7 +401,14 @@ impl Drop for RabbitCluster {
         for node in &mut self.nodes {
             node.kill9();
         }
-        let _ = std::fs::remove_dir_all(&self.home);
+        if std::thread::panicking() {
+            eprintln!(
+                "the cluster's node logs are kept in {}",
+                self.home.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.home);
+        }
     }
 }
 
