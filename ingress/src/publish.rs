@@ -1,5 +1,11 @@
 //! The broker side: one long-lived connection with one confirming channel, shared by every
 //! request. A request gets its 202 only after the broker confirmed its own message.
+//!
+//! A publish that the channel could not get confirmed (a nack, a lost channel or connection) is
+//! sent again on the channel that replaces it, within the publish timeout: the broker did not
+//! take it, and a copy that it did take after all is one more delivery of an idempotent event.
+//! A channel closed under a live connection (the shared publisher closes one that nacks or
+//! stalls) is replaced on that connection at once; a lost connection moves on to the next node.
 
 use crate::metrics::Metrics;
 use avsync_shared::backoff::jittered;
@@ -16,6 +22,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 /// How often the supervisor looks at the connection's state.
 const HEALTH_POLL: Duration = Duration::from_millis(200);
+/// A request that finds no healthy channel within this long after there was one waits for the
+/// replacement (a channel reopened, a connection moved to the next node: tens of milliseconds)
+/// rather than answering 503; without a channel for longer, it answers 503 at once.
+const RECONNECT_GRACE: Duration = Duration::from_secs(2);
+/// Least time between two channel replacements: right after a quorum queue's leader changed, a
+/// few fresh channels in a row may still be refused, and a broker that keeps refusing (a length
+/// limit someone set) must not be sent a new channel in a tight loop.
+const REPLACE_EVERY: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -67,6 +81,11 @@ struct Link {
 }
 
 impl Link {
+    fn same(&self, other: &Link) -> bool {
+        Arc::ptr_eq(&self.connection, &other.connection)
+            && self.publisher.channel().id() == other.publisher.channel().id()
+    }
+
     fn healthy(&self) -> bool {
         let channel = self.publisher.channel();
         self.connection.status().connected()
@@ -80,6 +99,12 @@ struct Inner {
     timeout: Duration,
     metrics: Metrics,
     link: RwLock<Option<Link>>,
+    /// When the supervisor last saw a healthy link.
+    last_healthy: RwLock<Option<Instant>>,
+    /// Wakes the publishes waiting for a new link.
+    replaced: Notify,
+    /// A publish failed on the current link: the supervisor looks at it now.
+    suspect: Notify,
     redeclare: Notify,
     /// One permit per webhook waiting for its confirm, so that a slow broker makes the ingress
     /// answer 503 instead of holding ever more bodies.
@@ -98,7 +123,48 @@ impl Inner {
     }
 
     fn set(&self, link: Option<Link>) {
+        let replaced = link.is_some();
         *self.link.write().unwrap_or_else(|e| e.into_inner()) = link;
+        if replaced {
+            self.saw_healthy();
+            self.replaced.notify_waiters();
+        }
+    }
+
+    fn saw_healthy(&self) {
+        *self.last_healthy.write().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// A healthy link now, or, within [`RECONNECT_GRACE`] of the last one, the one replacing it.
+    async fn usable(&self) -> Option<Link> {
+        let replaced = self.replaced.notified();
+        if let Some(link) = self.current() {
+            return Some(link);
+        }
+        let last = (*self.last_healthy.read().unwrap_or_else(|e| e.into_inner()))?;
+        let until = tokio::time::Instant::from_std(last + RECONNECT_GRACE);
+        tokio::pin!(replaced);
+        loop {
+            tokio::select! {
+                _ = &mut replaced => {}
+                _ = tokio::time::sleep_until(until) => return None,
+            }
+            replaced.set(self.replaced.notified());
+            if let Some(link) = self.current() {
+                return Some(link);
+            }
+        }
+    }
+
+    /// The first healthy link other than `failed`, however long that takes (callers bound it).
+    async fn next_link(&self, failed: &Link) -> Link {
+        loop {
+            let replaced = self.replaced.notified();
+            if let Some(link) = self.current().filter(|l| !l.same(failed)) {
+                return link;
+            }
+            replaced.await;
+        }
     }
 }
 
@@ -128,6 +194,9 @@ impl Publisher {
             timeout,
             metrics,
             link: RwLock::new(None),
+            last_healthy: RwLock::new(None),
+            replaced: Notify::new(),
+            suspect: Notify::new(),
             redeclare: Notify::new(),
             pending: Semaphore::new(max_pending),
             max_pending,
@@ -170,7 +239,11 @@ impl Publisher {
         envelope: &Envelope,
         body: &[u8],
     ) -> Result<(), PublishError> {
-        let link = self.inner.current().ok_or(PublishError::NotConnected)?;
+        let mut link = self
+            .inner
+            .usable()
+            .await
+            .ok_or(PublishError::NotConnected)?;
         let topology = &self.inner.topology;
         let routing_key = Topology::routing_key(topology.partition_of(&envelope.tenant_id));
         let mut headers = FieldTable::default();
@@ -187,10 +260,22 @@ impl Publisher {
             .with_content_type("application/json".into())
             .with_message_id(envelope.id.as_str().into())
             .with_headers(headers);
-        link.publisher
-            .publish(&topology.events_exchange(), &routing_key, body, properties)
-            .await?;
-        Ok(())
+        let exchange = topology.events_exchange();
+        loop {
+            match link
+                .publisher
+                .publish(&exchange, &routing_key, body, properties.clone())
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(e @ broker::PublishError::Unroutable(_)) => return Err(e.into()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "publish not confirmed; sending it again on the next channel");
+                    self.inner.suspect.notify_one();
+                    link = self.inner.next_link(&link).await;
+                }
+            }
+        }
     }
 }
 
@@ -204,7 +289,7 @@ async fn supervise(inner: Arc<Inner>, amqp_url: String, stop: CancellationToken)
             .notify(|e: &lapin::Error, wait: Duration| {
                 failures.failed("cannot reach the broker", e, wait);
             });
-        let link = tokio::select! {
+        let mut link = tokio::select! {
             _ = stop.cancelled() => return,
             link = connect => match link {
                 Ok(link) => link,
@@ -215,6 +300,7 @@ async fn supervise(inner: Arc<Inner>, amqp_url: String, stop: CancellationToken)
             },
         };
         failures.connected();
+        let mut last_replaced = tokio::time::Instant::now();
         inner.set(Some(link.clone()));
         tracing::info!(
             topology = inner.topology.prefix(),
@@ -237,11 +323,22 @@ async fn supervise(inner: Arc<Inner>, amqp_url: String, stop: CancellationToken)
                         tracing::warn!(error = %e, "re-declaring the topology failed");
                     }
                 }
-                _ = tokio::time::sleep(HEALTH_POLL) => {
-                    if !link.healthy() {
-                        break;
-                    }
+                _ = inner.suspect.notified() => {}
+                _ = tokio::time::sleep(HEALTH_POLL) => {}
+            }
+            if link.healthy() {
+                inner.saw_healthy();
+                continue;
+            }
+            tokio::time::sleep_until(last_replaced + REPLACE_EVERY).await;
+            last_replaced = tokio::time::Instant::now();
+            match replace_channel(&link).await {
+                Some(replaced) => {
+                    tracing::info!("replaced the publishing channel");
+                    link = replaced;
+                    inner.set(Some(link.clone()));
                 }
+                None => break,
             }
         }
         inner.set(None);
@@ -252,6 +349,28 @@ async fn supervise(inner: Arc<Inner>, amqp_url: String, stop: CancellationToken)
             link.connection.close(200, "reconnecting".into()),
         )
         .await;
+    }
+}
+
+/// A new confirming channel on `link`'s connection, while that connection is open.
+async fn replace_channel(link: &Link) -> Option<Link> {
+    if !link.connection.status().connected() {
+        return None;
+    }
+    let open = async { ConfirmedPublisher::open(link.connection.create_channel().await?).await };
+    match tokio::time::timeout(CONNECT_TIMEOUT, open).await {
+        Ok(Ok(publisher)) => Some(Link {
+            connection: link.connection.clone(),
+            publisher,
+        }),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot open a new publishing channel; reconnecting");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("no new publishing channel within {CONNECT_TIMEOUT:?}; reconnecting");
+            None
+        }
     }
 }
 

@@ -488,15 +488,22 @@ fn serve(format: &str, amqp_url: &str, topology: &Topology, secrets: &Secrets) -
 async fn a_connected_ingress_never_shows_a_secret() {
     let secrets = Secrets::new();
     let user = BrokerUser::create(&secrets.amqp_password);
-    for format in ["text", "json"] {
+    let url = user.url(&secrets.amqp_password);
+    // A cluster's list whose other node is down: the failed attempt is logged too.
+    let list = format!(
+        "amqp://guest:{}@127.0.0.1:{}/%2f,{url}",
+        secrets.amqp_password,
+        closed_port()
+    );
+    for (format, url) in [
+        ("text", &url),
+        ("json", &url),
+        ("text", &list),
+        ("json", &list),
+    ] {
         let topology = Topology::new(&unique("t"), PARTITIONS).expect("topology");
         let _cleanup = TopologyCleanup(topology.clone());
-        let running = Running::spawn(serve(
-            format,
-            &user.url(&secrets.amqp_password),
-            &topology,
-            &secrets,
-        ));
+        let running = Running::spawn(serve(format, url, &topology, &secrets));
         let (addr, metrics_addr) = running.addresses().await;
         running
             .wait_for_line("connected to the broker", |l| {
@@ -523,10 +530,7 @@ async fn a_connected_ingress_never_shows_a_secret() {
 #[tokio::test]
 async fn an_unreachable_or_refusing_broker_never_shows_the_password() {
     let secrets = Secrets::new();
-    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let closed_port = closed_port();
     let password = &secrets.amqp_password;
     let urls = [
         (
@@ -544,6 +548,12 @@ async fn an_unreachable_or_refusing_broker_never_shows_the_password() {
         (
             "unknown vhost",
             format!("amqp://guest:{password}@127.0.0.1:5672/{}", unique("vhost")),
+        ),
+        (
+            "a cluster's nodes, one down and one refusing",
+            format!(
+                "amqp://guest:{password}@127.0.0.1:{closed_port}/%2f,amqp://guest:{password}@127.0.0.1:5672/%2f"
+            ),
         ),
     ];
     for format in ["text", "json"] {
@@ -635,6 +645,23 @@ async fn a_bad_setting_or_help_never_shows_a_secret() {
             ],
         ),
         (
+            "a cluster's list with a URL that is not one",
+            vec![
+                ("AVSYNC_HMAC_SECRETS", secrets.setting.clone()),
+                (
+                    "AVSYNC_AMQP_URL",
+                    format!("{url},guest:{}@127.0.0.1", secrets.amqp_password),
+                ),
+            ],
+        ),
+        (
+            "a cluster's list with an empty entry",
+            vec![
+                ("AVSYNC_HMAC_SECRETS", secrets.setting.clone()),
+                ("AVSYNC_AMQP_URL", format!("{url},,{url}")),
+            ],
+        ),
+        (
             "an unknown log format beside the secrets",
             vec![
                 ("AVSYNC_HMAC_SECRETS", secrets.setting.clone()),
@@ -666,4 +693,12 @@ async fn a_bad_setting_or_help_never_shows_a_secret() {
     assert!(status.success());
     assert!(seen.stdout.contains("AVSYNC_HMAC_SECRETS"));
     assert_no_secret("--help", &seen, &secrets);
+}
+
+/// A loopback port nothing listens on.
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }

@@ -33,7 +33,7 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
 /// Broker, topology and private listener: the same for ingress and worker.
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
-    /// The RabbitMQ broker.
+    /// The RabbitMQ broker: one URL, or the comma-separated URLs of one cluster's nodes.
     #[arg(long, global = true, env = "AVSYNC_AMQP_URL", value_name = "URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
     pub amqp_url: String,
 
@@ -81,12 +81,8 @@ impl CommonArgs {
     /// parsed here because the broker client's own parse error quotes the whole URL, password
     /// included, and would be logged at every reconnect attempt.
     pub fn check(&self) -> Result<Topology, BadSetting> {
-        if self.amqp_url.parse::<lapin::uri::AMQPUri>().is_err() {
-            return Err(BadSetting::new(
-                "AVSYNC_AMQP_URL",
-                "is not an AMQP URL like amqp://user:password@host:5672/%2f (not shown: it may hold a password)",
-            ));
-        }
+        crate::broker::Nodes::parse(&self.amqp_url)
+            .map_err(|e| BadSetting::new("AVSYNC_AMQP_URL", e.to_string()))?;
         self.topology().map_err(|e| {
             let name = match e {
                 TopologyError::BadPrefix => "AVSYNC_TOPOLOGY",
@@ -209,10 +205,14 @@ mod tests {
     #[test]
     fn check_names_the_setting_and_never_shows_the_broker_password() {
         assert!(common(DEFAULT_AMQP_URL, "avsync", 16).check().is_ok());
+        let cluster = "amqp://u:p@a:5672/%2f,amqp://u:p@b:5672/%2f, amqp://u:p@c:5672/%2f";
+        assert!(common(cluster, "avsync", 16).check().is_ok());
         for url in [
             "not a url hidden-pass",
             "http://u:hidden-pass@h/",
             "amqp://u:hidden-pass@h:notaport/",
+            "amqp://u:hidden-pass@a:5672/%2f,amqp://u:hidden-pass@b:notaport/",
+            "amqp://u:hidden-pass@a:5672/%2f,,amqp://u:hidden-pass@b:5672/%2f",
         ] {
             let err = common(url, "avsync", 16).check().unwrap_err();
             assert_eq!(err.name, "AVSYNC_AMQP_URL", "{url}");

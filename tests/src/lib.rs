@@ -7,5 +7,6 @@ pub mod fake_authvital;
 pub mod faults;
 pub mod ingress_harness;
 pub mod processes;
+pub mod rabbit_cluster;
 pub mod support;
 pub mod worker_harness;

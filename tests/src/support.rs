@@ -26,7 +26,14 @@ pub async fn amqp() -> Connection {
 }
 
 pub async fn channel() -> (Connection, Channel) {
-    let conn = amqp().await;
+    channel_at(AMQP_URL).await
+}
+
+/// A connection and channel to the broker at `url` (a test's own cluster node, say).
+pub async fn channel_at(url: &str) -> (Connection, Channel) {
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .expect("the test's broker answers");
     let ch = conn.create_channel().await.expect("channel");
     (conn, ch)
 }

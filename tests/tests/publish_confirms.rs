@@ -104,3 +104,40 @@ async fn concurrent_publishes_on_one_channel_each_get_their_own_confirm_or_retur
     let routed_total = ROUNDS * (0..PUBLISHES).filter(|i| i % 3 != 0).count();
     assert_eq!(depth, Some(u32::try_from(routed_total).unwrap()));
 }
+
+/// A nack means a channel the broker will keep refusing (on RabbitMQ 3.10, one that asks a dead
+/// quorum queue leader), so the publisher closes it and its owner opens another. Here a queue
+/// full to its length limit nacks; the publish is answered `Nacked` and the channel is closed.
+#[tokio::test]
+async fn a_nack_closes_the_channel_so_that_its_owner_opens_another() {
+    let queue = support::unique("pnack");
+    let (conn, ch) = support::channel().await;
+    let mut full = FieldTable::default();
+    full.insert(
+        "x-max-length".into(),
+        lapin::types::AMQPValue::LongLongInt(0),
+    );
+    full.insert(
+        "x-overflow".into(),
+        lapin::types::AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), full)
+        .await
+        .unwrap();
+    let publishing = conn.create_channel().await.unwrap();
+    let publisher = ConfirmedPublisher::open(publishing.clone()).await.unwrap();
+    let result = publisher
+        .publish("", &queue, b"refused", BasicProperties::default())
+        .await;
+    support::wait_until(
+        "the nacking channel closed",
+        std::time::Duration::from_secs(10),
+        || async { (!publishing.status().connected()).then_some(()) },
+    )
+    .await;
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = conn.close(200, "done".into()).await;
+    assert!(matches!(result, Err(PublishError::Nacked)), "{result:?}");
+}

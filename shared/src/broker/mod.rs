@@ -1,27 +1,88 @@
-//! Everything both processes do with RabbitMQ besides the topology: connecting, confirmed
-//! publishing (`publisher`), the message headers and their readers (`headers`), and broker
-//! failures in the operator's words. A refused login or virtual host does not heal by retrying:
+//! Everything both processes do with RabbitMQ besides the topology: connecting to a node of the
+//! broker (`nodes`), confirmed publishing (`publisher`), the message headers and their readers
+//! (`headers`), and broker failures in the operator's words. A refused login or virtual host does not heal by retrying:
 //! it is said once, at ERROR, naming AVSYNC_AMQP_URL (never its text, which holds the password),
 //! while the process keeps retrying in case the broker's users are being fixed.
 
 pub mod headers;
+mod nodes;
 mod publisher;
 
+pub use nodes::{address, Nodes, NodesError};
 pub use publisher::{ConfirmedPublisher, PublishError};
 
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-/// Longest wait for a connection to open, so that a broker that accepts TCP but never answers
-/// cannot stall reconnection.
+/// Longest wait for a connection to one node to open, so that a node that accepts TCP but never
+/// answers cannot stall reconnection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Opens a connection named `name` (shown in the broker's management UI), within
-/// [`CONNECT_TIMEOUT`].
+/// The nodes of one `AVSYNC_AMQP_URL` value, kept for the life of the process so that every
+/// connection of it (the ingress's, a worker's session and depth poller) moves on through the
+/// same list from where the last one left off.
+fn nodes_of(amqp_url: &str) -> Result<Arc<Nodes>, NodesError> {
+    static PARSED: OnceLock<Mutex<HashMap<String, Arc<Nodes>>>> = OnceLock::new();
+    let mut parsed = PARSED
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(nodes) = parsed.get(amqp_url) {
+        return Ok(nodes.clone());
+    }
+    let nodes = Arc::new(Nodes::parse(amqp_url)?);
+    parsed.insert(amqp_url.to_owned(), nodes.clone());
+    Ok(nodes)
+}
+
+/// Opens a connection named `name` (shown in the broker's management UI) to a node of
+/// `amqp_url`: each node in turn (see [`Nodes`]), each within [`CONNECT_TIMEOUT`], until one
+/// answers; the error is the last node's.
 pub async fn connect(amqp_url: &str, name: &str) -> Result<Connection, lapin::Error> {
+    let nodes = nodes_of(amqp_url).map_err(|e| {
+        lapin::Error::from(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("AVSYNC_AMQP_URL {e}"),
+        ))
+    })?;
+    let mut failed = None;
+    for (i, uri) in nodes.in_turn() {
+        match connect_node(uri, name).await {
+            Ok(connection) => {
+                nodes.reached(i);
+                if nodes.len() > 1 {
+                    tracing::info!(node = %address(uri), "connected to a broker node");
+                }
+                return Ok(connection);
+            }
+            Err(e) => {
+                if nodes.len() > 1 {
+                    tracing::warn!(node = %address(uri), error = %e, "cannot reach a broker node; trying the next");
+                }
+                failed = Some(e);
+            }
+        }
+    }
+    Err(failed.unwrap_or_else(|| {
+        lapin::Error::from(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "AVSYNC_AMQP_URL names no node",
+        ))
+    }))
+}
+
+async fn connect_node(uri: &AMQPUri, name: &str) -> Result<Connection, lapin::Error> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(amqp_url, properties)).await {
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        Connection::connect_uri(uri.clone(), properties),
+    )
+    .await
+    {
         Ok(connected) => connected,
         Err(_) => Err(lapin::Error::from(std::io::Error::new(
             std::io::ErrorKind::TimedOut,

@@ -11,6 +11,14 @@
 //! so once a publish's confirm completed, every return that may be its own sits on a completed
 //! confirm. The task gathers the returns of all completed confirms and gives each to the
 //! outstanding publish whose exchange, routing key, message id and body it carries.
+//!
+//! A channel that nacks, or that confirms nothing for [`CONFIRM_STALL`] while publishes wait, is
+//! closed by that task, so that its owner (which watches the channel's state) opens another. On
+//! RabbitMQ 3.10 a channel's first publish to a quorum queue asks the node that the queue's record
+//! names as leader; a channel opened while that node is down, before a new leader updated the
+//! record, keeps asking the dead node and nacks every publish to that queue until the node is
+//! back. A channel opened a moment later asks the new leader. avsync never sets a queue length
+//! limit, so a nack means such a stuck channel, and a new channel is the cure.
 
 use lapin::message::BasicReturnMessage;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -21,14 +29,20 @@ use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, Sleep};
+
+/// Longest time without any confirm while publishes wait, after which the channel is taken for
+/// stuck and closed. A loaded broker confirms something every few hundred milliseconds.
+const CONFIRM_STALL: Duration = Duration::from_secs(5);
 
 /// Why a confirmed publish did not reach a queue.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("broker error: {0}")]
     Broker(#[source] lapin::Error),
-    #[error("the broker refused the message (nack); a queue may be full")]
+    #[error("the broker refused the message (nack); the channel is being replaced")]
     Nacked,
     #[error("the broker returned the message as unroutable to `{0}`")]
     Unroutable(String),
@@ -113,17 +127,48 @@ impl Outstanding {
 enum Next {
     Job(Option<Job>),
     FrontCompleted(Result<Confirmation, lapin::Error>),
+    Stalled,
+}
+
+/// Closes a channel that nacked or stalled, once; its owner sees it closed and opens another.
+fn retire(channel: &Channel, retired: &mut bool, why: &'static str) {
+    if std::mem::replace(retired, true) {
+        return;
+    }
+    tracing::warn!(
+        channel = channel.id(),
+        "{why}; closing the channel so that a new one is opened"
+    );
+    let channel = channel.clone();
+    tokio::spawn(async move {
+        let _ = channel.close(200, why.into()).await;
+    });
 }
 
 async fn settle_publishes(channel: Channel, mut queue: mpsc::UnboundedReceiver<Job>) {
     let mut outstanding: VecDeque<Outstanding> = VecDeque::new();
     let mut returned: Vec<BasicReturnMessage> = Vec::new();
     let mut open = true;
+    let mut retired = false;
+    let stall = tokio::time::sleep(CONFIRM_STALL);
+    tokio::pin!(stall);
     while open || !outstanding.is_empty() {
-        let next = poll_fn(|cx| poll_next(cx, &mut outstanding, &mut queue, open)).await;
+        let next =
+            poll_fn(|cx| poll_next(cx, &mut outstanding, &mut queue, open, stall.as_mut())).await;
         match next {
             Next::Job(None) => open = false,
+            Next::Stalled => {
+                retire(
+                    &channel,
+                    &mut retired,
+                    "the broker confirmed nothing for a while",
+                );
+                stall.as_mut().reset(Instant::now() + CONFIRM_STALL);
+            }
             Next::Job(Some(job)) => {
+                if outstanding.is_empty() {
+                    stall.as_mut().reset(Instant::now() + CONFIRM_STALL);
+                }
                 let message_id = job.properties.message_id().clone();
                 let sent = channel
                     .basic_publish(
@@ -153,6 +198,7 @@ async fn settle_publishes(channel: Channel, mut queue: mpsc::UnboundedReceiver<J
                 }
             }
             Next::FrontCompleted(result) => {
+                stall.as_mut().reset(Instant::now() + CONFIRM_STALL);
                 if let Some(front) = outstanding.front_mut() {
                     front.completed = Some(result);
                 }
@@ -163,7 +209,9 @@ async fn settle_publishes(channel: Channel, mut queue: mpsc::UnboundedReceiver<J
                     let Some(front) = outstanding.pop_front() else {
                         break;
                     };
-                    settle(front, &mut returned);
+                    if settle(front, &mut returned) {
+                        retire(&channel, &mut retired, "the broker nacked a publish");
+                    }
                 }
                 if outstanding.is_empty() && !returned.is_empty() {
                     tracing::warn!(
@@ -182,10 +230,14 @@ fn poll_next(
     outstanding: &mut VecDeque<Outstanding>,
     queue: &mut mpsc::UnboundedReceiver<Job>,
     open: bool,
+    stall: Pin<&mut Sleep>,
 ) -> Poll<Next> {
     if let Some(front) = outstanding.front_mut() {
         if let Poll::Ready(result) = Pin::new(&mut front.confirm).poll(cx) {
             return Poll::Ready(Next::FrontCompleted(result));
+        }
+        if stall.poll(cx).is_ready() {
+            return Poll::Ready(Next::Stalled);
         }
     }
     if open {
@@ -212,7 +264,8 @@ fn gather_returns(outstanding: &mut VecDeque<Outstanding>, returned: &mut Vec<Ba
     }
 }
 
-fn settle(publish: Outstanding, returned: &mut Vec<BasicReturnMessage>) {
+/// Answers the publish; true when the broker nacked it.
+fn settle(publish: Outstanding, returned: &mut Vec<BasicReturnMessage>) -> bool {
     let own_return = returned.iter().position(|r| publish.owns(r));
     let result = match publish.completed {
         Some(Err(e)) => Err(PublishError::Broker(e)),
@@ -229,10 +282,12 @@ fn settle(publish: Outstanding, returned: &mut Vec<BasicReturnMessage>) {
         },
         None => Err(PublishError::Stopped),
     };
-    if matches!(result, Err(PublishError::Nacked)) {
+    let nacked = matches!(result, Err(PublishError::Nacked));
+    if nacked {
         if let Some(i) = own_return {
             returned.swap_remove(i);
         }
     }
     let _ = publish.done.send(result);
+    nacked
 }

@@ -163,6 +163,18 @@ pub fn remove_logs(prefix: &str) {
     let _ = std::fs::remove_dir_all(log_dir(prefix));
 }
 
+/// The end of a passing scenario: every worker gets SIGTERM and exits 0, the ingress stops
+/// gracefully, the worker logs go.
+pub async fn stop_all(workers: Vec<ChildWorker>, ingress: Arc<TestIngress>, prefix: &str) {
+    for w in workers {
+        assert!(w.terminate(Duration::from_secs(30)).await.success());
+    }
+    if let Ok(ingress) = Arc::try_unwrap(ingress) {
+        ingress.stop().await;
+    }
+    remove_logs(prefix);
+}
+
 /// How to start the child workers of one scenario.
 #[derive(Clone)]
 pub struct WorkerSpec {
@@ -585,10 +597,30 @@ pub async fn settle_with_optional(
     optional: &[Vec<u8>],
     deadline: Duration,
 ) -> Ledger {
+    settle_at(
+        support::AMQP_URL,
+        topology,
+        dbs,
+        accepted,
+        optional,
+        deadline,
+    )
+    .await
+}
+
+/// [`settle_with_optional`] with the queues on the broker at `amqp_url`.
+pub async fn settle_at(
+    amqp_url: &str,
+    topology: &Topology,
+    dbs: &TestDatabases,
+    accepted: &[Vec<u8>],
+    optional: &[Vec<u8>],
+    deadline: Duration,
+) -> Ledger {
     let tenants = by_tenant(accepted);
     let optional = by_tenant(optional);
     let no_optional = BTreeMap::new();
-    let (conn, ch) = support::channel().await;
+    let (conn, ch) = support::channel_at(amqp_url).await;
     let mut dead: Vec<DeadLetterSeen> = Vec::new();
     let start = Instant::now();
     let ledger = loop {
