@@ -77,6 +77,8 @@ impl Applying {
                 let seen = Seen {
                     events: events.len(),
                     reach: self.outage.reach(&self.dbs, &tenant, &failure).await,
+                    // The door kept waiting while the budget was contended: what reaches here
+                    // is the tenant's own pool, busy with nobody else waiting.
                     budget_contended: false,
                     remigrated,
                     stopping: self.dbs.shutdown().is_cancelled(),
