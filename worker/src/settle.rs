@@ -104,8 +104,7 @@ impl Message {
     /// Its effect is committed: acked, and counted with its time in the worker and its lag
     /// behind the event's own time.
     pub async fn applied(self, event_time: DateTime<Utc>) {
-        let span = self.span.clone();
-        async {
+        self.in_span(async {
             if self.ack().await {
                 let metrics = &self.settling.metrics;
                 metrics.count(self.label, Outcome::Applied);
@@ -116,28 +115,24 @@ impl Message {
                 metrics.lag_seconds.observe(lag);
                 tracing::debug!("applied");
             }
-        }
-        .instrument(span)
+        })
         .await;
     }
 
     /// It changes nothing here (another application's event, or a type that applies nothing).
     pub async fn ignored(self) {
-        let span = self.span.clone();
-        async {
+        self.in_span(async {
             if self.ack().await {
                 self.settling.metrics.count(self.label, Outcome::Ignored);
                 tracing::debug!("ignored");
             }
-        }
-        .instrument(span)
+        })
         .await;
     }
 
     /// Dead-letters a poison message without processing it.
     pub async fn poison(self) {
-        let span = self.span.clone();
-        async {
+        self.in_span(async {
             let history = &self.history;
             tracing::error!(
                 deliveries = history.unsettled_deliveries,
@@ -155,15 +150,13 @@ impl Message {
                 last_failure: now,
             };
             self.dead_letter(&letter).await;
-        }
-        .instrument(span)
+        })
         .await;
     }
 
     /// A failure that trying again cannot mend: dead-lettered as `permanent` at once.
     pub async fn permanent(self, failure: &Failure) {
-        let span = self.span.clone();
-        async {
+        self.in_span(async {
             tracing::error!(error = %failure, "permanent failure; dead-lettered");
             let now = Utc::now();
             let letter = DeadLetter {
@@ -174,16 +167,14 @@ impl Message {
                 last_failure: now,
             };
             self.dead_letter(&letter).await;
-        }
-        .instrument(span)
+        })
         .await;
     }
 
     /// A transient failure: into the retry tier of its next attempt, or, after the last,
     /// dead-lettered as `exhausted`.
     pub async fn retry(self, tenant: &TenantId, failure: &Failure) {
-        let span = self.span.clone();
-        async {
+        self.in_span(async {
             let failed = self.history.failed_attempts.saturating_add(1);
             let now = Utc::now();
             let first_failure = self.history.first_failure.unwrap_or(now);
@@ -215,16 +206,14 @@ impl Message {
                     self.dead_letter(&letter).await;
                 }
             }
-        }
-        .instrument(span)
+        })
         .await;
     }
 
     /// Into a delay tier, counting no attempt: it comes back to its partition after about `wait`
     /// (see [`set_aside_delay`]), when its tenant can likely take it.
     pub async fn set_aside(self, tenant: &TenantId, reason: SetAsideReason, wait: Duration) {
-        let span = self.span.clone();
-        async {
+        self.in_span(async {
             let delay = set_aside_delay(&self.settling.retry.delays, wait);
             let error = format!(
                 "set aside ({}): its tenant cannot take it now",
@@ -241,20 +230,22 @@ impl Message {
                 tracing::debug!(reason = reason.as_str(), back_in = ?delay, "set aside");
                 self.settling.metrics.set_aside(reason);
             }
-        }
-        .instrument(span)
+        })
         .await;
     }
 
     /// Back to its queue, unapplied and counting no attempt: the worker stops while it waits.
     pub async fn hand_back(self) {
-        let span = self.span.clone();
-        async {
+        self.in_span(async {
             tracing::debug!("handed back to the broker");
             self.requeue().await;
-        }
-        .instrument(span)
+        })
         .await;
+    }
+
+    /// `settle`, run inside the message's span, so that every line it logs names the event.
+    fn in_span<F: std::future::Future>(&self, settle: F) -> tracing::instrument::Instrumented<F> {
+        settle.instrument(self.span.clone())
     }
 
     /// Publishes the message, confirmed, into the tier of `retry` and acks it; true when the

@@ -51,6 +51,22 @@ impl Fate {
     }
 }
 
+impl Fate {
+    /// The message's envelope, when it has one.
+    pub fn envelope(&self) -> Option<&Envelope> {
+        match self {
+            Fate::Apply(envelope, _) => Some(envelope),
+            Fate::Unapplied(unapplied) => unapplied.envelope(),
+        }
+    }
+
+    /// The `type` label its outcome is counted under.
+    pub fn label(&self) -> &'static str {
+        self.envelope()
+            .map_or("other", |envelope| type_label(&envelope.event_type))
+    }
+}
+
 impl Unapplied {
     /// The message's envelope, when it has one.
     pub fn envelope(&self) -> Option<&Envelope> {
@@ -59,12 +75,6 @@ impl Unapplied {
             Unapplied::Undecodable(_) => None,
             Unapplied::Ignored(envelope) | Unapplied::Invalid(envelope, _) => Some(envelope),
         }
-    }
-
-    /// The `type` label its outcome is counted under.
-    pub fn label(&self) -> &'static str {
-        self.envelope()
-            .map_or("other", |envelope| type_label(&envelope.event_type))
     }
 }
 
@@ -104,7 +114,7 @@ mod tests {
             panic!("applies");
         };
         assert!(matches!(unapplied, Unapplied::Undecodable(_)));
-        assert_eq!(unapplied.label(), "other");
+        assert_eq!(Fate::Unapplied(unapplied).label(), "other");
     }
 
     #[test]

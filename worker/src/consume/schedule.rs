@@ -14,7 +14,6 @@ use crate::execute::{Applying, Pending};
 use crate::failure::Failure;
 use crate::retry::History;
 use crate::settle::{Message, Settling};
-use avsync_shared::event::type_label;
 use avsync_shared::TenantId;
 use lapin::message::Delivery;
 use std::sync::Arc;
@@ -36,6 +35,11 @@ const COLD_LINGER: Duration = Duration::from_millis(250);
 /// One partition queue's share of AVSYNC_PREFETCH: quorum queues have no channel-wide prefetch.
 pub fn per_queue_prefetch(prefetch: u16, partitions: u16) -> u16 {
     (prefetch / partitions.max(1)).max(1)
+}
+
+/// The prefetch window of a worker: every partition queue's share of AVSYNC_PREFETCH.
+pub fn window_size(prefetch: u16, partitions: u16) -> usize {
+    usize::from(per_queue_prefetch(prefetch, partitions)) * usize::from(partitions)
 }
 
 /// The most unsettled messages a stalled tenant holds: `AVSYNC_TENANT_MAX_UNSETTLED`, but never
@@ -148,19 +152,17 @@ impl Scheduler {
         let history = History::of(&delivery);
         let poison = self.settling.retry.is_poison(&history);
         let fate = Fate::decide(poison, &delivery.data, self.application_id.as_deref());
-        let settling = &self.settling;
+        let message = Message::new(
+            &self.settling,
+            partition,
+            delivery,
+            history,
+            fate.envelope(),
+            fate.label(),
+            permit,
+        );
         match fate {
             Fate::Apply(envelope, effect) => {
-                let label = type_label(&envelope.event_type);
-                let message = Message::new(
-                    settling,
-                    partition,
-                    delivery,
-                    history,
-                    Some(&envelope),
-                    label,
-                    permit,
-                );
                 let tenant = envelope.tenant_id;
                 let calm = self.applying.outage.calm();
                 match self.applying.standings.admit(&tenant, calm) {
@@ -180,15 +182,6 @@ impl Scheduler {
                 }
             }
             Fate::Unapplied(unapplied) => {
-                let message = Message::new(
-                    settling,
-                    partition,
-                    delivery,
-                    history,
-                    unapplied.envelope(),
-                    unapplied.label(),
-                    permit,
-                );
                 self.tasks.spawn(settle_unapplied(message, unapplied));
             }
         }

@@ -2,7 +2,7 @@
 //! reconnect with backoff whenever the broker goes away; ready only while consuming. What a
 //! session receives goes to the [`Scheduler`]; how it stops keeps every ack (see [`Phase`]).
 
-use crate::consume::schedule::{per_queue_prefetch, Scheduler};
+use crate::consume::schedule::{per_queue_prefetch, window_size, Scheduler};
 use crate::execute::Applying;
 use crate::metrics::Metrics;
 use crate::retry::RetryPolicy;
@@ -89,9 +89,7 @@ enum SessionError {
 impl Consuming {
     /// Messages received and not yet settled, and the most the window holds.
     pub fn window(&self) -> (usize, usize) {
-        let partitions = self.topology.partitions();
-        let size =
-            usize::from(per_queue_prefetch(self.prefetch, partitions)) * usize::from(partitions);
+        let size = window_size(self.prefetch, self.topology.partitions());
         let gate = self.window.lock().unwrap_or_else(|e| e.into_inner());
         (gate.as_ref().map_or(0, SettleGate::in_window), size)
     }
@@ -302,7 +300,7 @@ async fn consume_on(
         ),
         // The broker never has more than this many unsettled deliveries out to this worker, so
         // this also bounds how many messages are applied at once.
-        window: Arc::new(Semaphore::new(per_queue * usize::from(partitions))),
+        window: Arc::new(Semaphore::new(window_size(worker.prefetch, partitions))),
         gate,
         per_queue,
     };
