@@ -175,6 +175,27 @@ fn find_flag<'a>(command: &'a Command, long: &str) -> Option<&'a Arg> {
 
 /// A whole number from `min` to `max`, both included, said so when refused (clap's own ranges
 /// print as `5..50`, which reads as if 50 were allowed).
+/// A size in bytes: a whole number, optionally followed by `KiB`, `MiB` or `GiB`.
+pub fn parse_bytes(value: &str) -> Result<usize, String> {
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let n: usize = number
+        .parse()
+        .map_err(|_| format!("`{value}` does not start with a whole number"))?;
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(format!("`{value}` has an unknown unit (use KiB, MiB or GiB)")),
+    };
+    n.checked_mul(scale)
+        .filter(|b| *b > 0)
+        .ok_or_else(|| format!("`{value}` must be above zero and fit in memory"))
+}
+
 pub fn number_from_to<N>(min: N, max: N) -> impl TypedValueParser<Value = N>
 where
     N: std::str::FromStr + PartialOrd + std::fmt::Display + Copy + Send + Sync + 'static,
@@ -191,6 +212,17 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_take_binary_units() {
+        assert_eq!(parse_bytes("512"), Ok(512));
+        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("2 GiB"), Ok(2 << 30));
+        assert_eq!(parse_bytes("8KiB"), Ok(8 << 10));
+        for bad in ["", "0", "MiB", "5MB", "-1", "1.5MiB"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
+    }
 
     fn common(amqp_url: &str, topology: &str, partitions: u16) -> CommonArgs {
         CommonArgs {

@@ -80,7 +80,8 @@ async fn a_retried_message_returns_to_its_partition_after_the_delay_with_its_his
     publish_retry(
         &publisher,
         &topology,
-        &first,
+        &first.properties,
+        &first.data,
         &Retry {
             tenant: &tenant,
             delay: DELAY,

@@ -49,16 +49,17 @@ fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-/// Publishes a dead letter for `delivery` into the topology's dead-letter queue and waits for the
+/// Publishes a dead letter of a message (its `properties` and body `data`) into the topology's dead-letter queue and waits for the
 /// confirm. The body and `message_id` stay as they were; the reason goes into headers. The caller
 /// acknowledges the original only after this returns Ok.
 pub async fn publish_dead_letter(
     publisher: &ConfirmedPublisher,
     topology: &Topology,
-    delivery: &Delivery,
+    properties: &BasicProperties,
+    data: &[u8],
     letter: &DeadLetter,
 ) -> Result<(), PublishError> {
-    let mut headers = carried_headers(&delivery.properties, &[]);
+    let mut headers = carried_headers(properties, &[]);
     headers.insert(ERROR_CLASS_HEADER.into(), long(letter.class.as_str()));
     headers.insert(ERROR_HEADER.into(), long(&letter.error));
     headers.insert(
@@ -73,9 +74,9 @@ pub async fn publish_dead_letter(
         LAST_FAILURE_HEADER.into(),
         long(&rfc3339(letter.last_failure)),
     );
-    let properties = republished(&delivery.properties, headers);
+    let properties = republished(properties, headers);
     publisher
-        .publish("", &topology.dead_queue(), &delivery.data, properties)
+        .publish("", &topology.dead_queue(), data, properties)
         .await
 }
 

@@ -123,6 +123,7 @@ pub async fn start(checked: Checked, shutdown: CancellationToken) -> anyhow::Res
         topology,
         amqp_url: settings.common.amqp_url.clone(),
         prefetch: settings.prefetch,
+        prefetch_bytes: settings.prefetch_bytes,
         application_id: settings.application_id.clone(),
         retry,
         metrics,

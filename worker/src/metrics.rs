@@ -58,13 +58,16 @@ pub enum SetAsideReason {
     Backlog,
     /// Its tenant's PostgreSQL server does not answer.
     ServerDown,
+    /// The window held its bound in bytes (`AVSYNC_PREFETCH_BYTES`) when it arrived.
+    WindowFull,
 }
 
 impl SetAsideReason {
-    pub const ALL: [SetAsideReason; 3] = [
+    pub const ALL: [SetAsideReason; 4] = [
         SetAsideReason::Slow,
         SetAsideReason::Backlog,
         SetAsideReason::ServerDown,
+        SetAsideReason::WindowFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -72,6 +75,7 @@ impl SetAsideReason {
             SetAsideReason::Slow => "slow",
             SetAsideReason::Backlog => "backlog",
             SetAsideReason::ServerDown => "server_down",
+            SetAsideReason::WindowFull => "window_full",
         }
     }
 }

@@ -11,6 +11,7 @@ use avsync_shared::topology::Topology;
 use avsync_shared::TenantId;
 use chrono::{DateTime, SecondsFormat, Utc};
 use lapin::message::Delivery;
+use lapin::BasicProperties;
 use lapin::types::{AMQPValue, LongString};
 use rand::Rng;
 use std::sync::Arc;
@@ -124,13 +125,14 @@ pub struct Retry<'a> {
     pub error: &'a str,
 }
 
-/// Publishes `delivery` into the retry tier for `retry.delay`, confirmed, carrying the number of
+/// Publishes a message (its `properties` and body `data`) into the retry tier for `retry.delay`, confirmed, carrying the number of
 /// failed attempts so far and the failure times. The caller acknowledges the original only after
 /// this returns Ok.
 pub async fn publish_retry(
     publisher: &ConfirmedPublisher,
     topology: &Topology,
-    delivery: &Delivery,
+    properties: &BasicProperties,
+    data: &[u8],
     retry: &Retry<'_>,
 ) -> Result<(), PublishError> {
     let Retry {
@@ -140,7 +142,7 @@ pub async fn publish_retry(
         first_failure,
         error,
     } = *retry;
-    let mut headers = carried_headers(&delivery.properties, &[]);
+    let mut headers = carried_headers(properties, &[]);
     headers.insert(
         ATTEMPTS_HEADER.into(),
         AMQPValue::LongLongInt(i64::from(failed_attempts)),
@@ -159,7 +161,7 @@ pub async fn publish_retry(
     );
     let expiration = jittered(delay).as_millis().to_string();
     let properties =
-        republished(&delivery.properties, headers).with_expiration(expiration.as_str().into());
+        republished(properties, headers).with_expiration(expiration.as_str().into());
     // The tier is a fanout exchange; the routing key is kept on the message so that, when it
     // expires back into the events exchange, it lands in its tenant's partition again.
     let routing_key = Topology::routing_key(topology.partition_of(tenant));
@@ -167,7 +169,7 @@ pub async fn publish_retry(
         .publish(
             &topology.retry_tier(delay),
             &routing_key,
-            &delivery.data,
+            data,
             properties,
         )
         .await

@@ -4,7 +4,7 @@ use crate::ops::authvital::{ApiSettings, ClientSecret};
 use crate::retry::RetryPolicy;
 use crate::tenant_db::pools::PoolSettings;
 use crate::tenant_db::resolve::{setting_url, Template, TenantSource};
-use avsync_shared::config::{number_from_to, parse_duration, BadSetting, CommonArgs};
+use avsync_shared::config::{number_from_to, parse_bytes, parse_duration, BadSetting, CommonArgs};
 use avsync_shared::topology::{Topology, BROKER_DELIVERY_LIMIT};
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args};
@@ -13,6 +13,10 @@ use std::time::Duration;
 /// The most deliveries `AVSYNC_POISON_DELIVERIES` may allow: one fewer than the broker's own
 /// limit, so that the worker, not the broker, sees a poison message first.
 const POISON_DELIVERIES_MAX: u32 = BROKER_DELIVERY_LIMIT as u32 - 1;
+
+/// A window this size holds about 65 events of each of 1,000 busy tenants, so one session opened
+/// for a tenant applies that many together.
+pub const DEFAULT_PREFETCH: u32 = 65_536;
 
 pub const DEFAULT_TENANT_DATABASE_URL: &str =
     "postgres://postgres@127.0.0.1:5432/tenant_{tenant_id}";
@@ -79,10 +83,17 @@ pub struct Settings {
     #[arg(long, global = true, env = "AVSYNC_POISON_DELIVERIES", value_name = "N", default_value_t = 10, value_parser = number_from_to(5, POISON_DELIVERIES_MAX))]
     pub poison_deliveries: u32,
 
-    /// Unacknowledged messages this worker holds, split evenly over the partition queues (at
-    /// least one each); also the number of messages applied at once.
-    #[arg(long, global = true, env = "AVSYNC_PREFETCH", value_name = "N", default_value_t = 4096, value_parser = number_from_to(1u16, 10_000))]
-    pub prefetch: u16,
+    /// Unacknowledged messages this worker holds (its window), split evenly over the partition
+    /// queues (at least one, at most 65,535 each: the broker's limit per consumer). The larger
+    /// the window, the more of each tenant's events one session applies together.
+    #[arg(long, global = true, env = "AVSYNC_PREFETCH", value_name = "N", default_value_t = DEFAULT_PREFETCH, value_parser = number_from_to(1u32, 1_000_000))]
+    pub prefetch: u32,
+
+    /// Most bytes the messages in the window may weigh (bodies, plus what holding each costs);
+    /// what arrives beyond is set aside through the shortest delay tier. A number of bytes, or
+    /// with a `KiB`, `MiB` or `GiB` suffix.
+    #[arg(long, global = true, env = "AVSYNC_PREFETCH_BYTES", value_name = "BYTES", default_value = "64MiB", value_parser = parse_bytes)]
+    pub prefetch_bytes: usize,
 
     /// AuthVital's base URL (e.g. https://auth.example.com), for `reconcile`.
     #[arg(long, global = true, env = "AVSYNC_AUTHVITAL_URL", value_name = "URL")]

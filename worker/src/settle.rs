@@ -12,7 +12,9 @@ use avsync_shared::broker::ConfirmedPublisher;
 use avsync_shared::topology::Topology;
 use avsync_shared::{Envelope, TenantId};
 use chrono::{DateTime, Utc};
+use lapin::Acker;
 use lapin::message::Delivery;
+use lapin::BasicProperties;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -35,34 +37,51 @@ pub(crate) struct Settling {
     pub gate: SettleGate,
 }
 
-/// A received message, until it is settled.
+/// A received message, until it is settled. It keeps only what settling needs (the bytes and
+/// properties to republish, its acker, what names it in the logs), because the prefetch window
+/// holds tens of thousands of them: lapin's whole delivery and a span per message cost several
+/// kilobytes each.
 pub(crate) struct Message {
-    delivery: Delivery,
+    acker: Acker,
+    properties: BasicProperties,
+    data: Box<[u8]>,
     history: History,
     label: &'static str,
-    span: tracing::Span,
+    event_id: Box<str>,
+    tenant: Box<str>,
     received: Instant,
     settling: Arc<Settling>,
-    _place: Place,
+    place: Place,
     _permit: OwnedSemaphorePermit,
 }
 
-/// A message's place among what its partition's consumer holds unsettled.
+/// A message's place among what its partition's consumer holds unsettled, and its weight in the
+/// window's bytes once it is held to be applied ([`Message::weigh_in`]).
 struct Place {
     gate: SettleGate,
     partition: u16,
+    bytes: usize,
 }
 
 impl Drop for Place {
     fn drop(&mut self) {
-        self.gate.settled(self.partition);
+        self.gate.settled(self.partition, self.bytes);
     }
+}
+
+/// What holding a message costs beside its body: its properties, its decoded effect and the
+/// bookkeeping around it (measured: see the README's Performance section).
+pub(crate) const HELD_OVERHEAD: usize = 512;
+
+/// What a delivery of `body_len` bytes weighs in the window.
+pub(crate) fn held_bytes(body_len: usize) -> usize {
+    body_len.saturating_add(HELD_OVERHEAD)
 }
 
 impl Message {
     /// `history` is read from `delivery` once, by whoever decided its fate; `envelope` names the
-    /// message in its span when it has one; `label` is the `type` label its
-    /// outcome is counted under; `permit` is its place in the prefetch window.
+    /// message in its logs when it has one; `label` is the `type` label its outcome is counted
+    /// under; `permit` is its place in the prefetch window.
     pub fn new(
         settling: &Arc<Settling>,
         partition: u16,
@@ -73,31 +92,46 @@ impl Message {
         permit: OwnedSemaphorePermit,
     ) -> Self {
         let (event_id, tenant) = match envelope {
-            Some(e) => (e.id.clone(), e.tenant_id.to_string()),
+            Some(e) => (e.id.as_str().into(), e.tenant_id.as_str().into()),
             None => (
                 delivery
                     .properties
                     .message_id()
                     .as_ref()
-                    .map(|m| m.as_str().to_owned())
-                    .unwrap_or_default(),
-                String::new(),
+                    .map_or_else(Default::default, |m| m.as_str().into()),
+                Default::default(),
             ),
         };
-        let span = tracing::info_span!("event", event_id, tenant, r#type = label, partition);
         settling.gate.received(partition);
         Self {
+            acker: delivery.acker,
+            properties: delivery.properties,
+            data: delivery.data.into_boxed_slice(),
             history,
-            delivery,
             label,
-            span,
+            event_id,
+            tenant,
             received: Instant::now(),
-            _place: Place {
+            place: Place {
                 gate: settling.gate.clone(),
                 partition,
+                bytes: 0,
             },
             settling: settling.clone(),
             _permit: permit,
+        }
+    }
+
+    /// What it would weigh in the window ([`held_bytes`]).
+    pub fn weight(&self) -> usize {
+        held_bytes(self.data.len())
+    }
+
+    /// It is held to be applied: its weight counts in the window's bytes until it is settled.
+    pub fn weigh_in(&mut self) {
+        if self.place.bytes == 0 {
+            self.place.bytes = self.weight();
+            self.place.gate.weighed(self.place.bytes);
         }
     }
 
@@ -243,16 +277,30 @@ impl Message {
         .await;
     }
 
-    /// `settle`, run inside the message's span, so that every line it logs names the event.
+    /// `settle`, run inside the message's span, so that every line it logs names the event. The
+    /// span is made here, not when the message arrives, so that a held message costs none.
     fn in_span<F: std::future::Future>(&self, settle: F) -> tracing::instrument::Instrumented<F> {
-        settle.instrument(self.span.clone())
+        let span = tracing::info_span!(
+            "event",
+            event_id = &*self.event_id,
+            tenant = &*self.tenant,
+            r#type = self.label,
+            partition = self.place.partition
+        );
+        settle.instrument(span)
     }
 
     /// Publishes the message, confirmed, into the tier of `retry` and acks it; true when the
     /// broker took the ack. An unconfirmed publish hands the message back instead.
     async fn to_tier(&self, retry: &Retry<'_>) -> bool {
         let settling = &self.settling;
-        match retry::publish_retry(&settling.publish, &settling.topology, &self.delivery, retry)
+        match retry::publish_retry(
+            &settling.publish,
+            &settling.topology,
+            &self.properties,
+            &self.data,
+            retry,
+        )
             .await
         {
             Ok(()) => self.ack().await,
@@ -268,7 +316,8 @@ impl Message {
         match dlq::publish_dead_letter(
             &settling.publish,
             &settling.topology,
-            &self.delivery,
+            &self.properties,
+            &self.data,
             letter,
         )
         .await
@@ -300,7 +349,7 @@ impl Message {
     /// is applied again, which changes nothing.
     async fn ack(&self) -> bool {
         self.settling.gate.open().await;
-        match self.delivery.acker.ack(BasicAckOptions::default()).await {
+        match self.acker.ack(BasicAckOptions::default()).await {
             Ok(true) => true,
             Ok(false) => {
                 tracing::warn!(
@@ -321,7 +370,7 @@ impl Message {
             requeue: true,
             ..BasicNackOptions::default()
         };
-        if let Err(e) = self.delivery.acker.nack(options).await {
+        if let Err(e) = self.acker.nack(options).await {
             tracing::warn!(error = %e, "requeue failed; the message will be redelivered");
         }
     }
@@ -347,6 +396,7 @@ pub(crate) struct SettleGate {
     pub shutdown: CancellationToken,
     pub consumers_stopped: CancellationToken,
     held: Arc<Vec<AtomicUsize>>,
+    bytes: Arc<AtomicUsize>,
 }
 
 impl SettleGate {
@@ -356,6 +406,7 @@ impl SettleGate {
             shutdown,
             consumers_stopped: CancellationToken::new(),
             held: Arc::new((0..partitions).map(|_| AtomicUsize::new(0)).collect()),
+            bytes: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -365,10 +416,20 @@ impl SettleGate {
         }
     }
 
-    fn settled(&self, partition: u16) {
+    fn weighed(&self, bytes: usize) {
+        self.bytes.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    fn settled(&self, partition: u16, bytes: usize) {
         if let Some(n) = self.held.get(usize::from(partition)) {
             n.fetch_sub(1, Ordering::AcqRel);
         }
+        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    /// What the messages held to be applied weigh ([`held_bytes`]).
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
     }
 
     /// Messages of `partition` received and not yet settled.
@@ -376,6 +437,11 @@ impl SettleGate {
         self.held
             .get(usize::from(partition))
             .map_or(0, |n| n.load(Ordering::Acquire))
+    }
+
+    /// The partition queues whose consumers it counts.
+    pub fn partitions(&self) -> usize {
+        self.held.len()
     }
 
     /// Messages received and not yet settled, over every partition.

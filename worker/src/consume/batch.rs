@@ -28,6 +28,11 @@ pub struct Limits {
     pub linger: Duration,
     /// The same, for a cold tenant.
     pub cold_linger: Duration,
+    /// The same, for any tenant while the worker works through a backlog: a batch then waits
+    /// for more of its tenant's events, which are coming, rather than take a session for a few
+    /// (in a backlog of many tenants a session that committed lately is likely closed by now,
+    /// to make room for others). A busy tenant's batch fills up and goes long before.
+    pub backlog_linger: Duration,
 }
 
 struct Pending<T> {
@@ -45,12 +50,22 @@ pub struct Batch<T> {
     pub items: Vec<T>,
 }
 
+/// A tenant's batches in flight.
+struct InFlight {
+    batches: usize,
+    partition: u16,
+}
+
 pub struct Batcher<T> {
     limits: Limits,
     pending: HashMap<TenantId, Pending<T>>,
     /// The tenants with batches handed out and not yet [`Batcher::settled`], and how many each
     /// has (more than one only when full batches went beside the first).
-    in_flight: HashMap<TenantId, usize>,
+    in_flight: HashMap<TenantId, InFlight>,
+    /// How many batches each partition has in flight.
+    partition_in_flight: HashMap<u16, usize>,
+    /// The worker holds a backlog: batches linger for [`Limits::backlog_linger`].
+    backlog: bool,
 }
 
 impl<T> Batcher<T> {
@@ -59,13 +74,21 @@ impl<T> Batcher<T> {
             limits,
             pending: HashMap::new(),
             in_flight: HashMap::new(),
+            partition_in_flight: HashMap::new(),
+            backlog: false,
         }
     }
 
+    /// Whether the worker holds a backlog now; read by the batches that start after.
+    pub fn set_backlog(&mut self, backlog: bool) {
+        self.backlog = backlog;
+    }
+
     /// Adds an event of `tenant` (`cold` when it has committed nothing lately). Returns a batch
-    /// to apply now: the tenant's when full, or, when `partition_stalled`, the largest one
-    /// waiting in that partition whose tenant has none in flight. Every batch handed out counts
-    /// as in flight until it is [`Batcher::settled`].
+    /// to apply now: the tenant's when full, or, when `partition_stalled` with none of its
+    /// batches in flight (whose settling would let the broker send more), the largest one
+    /// waiting in that partition. Every batch handed out counts as in flight until it is
+    /// [`Batcher::settled`].
     pub fn push(
         &mut self,
         tenant: &TenantId,
@@ -75,7 +98,9 @@ impl<T> Batcher<T> {
         partition_stalled: bool,
         cold: bool,
     ) -> Option<Batch<T>> {
-        let linger = if cold {
+        let linger = if self.backlog {
+            self.limits.backlog_linger
+        } else if cold {
             self.limits.cold_linger
         } else {
             self.limits.linger
@@ -96,7 +121,11 @@ impl<T> Batcher<T> {
         if pending.items.len() >= self.limits.max_events {
             return self.take(tenant);
         }
-        if partition_stalled {
+        let idle = self
+            .partition_in_flight
+            .get(&partition)
+            .is_none_or(|n| *n == 0);
+        if partition_stalled && idle {
             let largest = self
                 .pending
                 .iter()
@@ -111,7 +140,14 @@ impl<T> Batcher<T> {
     /// Hands out `tenant`'s waiting batch, counting it in flight.
     fn take(&mut self, tenant: &TenantId) -> Option<Batch<T>> {
         let (tenant, p) = self.pending.remove_entry(tenant)?;
-        *self.in_flight.entry(tenant.clone()).or_insert(0) += 1;
+        self.in_flight
+            .entry(tenant.clone())
+            .or_insert(InFlight {
+                batches: 0,
+                partition: p.partition,
+            })
+            .batches += 1;
+        *self.partition_in_flight.entry(p.partition).or_insert(0) += 1;
         Some(Batch {
             tenant,
             items: p.items,
@@ -121,28 +157,39 @@ impl<T> Batcher<T> {
     /// A batch of `tenant` handed out earlier has settled. When it was the tenant's last one in
     /// flight, returns the batch that gathered meanwhile, to apply at once.
     pub fn settled(&mut self, tenant: &TenantId) -> Option<Batch<T>> {
-        match self.in_flight.get_mut(tenant) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                None
-            }
-            Some(_) => {
-                self.in_flight.remove(tenant);
-                self.take(tenant)
-            }
-            None => None,
+        let flight = self.in_flight.get_mut(tenant)?;
+        if let Some(n) = self.partition_in_flight.get_mut(&flight.partition) {
+            *n = n.saturating_sub(1);
         }
+        if flight.batches > 1 {
+            flight.batches -= 1;
+            return None;
+        }
+        self.in_flight.remove(tenant);
+        self.take(tenant)
     }
 
-    /// The batches that have waited their linger by `now`, of tenants with none in flight.
+    /// The batch that gathered behind `tenant`'s batch in flight, for the executor of that batch
+    /// to apply on the session it holds. The tenant stays in flight: its executor goes on.
+    pub fn take_behind(&mut self, tenant: &TenantId) -> Option<Vec<T>> {
+        if !self.pending.get(tenant).is_some_and(|p| p.behind) {
+            return None;
+        }
+        self.pending.remove(tenant).map(|p| p.items)
+    }
+
+    /// The batches that have waited their linger by `now`, of tenants with none in flight,
+    /// largest first: the sessions free up in that order, so the batches that share an open
+    /// among the most events are applied first.
     pub fn due(&mut self, now: Instant) -> Vec<Batch<T>> {
-        let due: Vec<TenantId> = self
+        let mut due: Vec<(usize, TenantId)> = self
             .pending
             .iter()
             .filter(|(_, p)| p.due <= now && !p.behind)
-            .map(|(t, _)| t.clone())
+            .map(|(t, p)| (p.items.len(), t.clone()))
             .collect();
-        due.iter().filter_map(|t| self.take(t)).collect()
+        due.sort_by(|a, b| b.0.cmp(&a.0));
+        due.iter().filter_map(|(_, t)| self.take(t)).collect()
     }
 
     /// When the next batch's linger ends, if one waits whose tenant has none in flight (the
@@ -181,6 +228,7 @@ mod tests {
         max_events: 3,
         linger: Duration::from_millis(5),
         cold_linger: Duration::from_millis(50),
+        backlog_linger: Duration::from_millis(500),
     };
 
     #[test]
@@ -194,6 +242,58 @@ mod tests {
         assert_eq!(full.tenant, tenant(1));
         assert_eq!(full.items, vec![1, 3, 4]);
         assert_eq!(b.drain().len(), 1);
+    }
+
+    #[test]
+    fn due_batches_go_largest_first() {
+        let mut b = Batcher::new(LIMITS);
+        let now = Instant::now();
+        b.push(&tenant(1), 0, 1, now, false, false);
+        for i in 0..2 {
+            b.push(&tenant(2), 0, i, now, false, false);
+        }
+        b.push(&tenant(3), 1, 7, now, false, false);
+        b.push(&tenant(3), 1, 8, now, false, false);
+        b.push(&tenant(4), 1, 9, now, false, false);
+        let sizes: Vec<usize> = b
+            .due(now + LIMITS.linger)
+            .iter()
+            .map(|batch| batch.items.len())
+            .collect();
+        assert_eq!(sizes, [2, 2, 1, 1]);
+    }
+
+    #[test]
+    fn a_batch_waits_for_company_in_a_backlog_only() {
+        let mut b = Batcher::new(LIMITS);
+        let now = Instant::now();
+        b.set_backlog(true);
+        b.push(&tenant(1), 0, 1, now, false, true);
+        b.push(&tenant(2), 0, 2, now, false, false);
+        assert!(b.due(now + LIMITS.cold_linger).is_empty());
+        assert_eq!(b.next_deadline(), Some(now + LIMITS.backlog_linger));
+        assert_eq!(b.due(now + LIMITS.backlog_linger).len(), 2);
+        b.push(&tenant(4), 0, 4, now, false, false);
+        b.set_backlog(false);
+        b.push(&tenant(3), 0, 3, now, false, true);
+        assert_eq!(b.due(now + LIMITS.cold_linger)[0].tenant, tenant(3));
+        assert_eq!(b.due(now + LIMITS.backlog_linger)[0].tenant, tenant(4));
+    }
+
+    #[test]
+    fn what_gathers_behind_a_batch_goes_to_its_executor() {
+        let mut b = Batcher::new(LIMITS);
+        let now = Instant::now();
+        b.push(&tenant(1), 0, 1, now, false, false);
+        assert!(b.take_behind(&tenant(1)).is_none(), "not behind anything");
+        let _first = b.due(now + LIMITS.linger).pop().expect("due");
+        b.push(&tenant(1), 0, 2, now, false, false);
+        b.push(&tenant(1), 0, 3, now, false, false);
+        assert_eq!(b.take_behind(&tenant(1)), Some(vec![2, 3]));
+        assert!(b.take_behind(&tenant(1)).is_none());
+        b.push(&tenant(1), 0, 4, now, false, false);
+        let next = b.settled(&tenant(1)).expect("the rest goes when its executor ends");
+        assert_eq!(next.items, vec![4]);
     }
 
     #[test]
@@ -281,11 +381,15 @@ mod tests {
     }
 
     #[test]
-    fn a_stalled_partition_skips_tenants_in_flight() {
+    fn a_stalled_partition_waits_for_its_batches_in_flight() {
         let (mut b, now) = one_in_flight_two_waiting();
-        let batch = b.push(&tenant(2), 0, 4, now, true, false).expect("stalled");
-        assert_eq!(batch.tenant, tenant(2));
-        assert!(b.push(&tenant(1), 1, 5, now, true, false).is_some(), "full");
+        assert!(
+            b.push(&tenant(2), 0, 4, now, true, false).is_none(),
+            "tenant 1's batch in flight will settle and let the broker send more"
+        );
+        let batch = b.push(&tenant(3), 1, 5, now, true, false).expect("stalled, idle");
+        assert_eq!(batch.tenant, tenant(3));
+        assert!(b.push(&tenant(1), 0, 6, now, true, false).is_some(), "full");
     }
 
     #[test]

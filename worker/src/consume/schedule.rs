@@ -12,11 +12,12 @@ use crate::consume::fate::{Fate, Unapplied};
 use crate::execute::standing::Admitted;
 use crate::execute::{Applying, Pending};
 use crate::failure::Failure;
+use crate::metrics::SetAsideReason;
 use crate::retry::History;
 use crate::settle::{Message, Settling};
 use avsync_shared::TenantId;
 use lapin::message::Delivery;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
@@ -25,6 +26,10 @@ use tracing::Instrument;
 /// A tenant's events are applied together, up to this many in one statement: larger batches
 /// gain little once a commit's cost is shared by a few hundred rows.
 const MAX_BATCH: usize = 250;
+/// Longest a cold tenant's event waits for others of its tenant while the worker holds a
+/// backlog (half its window or more): they are in the queue already, and one session opened
+/// for many of them costs the server far less than one for each few.
+const BACKLOG_LINGER: Duration = Duration::from_secs(2);
 /// Longest an event waits for others of its tenant: a few milliseconds add little to the lag and
 /// let busy tenants fill their batches.
 const LINGER: Duration = Duration::from_millis(5);
@@ -32,19 +37,23 @@ const LINGER: Duration = Duration::from_millis(5);
 /// open then serves more of its events.
 const COLD_LINGER: Duration = Duration::from_millis(250);
 
+/// The broker's limit on one consumer's unacknowledged deliveries (an AMQP short).
+const MAX_PER_CONSUMER: u32 = u16::MAX as u32;
+
 /// One partition queue's share of AVSYNC_PREFETCH: quorum queues have no channel-wide prefetch.
-pub fn per_queue_prefetch(prefetch: u16, partitions: u16) -> u16 {
-    (prefetch / partitions.max(1)).max(1)
+pub fn per_queue_prefetch(prefetch: u32, partitions: u16) -> u16 {
+    let share = (prefetch / u32::from(partitions.max(1))).clamp(1, MAX_PER_CONSUMER);
+    u16::try_from(share).unwrap_or(u16::MAX)
 }
 
 /// The prefetch window of a worker: every partition queue's share of AVSYNC_PREFETCH.
-pub fn window_size(prefetch: u16, partitions: u16) -> usize {
+pub fn window_size(prefetch: u32, partitions: u16) -> usize {
     usize::from(per_queue_prefetch(prefetch, partitions)) * usize::from(partitions)
 }
 
 /// The most unsettled messages a stalled tenant holds: `AVSYNC_TENANT_MAX_UNSETTLED`, but never
 /// more than half its partition's prefetch, so its neighbours always have room.
-pub fn tenant_bound(max_unsettled: u32, prefetch: u16, partitions: u16) -> usize {
+pub fn tenant_bound(max_unsettled: u32, prefetch: u32, partitions: u16) -> usize {
     let half = usize::from(per_queue_prefetch(prefetch, partitions) / 2).max(1);
     usize::try_from(max_unsettled)
         .unwrap_or(usize::MAX)
@@ -60,7 +69,11 @@ pub struct Scheduler {
     application_id: Option<String>,
     /// A partition's whole prefetch: a consumer holding this many receives nothing more.
     per_queue: usize,
-    batcher: Batcher<Pending>,
+    /// AVSYNC_PREFETCH_BYTES: what the window's messages may weigh.
+    window_bytes: usize,
+    /// Shared with the executors, which take what gathers behind their batch
+    /// ([`Batcher::take_behind`]); locked only for a push or a take, never across an await.
+    batcher: Arc<Mutex<Batcher<Pending>>>,
     /// Where each batch's [`InFlight`] mark reports that its task has ended.
     settled_tx: mpsc::UnboundedSender<TenantId>,
     settled_rx: mpsc::UnboundedReceiver<TenantId>,
@@ -93,6 +106,7 @@ impl Scheduler {
         settling: Arc<Settling>,
         application_id: Option<String>,
         per_queue: usize,
+        window_bytes: usize,
     ) -> Self {
         let (settled_tx, settled_rx) = mpsc::unbounded_channel();
         Self {
@@ -100,11 +114,13 @@ impl Scheduler {
             settling,
             application_id,
             per_queue,
-            batcher: Batcher::new(Limits {
+            window_bytes,
+            batcher: Arc::new(Mutex::new(Batcher::new(Limits {
                 max_events: MAX_BATCH,
                 linger: LINGER,
                 cold_linger: COLD_LINGER,
-            }),
+                backlog_linger: BACKLOG_LINGER,
+            }))),
             settled_tx,
             settled_rx,
             settled: Vec::new(),
@@ -116,7 +132,7 @@ impl Scheduler {
     /// flight has settled) and sends it. Cancel-safe: a settled tenant taken before the end
     /// is kept for the next call.
     pub async fn tick(&mut self) {
-        let deadline = self.batcher.next_deadline();
+        let deadline = self.batcher().next_deadline();
         let lingered = async {
             match deadline {
                 Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -128,7 +144,7 @@ impl Scheduler {
             () = lingered => {}
         }
         self.flush_settled();
-        let due = self.batcher.due(tokio::time::Instant::now());
+        let due = self.batcher().due(tokio::time::Instant::now());
         self.flush(due);
     }
 
@@ -138,9 +154,12 @@ impl Scheduler {
             self.settled.push(tenant);
         }
         let mut ready = Vec::new();
-        for tenant in std::mem::take(&mut self.settled) {
-            ready.extend(self.batcher.settled(&tenant));
+        let settled = std::mem::take(&mut self.settled);
+        let mut batcher = self.batcher();
+        for tenant in settled {
+            ready.extend(batcher.settled(&tenant));
         }
+        drop(batcher);
         self.flush(ready);
     }
 
@@ -165,16 +184,28 @@ impl Scheduler {
             Fate::Apply(envelope, effect) => {
                 let tenant = envelope.tenant_id;
                 let calm = self.applying.outage.calm();
-                match self.applying.standings.admit(&tenant, calm) {
-                    Admitted::Hold(held) => self.batch(
-                        tenant,
-                        partition,
-                        Pending {
-                            message,
-                            effect,
-                            held,
-                        },
-                    ),
+                let admitted = if self.window_too_heavy_for(message.weight()) {
+                    Admitted::SetAside {
+                        reason: SetAsideReason::WindowFull,
+                        wait: Duration::ZERO,
+                    }
+                } else {
+                    self.applying.standings.admit(&tenant, calm)
+                };
+                match admitted {
+                    Admitted::Hold(held) => {
+                        let mut message = message;
+                        message.weigh_in();
+                        self.batch(
+                            tenant,
+                            partition,
+                            Pending {
+                                message,
+                                effect,
+                                held,
+                            },
+                        );
+                    }
                     Admitted::SetAside { reason, wait } => {
                         self.tasks
                             .spawn(async move { message.set_aside(&tenant, reason, wait).await });
@@ -188,14 +219,24 @@ impl Scheduler {
         while self.tasks.try_join_next().is_some() {}
     }
 
+    /// A message of `weight` would take the window beyond its bound in bytes. Into an empty
+    /// window a message always goes, however large, so that each is applied in the end.
+    fn window_too_heavy_for(&self, weight: usize) -> bool {
+        let held = self.settling.gate.bytes();
+        held > 0 && held.saturating_add(weight) > self.window_bytes
+    }
+
     fn batch(&mut self, tenant: TenantId, partition: u16, pending: Pending) {
         let stalled = self.settling.gate.holds(partition) >= self.per_queue;
         let cold = self.applying.standings.is_cold(&tenant);
         let now = tokio::time::Instant::now();
-        if let Some(batch) = self
-            .batcher
-            .push(&tenant, partition, pending, now, stalled, cold)
-        {
+        let gate = &self.settling.gate;
+        let backlog = gate.in_window() * 2 >= self.per_queue * gate.partitions();
+        let mut batcher = self.batcher();
+        batcher.set_backlog(backlog);
+        let full = batcher.push(&tenant, partition, pending, now, stalled, cold);
+        drop(batcher);
+        if let Some(batch) = full {
             self.flush(vec![batch]);
         }
     }
@@ -203,7 +244,7 @@ impl Scheduler {
     /// Applies every waiting batch at once and finishes what is in flight, waiting at most
     /// `bound`: what is abandoned then is handed back by the broker.
     pub async fn finish(mut self, bound: Duration) {
-        let waiting = self.batcher.drain();
+        let waiting = self.batcher().drain();
         self.flush(waiting);
         let tasks = &mut self.tasks;
         let finished =
@@ -218,6 +259,10 @@ impl Scheduler {
         }
     }
 
+    fn batcher(&self) -> MutexGuard<'_, Batcher<Pending>> {
+        lock(&self.batcher)
+    }
+
     fn flush(&mut self, batches: Vec<Batch<Pending>>) {
         for Batch { tenant, items } in batches {
             let applying = self.applying.clone();
@@ -226,15 +271,24 @@ impl Scheduler {
                 settled: self.settled_tx.clone(),
             };
             let span = tracing::info_span!("batch", tenant = %tenant, events = items.len());
+            let batcher = self.batcher.clone();
             self.tasks.spawn(
                 async move {
                     let _in_flight = in_flight;
-                    applying.run(tenant, items).await;
+                    let behind = tenant.clone();
+                    let more = move || lock(&batcher).take_behind(&behind);
+                    applying.run(tenant, items, &more).await;
                 }
                 .instrument(span),
             );
         }
     }
+}
+
+/// A panic while the batcher was locked cannot leave it half-changed (each change is one map
+/// operation), so a poisoned lock is taken as it is.
+fn lock(batcher: &Mutex<Batcher<Pending>>) -> MutexGuard<'_, Batcher<Pending>> {
+    batcher.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Settles a message that applies nothing, as its fate says.
@@ -256,6 +310,8 @@ mod tests {
         assert_eq!(per_queue_prefetch(64, 16), 4);
         assert_eq!(per_queue_prefetch(8, 16), 1);
         assert_eq!(per_queue_prefetch(10, 1), 10);
+        assert_eq!(per_queue_prefetch(65_536, 16), 4096);
+        assert_eq!(per_queue_prefetch(1_000_000, 1), u16::MAX);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::failure::decide::{decide, Seen, Step};
 use crate::failure::Failure;
 use crate::metrics::SetAsideReason;
 use crate::settle::Message;
-use crate::tenant_db::TenantDbs;
+use crate::tenant_db::{TenantConnection, TenantDbs};
 use avsync_shared::event::Effect;
 use avsync_shared::TenantId;
 use outage::Outage;
@@ -20,6 +20,7 @@ use standing::{Held, Standings};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// What applying needs, shared by every task of the worker: the tenant databases, every tenant's
@@ -51,102 +52,149 @@ impl From<Failure> for NotCommitted {
     }
 }
 
+/// Where an executor finds more of its tenant's events once a batch has committed: the batch
+/// that gathered behind it, if any.
+pub(crate) type More<'a> = &'a (dyn Fn() -> Option<Vec<Pending>> + Send + Sync);
+
+/// Longest one executor keeps its tenant's session for the batches that gather behind the one
+/// it applied: long enough to apply what a backlog holds of its tenant on the session it opened
+/// (opening one costs more than applying a hundred events), short enough that a tenant with a
+/// steady stream gives its session back to the budget's rotation.
+const WARM_TURN: Duration = Duration::from_secs(1);
+
 impl Applying {
-    /// Applies `events` of `tenant` together and settles every message, whatever happens.
-    pub fn run(
-        &self,
+    /// Applies `events` of `tenant` together and settles every message, whatever happens; then,
+    /// on the same session, the batches `more` gives, for at most [`WARM_TURN`].
+    pub fn run<'a>(
+        &'a self,
         tenant: TenantId,
         events: Vec<Pending>,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        more: More<'a>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
-            let marked = self.standings.marked(&tenant);
-            let probe = events.iter().any(|e| e.held.is_probe());
-            if !probe && self.standings.is_slow(&tenant) {
-                return self.set_aside(&tenant, events, SetAsideReason::Slow).await;
-            }
-            let mut remigrated = false;
-            let mut held = outage::Backoff::default();
-            loop {
-                let failure = match self.attempt(&tenant, &events, &marked).await {
-                    Ok(()) => return self.applied(&tenant, events).await,
-                    Err(NotCommitted::MarkedSlow) => {
-                        return self.set_aside(&tenant, events, SetAsideReason::Slow).await;
-                    }
-                    Err(NotCommitted::Failed(failure)) => failure,
-                };
-                let seen = Seen {
-                    events: events.len(),
-                    reach: self.outage.reach(&self.dbs, &tenant, &failure).await,
-                    // The door kept waiting while the budget was contended: what reaches here
-                    // is the tenant's own pool, busy with nobody else waiting.
-                    budget_contended: false,
-                    remigrated,
-                    stopping: self.dbs.shutdown().is_cancelled(),
-                };
-                match decide(&failure, seen) {
-                    Step::Remigrate => remigrated = true,
-                    Step::HoldForOutage => {
-                        if !self
-                            .outage
-                            .hold(&mut held, &failure, self.dbs.shutdown())
-                            .await
-                        {
-                            return settle_each(events, |m, _| m.hand_back()).await;
-                        }
-                    }
-                    // Only the door waits for a connection; one that gives up while the worker
-                    // stops hands the work back.
-                    Step::WaitForSlot | Step::BackOff | Step::HandBack => {
-                        return settle_each(events, |m, _| m.hand_back()).await;
-                    }
-                    Step::MarkSlow => {
-                        tracing::warn!(error = %failure, "tenant marked slow; its events are set aside until a probe succeeds");
-                        return self
-                            .mark_slow(&tenant, &failure, events, SetAsideReason::Slow)
-                            .await;
-                    }
-                    Step::WaitOutServer => {
-                        tracing::warn!(error = %failure, "the tenant's PostgreSQL server does not answer; its events are set aside until a probe finds it back");
-                        return self
-                            .mark_slow(&tenant, &failure, events, SetAsideReason::ServerDown)
-                            .await;
-                    }
-                    Step::Split => {
-                        tracing::warn!(error = %failure, "batch failed permanently; applying its events one by one");
-                        let alone = events
-                            .into_iter()
-                            .map(|e| self.run(tenant.clone(), vec![e]));
-                        futures_util::future::join_all(alone).await;
-                        return;
-                    }
-                    Step::Retry => {
-                        return settle_each(events, |m, _| m.retry(&tenant, &failure)).await;
-                    }
-                    Step::DeadLetter => {
-                        return settle_each(events, |m, _| m.permanent(&failure)).await;
-                    }
+            let started = Instant::now();
+            let mut warm = self.run_batch(&tenant, events, None).await;
+            while let Some(conn) = warm {
+                if started.elapsed() >= WARM_TURN {
+                    return;
                 }
+                let Some(events) = more() else { return };
+                warm = self.run_batch(&tenant, events, Some(conn)).await;
             }
         })
     }
 
-    /// One try: a session, then the events in one statement. The wait for a session is given up
-    /// when the tenant is marked slow meanwhile.
+    /// Applies one batch, on `warm` when given, and settles every message; returns the session
+    /// when the batch committed.
+    async fn run_batch(
+        &self,
+        tenant: &TenantId,
+        events: Vec<Pending>,
+        mut warm: Option<TenantConnection>,
+    ) -> Option<TenantConnection> {
+        let tenant = tenant.clone();
+        let marked = self.standings.marked(&tenant);
+        let probe = events.iter().any(|e| e.held.is_probe());
+        if !probe && self.standings.is_slow(&tenant) {
+            self.set_aside(&tenant, events, SetAsideReason::Slow).await;
+            return None;
+        }
+        let mut remigrated = false;
+        let mut held = outage::Backoff::default();
+        loop {
+            let failure = match self.attempt(&tenant, &events, &marked, warm.take()).await {
+                Ok(conn) => {
+                    self.applied(&tenant, events).await;
+                    return Some(conn);
+                }
+                Err(NotCommitted::MarkedSlow) => {
+                    self.set_aside(&tenant, events, SetAsideReason::Slow).await;
+                    return None;
+                }
+                Err(NotCommitted::Failed(failure)) => failure,
+            };
+            let seen = Seen {
+                events: events.len(),
+                reach: self.outage.reach(&self.dbs, &tenant, &failure).await,
+                // The door kept waiting while the budget was contended: what reaches here
+                // is the tenant's own pool, busy with nobody else waiting.
+                budget_contended: false,
+                remigrated,
+                stopping: self.dbs.shutdown().is_cancelled(),
+            };
+            match decide(&failure, seen) {
+                Step::Remigrate => remigrated = true,
+                Step::HoldForOutage => {
+                    if !self
+                        .outage
+                        .hold(&mut held, &failure, self.dbs.shutdown())
+                        .await
+                    {
+                        settle_each(events, |m, _| m.hand_back()).await;
+                        return None;
+                    }
+                }
+                // Only the door waits for a connection; one that gives up while the worker
+                // stops hands the work back.
+                Step::WaitForSlot | Step::BackOff | Step::HandBack => {
+                    settle_each(events, |m, _| m.hand_back()).await;
+                    return None;
+                }
+                Step::MarkSlow => {
+                    tracing::warn!(error = %failure, "tenant marked slow; its events are set aside until a probe succeeds");
+                    self.mark_slow(&tenant, &failure, events, SetAsideReason::Slow)
+                        .await;
+                    return None;
+                }
+                Step::WaitOutServer => {
+                    tracing::warn!(error = %failure, "the tenant's PostgreSQL server does not answer; its events are set aside until a probe finds it back");
+                    self.mark_slow(&tenant, &failure, events, SetAsideReason::ServerDown)
+                        .await;
+                    return None;
+                }
+                Step::Split => {
+                    tracing::warn!(error = %failure, "batch failed permanently; applying its events one by one");
+                    let alone = events
+                        .into_iter()
+                        .map(|e| self.run(tenant.clone(), vec![e], &|| None));
+                    futures_util::future::join_all(alone).await;
+                    return None;
+                }
+                Step::Retry => {
+                    settle_each(events, |m, _| m.retry(&tenant, &failure)).await;
+                    return None;
+                }
+                Step::DeadLetter => {
+                    settle_each(events, |m, _| m.permanent(&failure)).await;
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// One try: a session (`warm`, or one from the door), then the events in one statement.
+    /// The wait for a session is given up when the tenant is marked slow meanwhile.
     async fn attempt(
         &self,
         tenant: &TenantId,
         events: &[Pending],
         marked: &Notify,
-    ) -> Result<(), NotCommitted> {
-        let marked = marked.notified();
-        tokio::pin!(marked);
-        marked.as_mut().enable();
-        let conn = tokio::select! {
-            conn = self.dbs.connection(tenant) => conn?,
-            _ = marked.as_mut() => return Err(NotCommitted::MarkedSlow),
+        warm: Option<TenantConnection>,
+    ) -> Result<TenantConnection, NotCommitted> {
+        let conn = match warm {
+            Some(conn) => conn,
+            None => {
+                let _waiting = self.standings.waiting_for_session(tenant);
+                let marked = marked.notified();
+                tokio::pin!(marked);
+                marked.as_mut().enable();
+                tokio::select! {
+                    conn = self.dbs.connection(tenant) => conn?,
+                    _ = marked.as_mut() => return Err(NotCommitted::MarkedSlow),
+                }
+            }
         };
-        conn.apply(events.iter().map(|e| &e.effect)).await?;
-        Ok(())
+        Ok(conn.apply(events.iter().map(|e| &e.effect)).await?)
     }
 
     async fn applied(&self, tenant: &TenantId, events: Vec<Pending>) {

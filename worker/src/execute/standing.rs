@@ -2,7 +2,10 @@
 //!
 //! - **The bound.** A tenant may hold at most `AVSYNC_TENANT_MAX_UNSETTLED` unsettled messages
 //!   while it is stalled (nothing committed for [`STALL`]); what it receives beyond that is set
-//!   aside through the broker. A tenant that keeps committing (a bulk import) may hold more.
+//!   aside through the broker. A tenant that keeps committing (a bulk import) may hold more, and
+//!   so may one whose batch waits for a session within the worker's budget: in a backlog of many
+//!   tenants that wait is long and is nobody's trouble (contract section 7), and what its tenant
+//!   gathers meanwhile is what its session, once opened, applies together.
 //! - **The circuit.** A tenant whose statements time out, whose database does not answer, or
 //!   whose database refuses it connections (its own `CONNECTION LIMIT`) is marked slow: its new
 //!   events are set aside at once, and its batches still waiting for a connection give up theirs.
@@ -73,8 +76,10 @@ enum Admission {
 #[derive(Debug, Clone)]
 struct Standing {
     held: usize,
-    /// When it last committed, or began holding messages, whichever is later.
+    /// When it last committed, began holding messages, or got a session, whichever is latest.
     progress: Instant,
+    /// Its batches waiting for a session.
+    waiting: usize,
     circuit: Circuit,
 }
 
@@ -83,6 +88,7 @@ impl Standing {
         Self {
             held: 0,
             progress: now,
+            waiting: 0,
             circuit: Circuit::Closed,
         }
     }
@@ -108,7 +114,8 @@ impl Standing {
             }
             Circuit::Closed => {}
         }
-        let stalled = now.saturating_duration_since(self.progress) >= STALL;
+        let stalled =
+            self.waiting == 0 && now.saturating_duration_since(self.progress) >= STALL;
         if calm && self.held >= bound && stalled {
             return Admission::SetAside {
                 reason: SetAsideReason::Backlog,
@@ -124,6 +131,12 @@ impl Standing {
             self.progress = now;
         }
         self.held += 1;
+    }
+
+    /// A batch of it got a session: the stall clock counts from here.
+    fn wait_ended(&mut self, now: Instant) {
+        self.waiting = self.waiting.saturating_sub(1);
+        self.progress = now;
     }
 
     fn committed(&mut self, now: Instant) {
@@ -234,6 +247,20 @@ impl Commits {
     }
 }
 
+/// A batch waiting for a session; see [`Standings::waiting_for_session`].
+pub struct WaitingForSession {
+    standings: Standings,
+    tenant: TenantId,
+}
+
+impl Drop for WaitingForSession {
+    fn drop(&mut self) {
+        self.standings
+            .inner
+            .with(&self.tenant, |e, now| e.standing.wait_ended(now));
+    }
+}
+
 /// Every tenant's standing in this worker.
 #[derive(Clone)]
 pub struct Standings {
@@ -270,6 +297,16 @@ impl Standings {
                 probe,
             }),
             Admission::SetAside { reason, wait } => Admitted::SetAside { reason, wait },
+        }
+    }
+
+    /// A batch of `tenant` waits for a session until the guard is dropped; meanwhile the tenant
+    /// is not stalled.
+    pub fn waiting_for_session(&self, tenant: &TenantId) -> WaitingForSession {
+        self.inner.with(tenant, |e, _| e.standing.waiting += 1);
+        WaitingForSession {
+            standings: self.clone(),
+            tenant: tenant.clone(),
         }
     }
 
@@ -419,6 +456,28 @@ mod tests {
         ));
         // While PostgreSQL is away altogether, the worker holds.
         assert_eq!(s.admit(3, later, false), Admission::Hold { probe: false });
+    }
+
+    #[test]
+    fn a_tenant_waiting_for_a_session_is_not_stalled() {
+        let t0 = Instant::now();
+        let mut s = Standing::new(t0);
+        s.waiting += 1;
+        for i in 0..10u64 {
+            let now = t0 + STALL * 3 + Duration::from_millis(i);
+            assert_eq!(hold(&mut s, 2, now), Admission::Hold { probe: false });
+        }
+        // Once it has a session, a statement that commits nothing for STALL stalls it.
+        let got = t0 + STALL * 4;
+        s.wait_ended(got);
+        assert_eq!(hold(&mut s, 2, got), Admission::Hold { probe: false });
+        assert!(matches!(
+            hold(&mut s, 2, got + STALL),
+            Admission::SetAside {
+                reason: SetAsideReason::Backlog,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub struct Messages {
     pub in_window: usize,
     /// The most the worker receives before settling (`AVSYNC_PREFETCH`, split over partitions).
     pub window: usize,
+    /// What the messages held to be applied weigh: bodies plus what holding each costs.
+    pub window_bytes: usize,
+    /// The most they may weigh (`AVSYNC_PREFETCH_BYTES`).
+    pub window_bytes_bound: usize,
     /// Held by their tenants: waiting in a batch or being applied.
     pub held: usize,
     /// Batches or events held because PostgreSQL cannot be reached at all.
@@ -52,14 +56,16 @@ impl Status {
     fn of(worker: &Consuming) -> Self {
         let applying = &worker.applying;
         let (slow_tenants, held) = applying.standings.view();
-        let (in_window, window) = worker.window();
+        let window = worker.window();
         Status {
             ready: worker.ready.load(Ordering::SeqCst),
             servers: applying.dbs.pools.servers(),
             slow_tenants,
             messages: Messages {
-                in_window,
-                window,
+                in_window: window.messages,
+                window: window.size,
+                window_bytes: window.bytes,
+                window_bytes_bound: worker.prefetch_bytes,
                 held,
                 held_for_outage: applying.outage.held(),
                 set_aside: SetAsideReason::ALL
@@ -140,7 +146,7 @@ fn print_tables<W: Write>(status: &Status, out: &mut W) -> std::io::Result<()> {
     let m = &status.messages;
     writeln!(
         out,
-        "worker {}; window {} of {}, held by tenants {}, held for an outage {}",
+        "worker {}; window {} of {} ({} of {} bytes), held by tenants {}, held for an outage {}",
         if status.ready {
             "consuming"
         } else {
@@ -148,6 +154,8 @@ fn print_tables<W: Write>(status: &Status, out: &mut W) -> std::io::Result<()> {
         },
         m.in_window,
         m.window,
+        m.window_bytes,
+        m.window_bytes_bound,
         m.held,
         m.held_for_outage
     )?;
@@ -230,6 +238,8 @@ mod tests {
             messages: Messages {
                 in_window: 3,
                 window: 4096,
+                window_bytes: 2048,
+                window_bytes_bound: 65536,
                 held: 2,
                 held_for_outage: 0,
                 set_aside: BTreeMap::from([("slow".to_owned(), 7)]),

@@ -58,15 +58,16 @@ impl DerefMut for TenantConnection {
 }
 
 impl TenantConnection {
-    /// Applies `effects` in one statement. When the statement finds the tenant's tables gone
-    /// (its database recreated under the worker), this session and its pool's idle ones are
-    /// closed and the database is no longer known migrated, so that the next session migrates.
+    /// Applies `effects` in one statement and gives the session back for more. When the
+    /// statement finds the tenant's tables gone (its database recreated under the worker), this
+    /// session and its pool's idle ones are closed and the database is no longer known migrated,
+    /// so that the next session migrates.
     pub async fn apply<'a>(
         mut self,
         effects: impl IntoIterator<Item = &'a Effect>,
-    ) -> Result<(), Failure> {
+    ) -> Result<TenantConnection, Failure> {
         match apply::apply_batch(&mut self.conn, effects).await {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(self),
             Err(e) => {
                 let failure = Failure::from(e);
                 if failure.is_schema_missing() {
