@@ -34,25 +34,36 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(50);
 /// three looks of each worker.
 const STAGE_SAMPLES: usize = 60;
 
-/// `max_connections` less the reserved slots, and the client backends: what the workers see.
-async fn slots_and_clients(conn: &mut PgConnection) -> (i64, i64) {
+/// `max_connections` less the reserved slots, the client backends, and those of them that are
+/// not avsync workers': what the workers see.
+async fn slots_and_clients(conn: &mut PgConnection) -> (i64, i64, i64) {
     sqlx::query_as(
         "SELECT current_setting('max_connections')::bigint
                   - current_setting('superuser_reserved_connections')::bigint
                   - coalesce(current_setting('reserved_connections', true)::bigint, 0),
-                (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')",
+                count(*),
+                count(*) FILTER (WHERE NOT starts_with(application_name, 'avsync-worker'))
+           FROM pg_stat_activity WHERE backend_type = 'client backend'",
     )
     .fetch_one(conn)
     .await
     .expect("read the server's slots")
 }
 
+/// Per stage: the lowest free slots, the most other clients (not avsync workers) and the
+/// samples taken.
+#[derive(Debug, Clone, Copy)]
+struct Stage {
+    lowest_free: i64,
+    most_others: i64,
+    samples: usize,
+}
+
 /// The lowest number of free slots (`max_connections` − reserved − client backends) seen in
 /// each stage, sampled every [`SAMPLE_EVERY`] on a session of its own until stopped.
 struct FreeSlots {
     stage: Arc<AtomicUsize>,
-    /// Per stage: the lowest free slots and the samples taken.
-    lowest: Arc<Mutex<Vec<(i64, usize)>>>,
+    stages: Arc<Mutex<Vec<Stage>>>,
     stop: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -60,17 +71,23 @@ struct FreeSlots {
 impl FreeSlots {
     fn start(mut conn: PgConnection, stages: usize) -> Self {
         let stage = Arc::new(AtomicUsize::new(0));
-        let lowest = Arc::new(Mutex::new(vec![(i64::MAX, 0); stages]));
+        let stage_zero = Stage {
+            lowest_free: i64::MAX,
+            most_others: 0,
+            samples: 0,
+        };
+        let all = Arc::new(Mutex::new(vec![stage_zero; stages]));
         let stop = Arc::new(AtomicBool::new(false));
-        let (st, lo, sp) = (stage.clone(), lowest.clone(), stop.clone());
+        let (st, lo, sp) = (stage.clone(), all.clone(), stop.clone());
         let task = tokio::spawn(async move {
             while !sp.load(Ordering::SeqCst) {
-                let (slots, clients) = slots_and_clients(&mut conn).await;
+                let (slots, clients, others) = slots_and_clients(&mut conn).await;
                 let now = st.load(Ordering::SeqCst);
                 {
-                    let (lowest, samples) = &mut lo.lock().unwrap()[now];
-                    *lowest = (*lowest).min(slots - clients);
-                    *samples += 1;
+                    let stage = &mut lo.lock().unwrap()[now];
+                    stage.lowest_free = stage.lowest_free.min(slots - clients);
+                    stage.most_others = stage.most_others.max(others);
+                    stage.samples += 1;
                 }
                 tokio::time::sleep(SAMPLE_EVERY).await;
             }
@@ -78,7 +95,7 @@ impl FreeSlots {
         });
         Self {
             stage,
-            lowest,
+            stages: all,
             stop,
             task,
         }
@@ -88,20 +105,15 @@ impl FreeSlots {
         self.stage.store(stage, Ordering::SeqCst);
     }
 
-    /// Samples taken in the current stage.
-    fn samples(&self) -> usize {
-        self.lowest.lock().unwrap()[self.stage.load(Ordering::SeqCst)].1
+    /// The current stage so far.
+    fn now(&self) -> Stage {
+        self.stages.lock().unwrap()[self.stage.load(Ordering::SeqCst)]
     }
 
-    async fn finish(self) -> Vec<i64> {
+    async fn finish(self) -> Vec<Stage> {
         self.stop.store(true, Ordering::SeqCst);
         self.task.await.expect("sampler");
-        self.lowest
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(l, _)| *l)
-            .collect()
+        self.stages.lock().unwrap().clone()
     }
 }
 
@@ -113,6 +125,29 @@ fn budget(worker: &TestWorker) -> i64 {
         .connection_budget
         .with_label_values(&[SERVER])
         .get()
+}
+
+/// Waits until every worker's budget is `share` and it holds that many sessions.
+async fn settle(workers: &[TestWorker], share: i64, sampler: &FreeSlots, in_use: i64) {
+    let settled = tokio::time::timeout(Duration::from_secs(60), async {
+        while !workers
+            .iter()
+            .all(|w| budget(w) == share && sessions(w) == share)
+        {
+            tokio::time::sleep(SAMPLE_EVERY).await;
+        }
+    })
+    .await;
+    if settled.is_err() {
+        let seen: Vec<(i64, i64)> = workers.iter().map(|w| (budget(w), sessions(w))).collect();
+        panic!(
+            "{} worker(s) not at a budget of {share} holding it within 60 s: (budget, sessions) \
+             {seen:?}; other clients up to {} in this stage, {in_use} at the start (the test \
+             needs the server to itself)",
+            workers.len(),
+            sampler.now().most_others
+        );
+    }
 }
 
 fn sessions(worker: &TestWorker) -> i64 {
@@ -162,7 +197,7 @@ async fn auto_leaves_the_free_slots_as_workers_arrive() {
     let mut sampler_conn = PgConnection::connect(support::PG_ADMIN_URL)
         .await
         .expect("connect the sampler");
-    let (slots, in_use) = slots_and_clients(&mut sampler_conn).await;
+    let (slots, in_use, _) = slots_and_clients(&mut sampler_conn).await;
     let target = slots - in_use - FOR_THE_WORKERS;
     assert!(
         target >= 0,
@@ -219,22 +254,15 @@ async fn auto_leaves_the_free_slots_as_workers_arrive() {
             .await,
         );
         let share = room / n as i64;
-        let what = format!("each of {n} worker(s) at a budget of {share}, and holding it");
-        wait_until(&what, Duration::from_secs(60), || async {
-            workers
-                .iter()
-                .all(|w| budget(w) == share && sessions(w) == share)
-                .then_some(())
-        })
-        .await;
+        settle(&workers, share, &sampler, in_use).await;
         eprintln!(
             "{n} worker(s): each at a budget of {share} after {:?}",
             started.elapsed()
         );
         // The stage runs on for a while, its workers sizing themselves again every second.
-        let samples = sampler.samples() + STAGE_SAMPLES;
+        let samples = sampler.now().samples + STAGE_SAMPLES;
         wait_until("the stage sampled", Duration::from_secs(30), || async {
-            (sampler.samples() >= samples).then_some(())
+            (sampler.now().samples >= samples).then_some(())
         })
         .await;
     }
@@ -245,12 +273,7 @@ async fn auto_leaves_the_free_slots_as_workers_arrive() {
         counts.push(worker.running().metrics().clone());
         worker.stop().await;
     }
-    wait_until(
-        "the one worker left at a budget of the whole room, and holding it",
-        Duration::from_secs(60),
-        || async { (budget(&workers[0]) == room && sessions(&workers[0]) == room).then_some(()) },
-    )
-    .await;
+    settle(&workers, room, &sampler, in_use).await;
     eprintln!(
         "back to 1 worker: at a budget of {room} after {:?}",
         started.elapsed()
@@ -268,19 +291,25 @@ async fn auto_leaves_the_free_slots_as_workers_arrive() {
     })
     .await;
     eprintln!("drained after {:?}", started.elapsed());
-    let lowest = sampler.finish().await;
-    for (stage, lowest) in lowest.iter().enumerate() {
+    let stages = sampler.finish().await;
+    for (stage, seen) in stages.iter().enumerate() {
         let when = match stage {
             s if s < WORKERS => format!("with {} worker(s)", s + 1),
             s if s == WORKERS => "back to 1 worker".to_owned(),
             _ => "while the last events drained".to_owned(),
         };
-        eprintln!("lowest free slots {when}: {lowest} (target {target})");
+        eprintln!(
+            "lowest free slots {when}: {} (target {target}; other clients at most {}, {in_use} at the start)",
+            seen.lowest_free, seen.most_others
+        );
     }
-    for (stage, lowest) in lowest.iter().enumerate() {
+    for (stage, seen) in stages.iter().enumerate() {
         assert!(
-            *lowest >= target,
-            "free slots fell to {lowest} in stage {stage}, below the {target} the workers leave free"
+            seen.lowest_free >= target,
+            "free slots fell to {} in stage {stage}, below the {target} the workers leave free \
+             (other clients: {in_use} at the start, up to {} then; the test needs the server to itself)",
+            seen.lowest_free,
+            seen.most_others
         );
     }
 
