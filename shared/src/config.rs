@@ -189,7 +189,11 @@ pub fn parse_bytes(value: &str) -> Result<usize, String> {
         "KiB" => 1 << 10,
         "MiB" => 1 << 20,
         "GiB" => 1 << 30,
-        _ => return Err(format!("`{value}` has an unknown unit (use KiB, MiB or GiB)")),
+        _ => {
+            return Err(format!(
+                "`{value}` has an unknown unit (use KiB, MiB or GiB)"
+            ))
+        }
     };
     n.checked_mul(scale)
         .filter(|b| *b > 0)

@@ -30,11 +30,22 @@ struct Args {
     settings: Settings,
 }
 
-/// Worker settings parsed from flags, as an operator would give them.
+/// `AVSYNC_MAX_CONNECTIONS` of the tests' workers unless a test gives its own: the whole suite
+/// shares one PostgreSQL, where `auto` would let every worker take a share of all its slots.
+pub const TEST_MAX_CONNECTIONS: &str = "20";
+
+/// Worker settings parsed from flags, as an operator would give them; the budget is pinned at
+/// [`TEST_MAX_CONNECTIONS`] unless `args` set `--max-connections`.
 pub fn parse_settings(args: &[&str]) -> Settings {
-    Args::try_parse_from(std::iter::once("avsync-worker").chain(args.iter().copied()))
-        .expect("worker flags")
-        .settings
+    let pin: &[&str] = if args.contains(&"--max-connections") {
+        &[]
+    } else {
+        &["--max-connections", TEST_MAX_CONNECTIONS]
+    };
+    let args = std::iter::once("avsync-worker")
+        .chain(pin.iter().copied())
+        .chain(args.iter().copied());
+    Args::try_parse_from(args).expect("worker flags").settings
 }
 
 /// Settings for a worker on topology `prefix` writing to the databases of `dbs`, creating them

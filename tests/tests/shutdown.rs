@@ -6,7 +6,7 @@ use avsync_shared::Topology;
 use avsync_tests::ingress_harness::{new_whsec_secret, sign_standard, TopologyCleanup};
 use avsync_tests::processes::{self, Process};
 use avsync_tests::support::{self, wait_until};
-use avsync_tests::worker_harness::{publish_all, publisher, TestDatabases};
+use avsync_tests::worker_harness::{self, publish_all, publisher, TestDatabases};
 use serde_json::{json, Value};
 use sqlx::Connection as _;
 use std::collections::BTreeMap;
@@ -26,6 +26,10 @@ async fn spawn_worker(prefix: &str, template: &str, extra: &[(&str, &str)]) -> (
         ("AVSYNC_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
         ("AVSYNC_TENANT_DATABASE_URL", template.to_owned()),
         ("AVSYNC_CREATE_TENANT_DATABASES", "true".to_owned()),
+        (
+            "AVSYNC_MAX_CONNECTIONS",
+            worker_harness::TEST_MAX_CONNECTIONS.to_owned(),
+        ),
     ];
     env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
     let worker = Process::spawn("avsync-worker", &env);

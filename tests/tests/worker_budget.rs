@@ -54,7 +54,7 @@ impl SessionSampler {
             while !s.load(Ordering::SeqCst) {
                 let n: i64 = sqlx::query_scalar(
                     "SELECT count(*) FROM pg_stat_activity \
-                     WHERE application_name = 'avsync-worker' AND starts_with(datname, $1)",
+                     WHERE starts_with(application_name, 'avsync-worker') AND starts_with(datname, $1)",
                 )
                 .bind(&pattern)
                 .fetch_one(&mut conn)

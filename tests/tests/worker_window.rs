@@ -8,8 +8,8 @@ use avsync_shared::topology::Topology;
 use avsync_tests::ingress_harness::TopologyCleanup;
 use avsync_tests::support::{self, wait_until};
 use avsync_tests::worker_harness::{
-    model_of, publish_all, publisher, random_history, settings, take_dead_letters,
-    TestDatabases, TestWorker,
+    model_of, publish_all, publisher, random_history, settings, take_dead_letters, TestDatabases,
+    TestWorker,
 };
 use avsync_worker::metrics::{Outcome, SetAsideReason};
 use avsync_worker::ops::status::Status;
@@ -32,7 +32,12 @@ fn padded(body: &[u8]) -> Vec<u8> {
 }
 
 async fn status_of(url: &str) -> Option<Status> {
-    reqwest::get(format!("{url}/status")).await.ok()?.json().await.ok()
+    reqwest::get(format!("{url}/status"))
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
 }
 
 #[tokio::test]

@@ -104,6 +104,9 @@ mod tests {
         }
         let defaults = parse(&["dlq", "list"]).unwrap();
         assert_eq!(defaults.settings.common.topology, "avsync");
-        assert_eq!(defaults.settings.prefetch, crate::settings::DEFAULT_PREFETCH);
+        assert_eq!(
+            defaults.settings.prefetch,
+            crate::settings::DEFAULT_PREFETCH
+        );
     }
 }

@@ -172,6 +172,7 @@ fn tenant_dbs(
     let pools = Pools::with_max_connections(
         pools,
         settings.max_connections,
+        settings.pg_free_connections,
         metrics.tenant_pools.clone(),
     );
     if let TenantSource::Template(template) = source {

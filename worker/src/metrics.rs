@@ -153,7 +153,7 @@ impl PoolMetrics {
         let connection_budget = per_server(
             registry,
             "avsync_worker_connection_budget",
-            "Most tenant sessions this worker may hold to the server now: AVSYNC_MAX_CONNECTIONS, or less for a while after a refusal.",
+            "Most tenant sessions this worker may hold to the server now: AVSYNC_MAX_CONNECTIONS pinned, or sized from the server (auto: an equal share of what it allows beyond its other clients and AVSYNC_PG_FREE_CONNECTIONS), less for a while after a refusal.",
         )?;
         let server_reachable = per_server(
             registry,
@@ -176,7 +176,7 @@ impl PoolMetrics {
         )?;
         let budget_closes = IntCounter::new(
             "avsync_worker_connection_budget_closes_total",
-            "Idle tenant sessions closed to make room in a server's budget (AVSYNC_MAX_CONNECTIONS) for another tenant.",
+            "Idle tenant sessions closed to make room in a server's budget (AVSYNC_MAX_CONNECTIONS) for another tenant, or because the budget was sized down.",
         )?;
         let migrations_skipped = IntCounter::new(
             "avsync_worker_migrations_skipped_total",

@@ -11,8 +11,8 @@ use avsync_shared::topology::Topology;
 use avsync_shared::TenantId;
 use chrono::{DateTime, SecondsFormat, Utc};
 use lapin::message::Delivery;
-use lapin::BasicProperties;
 use lapin::types::{AMQPValue, LongString};
+use lapin::BasicProperties;
 use rand::Rng;
 use std::sync::Arc;
 use std::time::Duration;
@@ -160,18 +160,12 @@ pub async fn publish_retry(
         AMQPValue::LongString(LongString::from(error)),
     );
     let expiration = jittered(delay).as_millis().to_string();
-    let properties =
-        republished(properties, headers).with_expiration(expiration.as_str().into());
+    let properties = republished(properties, headers).with_expiration(expiration.as_str().into());
     // The tier is a fanout exchange; the routing key is kept on the message so that, when it
     // expires back into the events exchange, it lands in its tenant's partition again.
     let routing_key = Topology::routing_key(topology.partition_of(tenant));
     publisher
-        .publish(
-            &topology.retry_tier(delay),
-            &routing_key,
-            data,
-            properties,
-        )
+        .publish(&topology.retry_tier(delay), &routing_key, data, properties)
         .await
 }
 

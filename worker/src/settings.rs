@@ -4,6 +4,7 @@ use crate::ops::authvital::{ApiSettings, ClientSecret};
 use crate::retry::RetryPolicy;
 use crate::tenant_db::pools::PoolSettings;
 use crate::tenant_db::resolve::{setting_url, Template, TenantSource};
+use crate::tenant_db::sizing::MaxConnections;
 use avsync_shared::config::{number_from_to, parse_bytes, parse_duration, BadSetting, CommonArgs};
 use avsync_shared::topology::{Topology, BROKER_DELIVERY_LIMIT};
 use clap::builder::BoolishValueParser;
@@ -64,9 +65,17 @@ pub struct Settings {
     pub tenant_pool_size: u32,
 
     /// Most sessions this worker holds to any one PostgreSQL server, across all its tenant
-    /// databases; when full, an idle session of the least recently used tenant is closed.
-    #[arg(long, env = "AVSYNC_MAX_CONNECTIONS", value_name = "N", default_value_t = crate::tenant_db::pools::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    pub max_connections: u32,
+    /// databases: `auto` sizes it from what the server allows and has free, leaving
+    /// AVSYNC_PG_FREE_CONNECTIONS to other clients; a number pins it. When full, an idle session
+    /// of the least recently used tenant is closed.
+    #[arg(long, env = "AVSYNC_MAX_CONNECTIONS", value_name = "auto|N", default_value = "auto", value_parser = clap::builder::ValueParser::new(str::parse::<MaxConnections>))]
+    pub max_connections: MaxConnections,
+
+    /// With AVSYNC_MAX_CONNECTIONS=auto: connection slots on each PostgreSQL server that avsync's
+    /// workers, all together, leave free for other clients (the tenants' own applications,
+    /// admins); by default a fifth of the server's max_connections.
+    #[arg(long, env = "AVSYNC_PG_FREE_CONNECTIONS", value_name = "N", value_parser = number_from_to(0u32, 1_000_000))]
+    pub pg_free_connections: Option<u32>,
 
     /// Most unsettled messages a tenant that commits nothing holds in this worker (at most half
     /// a partition's prefetch); what it receives beyond that is set aside through a delay tier.
@@ -238,6 +247,14 @@ impl Settings {
                 })
             }
         };
+        if let (MaxConnections::Fixed(_), Some(_)) =
+            (self.max_connections, self.pg_free_connections)
+        {
+            return Err(BadSetting::new(
+                "AVSYNC_PG_FREE_CONNECTIONS",
+                "only applies with AVSYNC_MAX_CONNECTIONS=auto (a number pins the budget); unset one of them",
+            ));
+        }
         if self.authvital_timeout.is_zero() {
             return Err(BadSetting::new(
                 "AVSYNC_AUTHVITAL_TIMEOUT",
@@ -334,6 +351,8 @@ mod tests {
         assert!(!s.create_tenant_databases);
         assert_eq!(s.tenant_pool_capacity, 256);
         assert_eq!(s.tenant_pool_size, 4);
+        assert_eq!(s.max_connections, MaxConnections::Auto);
+        assert_eq!(s.pg_free_connections, None);
         assert_eq!(s.poison_deliveries, 10);
         assert_eq!(
             s.retry_delays.delays(),
@@ -353,10 +372,33 @@ mod tests {
             &["--auto-migrate", "maybe"],
             &["--tenant-pool-capacity", "0"],
             &["--prefetch", "0"],
+            &["--max-connections", "0"],
+            &["--max-connections", "some"],
+            &["--pg-free-connections", "-1"],
         ] {
             assert!(parse(args).is_err(), "{args:?}");
         }
         assert!(!parse(&["--auto-migrate", "false"]).unwrap().auto_migrate);
+    }
+
+    #[test]
+    fn max_connections_is_auto_or_a_pinned_number() {
+        let pinned = parse(&["--max-connections", "12"]).unwrap();
+        assert_eq!(pinned.max_connections, MaxConnections::Fixed(12));
+        pinned.check().unwrap();
+        let auto = parse(&["--max-connections", "auto", "--pg-free-connections", "30"]).unwrap();
+        assert_eq!(auto.max_connections, MaxConnections::Auto);
+        assert_eq!(auto.pg_free_connections, Some(30));
+        auto.check().unwrap();
+        let e = parse(&["--max-connections", "lots"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--max-connections") && e.contains("`auto`"),
+            "{e}"
+        );
+        let both = parse(&["--max-connections", "12", "--pg-free-connections", "30"]).unwrap();
+        assert_eq!(both.check().unwrap_err().name, "AVSYNC_PG_FREE_CONNECTIONS");
     }
 
     #[test]

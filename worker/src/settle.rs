@@ -12,10 +12,10 @@ use avsync_shared::broker::ConfirmedPublisher;
 use avsync_shared::topology::Topology;
 use avsync_shared::{Envelope, TenantId};
 use chrono::{DateTime, Utc};
-use lapin::Acker;
 use lapin::message::Delivery;
-use lapin::BasicProperties;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::Acker;
+use lapin::BasicProperties;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -301,7 +301,7 @@ impl Message {
             &self.data,
             retry,
         )
-            .await
+        .await
         {
             Ok(()) => self.ack().await,
             Err(e) => {

@@ -39,6 +39,8 @@ fn help_lists_every_worker_setting() {
         "AVSYNC_RETRY_DELAYS",
         "AVSYNC_POISON_DELIVERIES",
         "AVSYNC_PREFETCH",
+        "AVSYNC_MAX_CONNECTIONS",
+        "AVSYNC_PG_FREE_CONNECTIONS",
         "migrate",
         "dlq",
     ] {
@@ -70,6 +72,11 @@ fn a_bad_setting_stops_the_worker_with_one_line() {
             "AVSYNC_TENANT_REGISTRY_URL",
         ),
         (("AVSYNC_PARTITIONS", "0"), "AVSYNC_PARTITIONS"),
+        (("AVSYNC_MAX_CONNECTIONS", "lots"), "AVSYNC_MAX_CONNECTIONS"),
+        (
+            ("AVSYNC_PG_FREE_CONNECTIONS", "-3"),
+            "AVSYNC_PG_FREE_CONNECTIONS",
+        ),
     ] {
         let out = worker(&[], &[env]);
         let err = stderr(&out);

@@ -532,7 +532,7 @@ impl ConnectionSampler {
             let mut last = false;
             loop {
                 let count: Result<i64, _> = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND starts_with(datname, $2)",
+                    "SELECT count(*) FROM pg_stat_activity WHERE starts_with(application_name, $1) AND starts_with(datname, $2)",
                 )
                 .bind(avsync_worker::tenant_db::provision::APPLICATION_NAME)
                 .bind(&pattern)

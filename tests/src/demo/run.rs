@@ -283,6 +283,9 @@ fn worker_settings(
         "true",
         "--retry-delays",
         &delays.join(","),
+        // Pinned: the demo runs beside the test suite, which shares its PostgreSQL.
+        "--max-connections",
+        crate::worker_harness::TEST_MAX_CONNECTIONS,
     ];
     WorkerFlags::try_parse_from(flags)
         .map(|f| f.settings)

@@ -226,6 +226,10 @@ impl ChildWorker {
             .env("AVSYNC_CREATE_TENANT_DATABASES", "true")
             .env("AVSYNC_RETRY_DELAYS", RETRY_DELAYS)
             .env("AVSYNC_PREFETCH", "32")
+            .env(
+                "AVSYNC_MAX_CONNECTIONS",
+                crate::worker_harness::TEST_MAX_CONNECTIONS,
+            )
             .envs(spec.extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -292,7 +292,9 @@ mod tests {
         assert_eq!(b.take_behind(&tenant(1)), Some(vec![2, 3]));
         assert!(b.take_behind(&tenant(1)).is_none());
         b.push(&tenant(1), 0, 4, now, false, false);
-        let next = b.settled(&tenant(1)).expect("the rest goes when its executor ends");
+        let next = b
+            .settled(&tenant(1))
+            .expect("the rest goes when its executor ends");
         assert_eq!(next.items, vec![4]);
     }
 
@@ -387,7 +389,9 @@ mod tests {
             b.push(&tenant(2), 0, 4, now, true, false).is_none(),
             "tenant 1's batch in flight will settle and let the broker send more"
         );
-        let batch = b.push(&tenant(3), 1, 5, now, true, false).expect("stalled, idle");
+        let batch = b
+            .push(&tenant(3), 1, 5, now, true, false)
+            .expect("stalled, idle");
         assert_eq!(batch.tenant, tenant(3));
         assert!(b.push(&tenant(1), 0, 6, now, true, false).is_some(), "full");
     }

@@ -54,7 +54,7 @@ pub enum Failure {
     #[error("tenant database unreachable: {0}")]
     Unreachable(#[source] Cause),
 
-    #[error("the PostgreSQL server refused a connection for lack of slots ({reply}); the work waits and this worker holds fewer connections there for a while; keep workers × AVSYNC_MAX_CONNECTIONS below the server's max_connections", reply = server_reply(.0))]
+    #[error("the PostgreSQL server refused a connection for lack of slots ({reply}); the work waits and this worker holds fewer connections there for a while; with a pinned AVSYNC_MAX_CONNECTIONS, keep workers × it below the server's max_connections (auto sizes it from the server)", reply = server_reply(.0))]
     Refused(#[source] Arc<sqlx::Error>),
 
     #[error("tenant database {database:?} refused a connection: its own CONNECTION LIMIT is reached; its events are set aside until it accepts one (raise the limit with ALTER DATABASE … CONNECTION LIMIT)")]

@@ -6,6 +6,8 @@ use crate::consume::session::Consuming;
 use crate::execute::standing::SlowTenant;
 use crate::metrics::SetAsideReason;
 use crate::tenant_db::budget::ServerView;
+#[cfg(test)]
+use crate::tenant_db::budget::SizedFrom;
 use anyhow::Context as _;
 use avsync_shared::config::CommonArgs;
 use axum::routing::get;
@@ -168,18 +170,26 @@ fn print_tables<W: Write>(status: &Status, out: &mut W) -> std::io::Result<()> {
     writeln!(out)?;
     writeln!(
         out,
-        "{:<32} {:>9} {:>7} {:>5}  answers",
-        "server", "sessions", "budget", "free"
+        "{:<32} {:>9} {:>7} {:>5}  {:<8} budget sized from",
+        "server", "sessions", "budget", "free", "answers"
     )?;
     for s in &status.servers {
+        let sized_from = match &s.sized_from {
+            Some(f) => format!(
+                "{} worker(s); {} slots free on the server, {} to leave free",
+                f.workers, f.server_free, f.free_target
+            ),
+            None => String::new(),
+        };
         writeln!(
             out,
-            "{:<32} {:>9} {:>7} {:>5}  {}",
+            "{:<32} {:>9} {:>7} {:>5}  {:<8} {}",
             s.server,
             s.sessions,
             s.budget,
             s.free,
-            if s.reachable { "yes" } else { "NO" }
+            if s.reachable { "yes" } else { "NO" },
+            sized_from
         )?;
     }
     writeln!(out)?;
@@ -228,6 +238,11 @@ mod tests {
                 budget: 20,
                 free: 20,
                 reachable: false,
+                sized_from: Some(SizedFrom {
+                    workers: 3,
+                    server_free: 41,
+                    free_target: 20,
+                }),
             }],
             slow_tenants: vec![SlowTenant {
                 tenant: "acme".into(),
@@ -250,6 +265,10 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("window 3 of 4096"), "{text}");
         assert!(text.contains("db2:5432") && text.contains("NO"), "{text}");
+        assert!(
+            text.contains("3 worker(s); 41 slots free on the server, 20 to leave free"),
+            "{text}"
+        );
         assert!(
             text.contains("acme") && text.contains("lock timeout"),
             "{text}"

@@ -1,5 +1,9 @@
 //! The connection budget: how many sessions this worker may hold to one PostgreSQL server
-//! (host:port), across all its tenant databases (`AVSYNC_MAX_CONNECTIONS`).
+//! (host:port), across all its tenant databases (`AVSYNC_MAX_CONNECTIONS`): pinned, or sized
+//! from the server (`auto`, see [`super::sizing`]) at most every [`LOOK_EVERY`], on one of the
+//! worker's own sessions. A sized budget holds only while the worker holds sessions there (the
+//! other workers see it by them): once it holds none, it is back to one session until it has
+//! looked again. A worker over its budget closes its idle sessions, never one in use.
 //!
 //! A server that refuses a connection for lack of slots (too many clients, the reserved slots, a
 //! role's connection limit, or not accepting connections now) lowers its budget to what this
@@ -11,8 +15,10 @@
 //! ([`Rotation`]): one session per turn, so a busy tenant with many batches waiting takes one
 //! turn like any other and cannot take the whole budget.
 
+use super::sizing::{self, Sizing};
 use prometheus::{IntGauge, IntGaugeVec};
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::futures::Notified;
@@ -23,12 +29,18 @@ use tokio::sync::Notify;
 pub const GROW_EVERY: Duration = Duration::from_secs(2);
 /// How long a closed session's slot stays taken.
 pub const CLOSE_GRACE: Duration = Duration::from_millis(25);
+/// How often an `auto` budget is sized again while the worker holds sessions on the server: often
+/// enough that a worker arriving gets its share within seconds, seldom enough that the look (one
+/// query on a session the worker holds anyway) costs the server nothing to speak of.
+pub const LOOK_EVERY: Duration = Duration::from_secs(1);
 
 /// The pure arithmetic of one server's budget.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limit {
     max: usize,
     open: usize,
+    /// Of `open`, sessions closed whose slot has not come back yet.
+    closing: usize,
     lowered: Option<(usize, Instant)>,
 }
 
@@ -37,8 +49,14 @@ impl Limit {
         Self {
             max: max.max(1),
             open: 0,
+            closing: 0,
             lowered: None,
         }
+    }
+
+    /// A new maximum (at least one), as the server was found.
+    pub fn size(&mut self, max: usize) {
+        self.max = max.max(1);
     }
 
     /// The budget at `now`: the maximum, or the lowered value plus what it has grown back.
@@ -67,8 +85,35 @@ impl Limit {
         }
     }
 
+    /// A slot whose attempt made no session comes back at once.
     pub fn give_back(&mut self) {
         self.open = self.open.saturating_sub(1);
+        self.closing = self.closing.min(self.open);
+    }
+
+    /// A session is being closed: its slot comes back with [`Limit::closed`].
+    pub fn closing(&mut self) {
+        self.closing = (self.closing + 1).min(self.open);
+    }
+
+    /// The slot of a session counted with [`Limit::closing`] comes back.
+    pub fn closed(&mut self) {
+        self.closing = self.closing.saturating_sub(1);
+        self.give_back();
+    }
+
+    /// Whether more sessions stay open than the budget at `now` allows (after it was sized down).
+    pub fn over(&self, now: Instant) -> bool {
+        self.open - self.closing > self.at(now)
+    }
+
+    /// Counts one session as closing when the budget is over: the caller closes it.
+    pub fn shed(&mut self, now: Instant) -> bool {
+        let over = self.over(now);
+        if over {
+            self.closing();
+        }
+        over
     }
 
     /// The server refused a connection: the budget becomes what is open now (at least one, so
@@ -150,9 +195,32 @@ pub struct ServerBudget {
     limit: Mutex<Limit>,
     freed: Notify,
     line: Mutex<Rotation>,
+    /// Set with `AVSYNC_MAX_CONNECTIONS=auto`.
+    auto: Option<Auto>,
     open_gauge: IntGauge,
     budget_gauge: IntGauge,
     reachable_gauge: IntGauge,
+}
+
+/// An `auto` budget's sizing on one server.
+struct Auto {
+    /// `AVSYNC_PG_FREE_CONNECTIONS`, or None for a fifth of the server's `max_connections`.
+    free: Option<u32>,
+    /// This worker's application name, by which it finds its own sessions.
+    me: Arc<str>,
+    /// When the budget was last sized; None while it must be before it grows (the worker held
+    /// nothing there, or the server refused a session).
+    sized_at: Mutex<Option<Instant>>,
+    /// A look is running: one at a time.
+    looking: AtomicBool,
+    /// What the last look saw.
+    seen: Mutex<Option<sizing::Seen>>,
+}
+
+impl Auto {
+    fn sized_at(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.sized_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl ServerBudget {
@@ -169,6 +237,14 @@ impl ServerBudget {
     fn with_limit<T>(&self, f: impl FnOnce(&mut Limit) -> T) -> T {
         let mut limit = self.limit.lock().unwrap_or_else(|e| e.into_inner());
         let out = f(&mut limit);
+        if let Some(auto) = &self.auto {
+            if limit.open() == 0 {
+                // The other workers no longer see this one here: what it was sized to may be
+                // theirs by now.
+                limit.size(1);
+                *auto.sized_at() = None;
+            }
+        }
         self.open_gauge
             .set(i64::try_from(limit.open()).unwrap_or(i64::MAX));
         self.budget_gauge
@@ -178,9 +254,8 @@ impl ServerBudget {
 
     /// A slot for one new session, if the budget has room now.
     pub fn try_take(self: &Arc<Self>) -> Option<Slot> {
-        self.with_limit(|l| l.take(Instant::now())).then(|| Slot {
-            budget: Some(self.clone()),
-        })
+        self.with_limit(|l| l.take(Instant::now()))
+            .then(|| Slot::new(self.clone()))
     }
 
     /// Whether it is `tenant`'s turn in the line and the budget has no room for it: only then
@@ -193,6 +268,75 @@ impl ServerBudget {
     /// Whether sessions wait for room now.
     pub fn contended(&self) -> bool {
         !self.with_line(|line| line.is_empty())
+    }
+
+    /// Whether more sessions are open than the budget allows now (it was sized down).
+    pub fn over(&self) -> bool {
+        self.with_limit(|l| l.over(Instant::now()))
+    }
+
+    /// Whether this worker holds sessions there.
+    pub fn holds_sessions(&self) -> bool {
+        self.with_limit(|l| l.open() > 0)
+    }
+
+    /// The session of `slot` is to be closed when the budget is over: true when it was counted
+    /// closing, and its owner closes it.
+    pub fn shed(&self, slot: &mut Slot) -> bool {
+        if slot.counted_closing {
+            return false;
+        }
+        let shed = self.with_limit(|l| l.shed(Instant::now()));
+        slot.counted_closing = shed;
+        shed
+    }
+
+    /// Whether an `auto` budget is due to be sized (and nobody looks now).
+    pub fn look_is_due(&self) -> bool {
+        self.auto.as_ref().is_some_and(|auto| {
+            !auto.looking.load(Ordering::Acquire)
+                && auto.sized_at().is_none_or(|at| at.elapsed() >= LOOK_EVERY)
+        })
+    }
+
+    /// The turn to size an `auto` budget, when it is due and nobody else looks now.
+    pub fn look_due(self: &Arc<Self>) -> Option<Look> {
+        let auto = self.auto.as_ref()?;
+        let claimed = self.look_is_due()
+            && auto
+                .looking
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+        claimed.then(|| Look {
+            budget: self.clone(),
+        })
+    }
+
+    /// The budget sized from what the server showed.
+    fn sized(&self, seen: &sizing::Seen) {
+        let Some(auto) = &self.auto else {
+            return;
+        };
+        let share = sizing::share(seen, auto.free);
+        let before = self.with_limit(|l| {
+            let before = l.at(Instant::now());
+            l.size(share);
+            before
+        });
+        *auto.sized_at() = Some(Instant::now());
+        *auto.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(*seen);
+        if before != share {
+            tracing::debug!(
+                server = self.server,
+                budget = share,
+                workers = seen.workers,
+                clients = seen.clients,
+                avsync_sessions = seen.avsync_sessions,
+                free_target = sizing::free_target(seen, auto.free),
+                "connection budget sized from the server"
+            );
+        }
+        self.freed.notify_waiters();
     }
 
     fn with_line<T>(&self, f: impl FnOnce(&mut Rotation) -> T) -> T {
@@ -215,19 +359,61 @@ impl ServerBudget {
     }
 
     /// The attempt that held `slot` was refused: no session was made, so the slot comes back
-    /// at once, and the budget is lowered to what is open without it.
+    /// at once, and the budget is lowered to what is open without it. An `auto` budget is
+    /// sized again by the next session: the server has less room than it was sized for.
     pub fn refused(&self, mut slot: Slot) {
         slot.budget = None;
         self.with_limit(|l| {
             l.give_back();
             l.refused(Instant::now());
         });
+        if let Some(auto) = &self.auto {
+            *auto.sized_at() = None;
+        }
         self.freed.notify_waiters();
     }
 
-    fn give_back(&self) {
-        self.with_limit(Limit::give_back);
+    fn closing(&self) {
+        self.with_limit(Limit::closing);
+    }
+
+    fn closed(&self) {
+        self.with_limit(Limit::closed);
         self.freed.notify_waiters();
+    }
+}
+
+/// The turn to size an `auto` budget: [`Look::run`] it on a session of the server.
+pub struct Look {
+    budget: Arc<ServerBudget>,
+}
+
+impl Look {
+    /// Sizes the budget from what `conn`, a session of this worker on the server, shows. A
+    /// failed look keeps the budget and is tried again after [`LOOK_EVERY`].
+    pub async fn run(self, conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+        let Some(auto) = &self.budget.auto else {
+            return Ok(());
+        };
+        match sizing::look(conn, &auto.me).await {
+            Ok(seen) => {
+                self.budget.sized(&seen);
+                Ok(())
+            }
+            Err(e) => {
+                *auto.sized_at() = Some(Instant::now());
+                tracing::warn!(server = self.budget.server, error = %e, "cannot size the connection budget from the server's pg_stat_activity; keeping it");
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for Look {
+    fn drop(&mut self) {
+        if let Some(auto) = &self.budget.auto {
+            auto.looking.store(false, Ordering::Release);
+        }
     }
 }
 
@@ -258,9 +444,7 @@ impl InLine {
         }
         // The next tenant in line may find room too.
         budget.freed.notify_waiters();
-        Some(Slot {
-            budget: Some(budget.clone()),
-        })
+        Some(Slot::new(budget.clone()))
     }
 }
 
@@ -276,10 +460,30 @@ impl Drop for InLine {
 /// One session's place in its server's budget; given back (after [`CLOSE_GRACE`]) when dropped.
 pub struct Slot {
     budget: Option<Arc<ServerBudget>>,
+    /// Already counted closing (shed by an over budget, or marked by [`Slot::closing`]).
+    counted_closing: bool,
+}
+
+impl Slot {
+    fn new(budget: Arc<ServerBudget>) -> Self {
+        Self {
+            budget: Some(budget),
+            counted_closing: false,
+        }
+    }
+
+    /// Its session is being closed: the budget no longer counts it as staying open.
+    pub fn closing(&mut self) {
+        if let (Some(budget), false) = (&self.budget, self.counted_closing) {
+            budget.closing();
+            self.counted_closing = true;
+        }
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        self.closing();
         let Some(budget) = self.budget.take() else {
             return;
         };
@@ -287,10 +491,10 @@ impl Drop for Slot {
             Ok(runtime) => {
                 runtime.spawn(async move {
                     tokio::time::sleep(CLOSE_GRACE).await;
-                    budget.give_back();
+                    budget.closed();
                 });
             }
-            Err(_) => budget.give_back(),
+            Err(_) => budget.closed(),
         }
     }
 }
@@ -302,51 +506,85 @@ pub struct ServerView {
     pub server: String,
     /// Sessions this worker holds there.
     pub sessions: usize,
-    /// The most it may hold there now (lowered for a while after a refusal).
+    /// The most it may hold there now: pinned or sized from the server (`auto`), lowered for a
+    /// while after a refusal.
     pub budget: usize,
     /// Free slots in that budget.
     pub free: usize,
     /// Whether it answered the last probe or new session.
     pub reachable: bool,
+    /// With `auto`: what the budget was last sized from (None before the first look, and with
+    /// a pinned budget).
+    #[serde(default)]
+    pub sized_from: Option<SizedFrom>,
+}
+
+/// What an `auto` budget was sized from, as the status view shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SizedFrom {
+    /// avsync workers holding sessions on the server, this one included.
+    pub workers: i64,
+    /// Slots of `max_connections` not taken by client backends nor reserved.
+    pub server_free: i64,
+    /// The slots all workers together leave free there (`AVSYNC_PG_FREE_CONNECTIONS`).
+    pub free_target: i64,
 }
 
 /// Every server's budget, created on first use.
 #[derive(Clone)]
 pub struct Budgets {
-    max: usize,
+    sizing: Sizing,
+    /// This worker's application name.
+    me: Arc<str>,
     servers: Arc<Mutex<HashMap<String, Arc<ServerBudget>>>>,
     open: IntGaugeVec,
     budget: IntGaugeVec,
     reachable: IntGaugeVec,
 }
 
+/// The `avsync_worker_connections{server}`, `avsync_worker_connection_budget{server}` and
+/// `avsync_worker_server_reachable{server}` gauges.
+pub struct BudgetGauges {
+    pub open: IntGaugeVec,
+    pub budget: IntGaugeVec,
+    pub reachable: IntGaugeVec,
+}
+
 impl Budgets {
-    /// `open`, `budget` and `reachable` are the `avsync_worker_connections{server}`,
-    /// `avsync_worker_connection_budget{server}` and `avsync_worker_server_reachable{server}`
-    /// gauges.
-    pub fn new(max: usize, open: IntGaugeVec, budget: IntGaugeVec, reachable: IntGaugeVec) -> Self {
+    /// Budgets sized as `sizing` says, for the worker whose sessions are named `me`.
+    pub fn new(sizing: Sizing, me: &str, gauges: BudgetGauges) -> Self {
         Self {
-            max: max.max(1),
+            sizing,
+            me: Arc::from(me),
             servers: Arc::new(Mutex::new(HashMap::new())),
-            open,
-            budget,
-            reachable,
+            open: gauges.open,
+            budget: gauges.budget,
+            reachable: gauges.reachable,
         }
     }
 
     /// Every server this worker has used, as the status view shows it.
     pub fn view(&self) -> Vec<ServerView> {
-        let servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
-        let mut view: Vec<ServerView> = servers
-            .values()
+        let mut view: Vec<ServerView> = self
+            .all()
+            .iter()
             .map(|b| {
                 let (sessions, budget) = b.with_limit(|l| (l.open(), l.at(Instant::now())));
+                let sized_from = b.auto.as_ref().and_then(|auto| {
+                    let seen = (*auto.seen.lock().unwrap_or_else(|e| e.into_inner()))?;
+                    Some(SizedFrom {
+                        workers: seen.workers,
+                        server_free: seen.max_connections - seen.reserved - seen.clients,
+                        free_target: sizing::free_target(&seen, auto.free),
+                    })
+                });
                 ServerView {
                     server: b.server.clone(),
                     sessions,
                     budget,
                     free: budget.saturating_sub(sessions),
                     reachable: b.reachable_gauge.get() == 1,
+                    sized_from,
                 }
             })
             .collect();
@@ -354,20 +592,41 @@ impl Budgets {
         view
     }
 
+    /// Every server's budget.
+    pub fn all(&self) -> Vec<Arc<ServerBudget>> {
+        let servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        servers.values().cloned().collect()
+    }
+
     pub fn server(&self, server: &str) -> Arc<ServerBudget> {
         let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
         servers
             .entry(server.to_owned())
             .or_insert_with(|| {
+                let (max, auto) = match self.sizing {
+                    Sizing::Fixed(max) => (max, None),
+                    // One session, which looks at the server before the budget grows.
+                    Sizing::Auto { free } => (
+                        1,
+                        Some(Auto {
+                            free,
+                            me: self.me.clone(),
+                            sized_at: Mutex::new(None),
+                            looking: AtomicBool::new(false),
+                            seen: Mutex::new(None),
+                        }),
+                    ),
+                };
                 let budget_gauge = self.budget.with_label_values(&[server]);
-                budget_gauge.set(i64::try_from(self.max).unwrap_or(i64::MAX));
+                budget_gauge.set(i64::try_from(max).unwrap_or(i64::MAX));
                 let reachable_gauge = self.reachable.with_label_values(&[server]);
                 reachable_gauge.set(1);
                 Arc::new(ServerBudget {
                     server: server.to_owned(),
-                    limit: Mutex::new(Limit::new(self.max)),
+                    limit: Mutex::new(Limit::new(max)),
                     freed: Notify::new(),
                     line: Mutex::new(Rotation::default()),
+                    auto,
                     open_gauge: self.open.with_label_values(&[server]),
                     budget_gauge,
                     reachable_gauge,
@@ -416,6 +675,79 @@ mod tests {
         assert_eq!(l.at(now), 1);
         assert!(l.take(now));
         assert!(!l.take(now));
+    }
+
+    fn gauges() -> BudgetGauges {
+        let gauge = || IntGaugeVec::new(prometheus::Opts::new("g", "g"), &["server"]).unwrap();
+        BudgetGauges {
+            open: gauge(),
+            budget: gauge(),
+            reachable: gauge(),
+        }
+    }
+
+    #[test]
+    fn a_budget_sized_down_sheds_what_it_holds_over_it_once() {
+        let now = Instant::now();
+        let mut l = Limit::new(6);
+        for _ in 0..6 {
+            assert!(l.take(now));
+        }
+        l.size(4);
+        assert!(l.over(now));
+        assert!(l.shed(now));
+        assert!(l.shed(now));
+        assert!(!l.shed(now), "two closing: the four left fit");
+        assert!(
+            !l.take(now),
+            "closing sessions hold their slots until they are closed"
+        );
+        l.closed();
+        l.closed();
+        assert_eq!(l.open(), 4);
+        assert!(!l.over(now) && !l.take(now));
+        l.size(5);
+        assert!(l.take(now));
+    }
+
+    #[test]
+    fn an_auto_budget_is_one_session_until_it_looked_and_again_once_it_holds_none() {
+        let budgets = Budgets::new(Sizing::Auto { free: None }, "avsync-worker test", gauges());
+        let server = budgets.server("db:5432");
+        let first = server.try_take().expect("one session to look with");
+        assert!(server.try_take().is_none());
+        assert!(server.look_is_due());
+        let seen = sizing::Seen {
+            max_connections: 100,
+            reserved: 3,
+            clients: 6,
+            avsync_sessions: 1,
+            workers: 1,
+            own: 1,
+        };
+        let look = server.look_due().expect("due");
+        assert!(server.look_due().is_none(), "one look at a time");
+        server.sized(&seen);
+        drop(look);
+        assert!(!server.look_is_due(), "sized just now");
+        assert_eq!(budgets.view()[0].budget, 71);
+        assert_eq!(budgets.view()[0].sized_from.as_ref().unwrap().workers, 1);
+        let second = server.try_take().expect("room after the look");
+        drop((first, second));
+        assert_eq!(budgets.view()[0].budget, 1, "holds none: back to one");
+        assert!(server.look_is_due());
+    }
+
+    #[test]
+    fn a_pinned_budget_is_the_number_from_the_start() {
+        let budgets = Budgets::new(Sizing::Fixed(7), "avsync-worker test", gauges());
+        let server = budgets.server("db:5432");
+        assert!(!server.look_is_due() && server.look_due().is_none());
+        let slots: Vec<Slot> = (0..7).filter_map(|_| server.try_take()).collect();
+        assert_eq!(slots.len(), 7);
+        assert!(server.try_take().is_none());
+        drop(slots);
+        assert_eq!(budgets.view()[0].budget, 7);
     }
 
     /// Serves the line until it is empty; the tenants in the order they got slots.

@@ -12,6 +12,7 @@ pub(crate) mod budget;
 pub mod pools;
 pub mod provision;
 pub mod resolve;
+pub mod sizing;
 
 use crate::apply;
 use crate::failure::decide::{decide, Seen, Step};

@@ -11,12 +11,16 @@
 //! - A pool's sessions wait for room in their server's budget; when it is their tenant's turn
 //!   and there is none, [`Pools::connection`] closes an idle session of another tenant: the
 //!   owner of every pool does that, never one pool reaching for the others.
+//! - An `auto` budget is sized on a session the worker holds: a new one, one taken back from
+//!   its pool, or, while the worker is idle there, an idle one that [`size_and_trim`] takes for
+//!   that; a session given back over the budget is closed, and so are idle ones.
 
 use crate::failure::{cause, Failure};
 use crate::metrics::PoolMetrics;
-use crate::tenant_db::budget::{Budgets, ServerBudget, Slot};
-use crate::tenant_db::provision::{session_options, Provisioning};
+use crate::tenant_db::budget::{BudgetGauges, Budgets, ServerBudget, Slot, LOOK_EVERY};
+use crate::tenant_db::provision::{session_options, worker_name, Provisioning};
 use crate::tenant_db::resolve::TenantDb;
+use crate::tenant_db::sizing::{MaxConnections, Sizing};
 use deadpool::managed::{self, Metrics, PoolError, RecycleError, RecycleResult};
 use deadpool::Runtime;
 use moka::future::Cache;
@@ -26,7 +30,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
@@ -42,8 +46,9 @@ const BUDGET_POLL: Duration = Duration::from_millis(50);
 /// While other tenants wait for room in the budget, a session this old is closed when next
 /// taken, so that the budget goes round the tenants instead of staying with the busiest.
 const FAIR_SHARE: Duration = Duration::from_millis(1000);
-/// `AVSYNC_MAX_CONNECTIONS` when not set.
-pub const DEFAULT_MAX_CONNECTIONS: u32 = 20;
+/// The budget of [`Pools::new`], which only tests use.
+#[cfg(any(test, feature = "test-support"))]
+const TEST_MAX_CONNECTIONS: u32 = 20;
 
 /// The `server` label and budget key of a tenant database: `host:port`.
 pub fn server_of(db: &TenantDb) -> String {
@@ -53,7 +58,7 @@ pub fn server_of(db: &TenantDb) -> String {
 /// One tenant session and its place in its server's budget.
 pub struct Session {
     conn: PgConnection,
-    _slot: Slot,
+    slot: Slot,
 }
 
 impl Deref for Session {
@@ -85,9 +90,13 @@ impl managed::Manager for PgManager {
     async fn create(&self) -> Result<Session, Failure> {
         let slot = self.slot().await;
         match self.provisioning.session(&self.db, &self.options).await {
-            Ok(conn) => {
+            Ok(mut conn) => {
                 self.budget.reachable(true);
-                Ok(Session { conn, _slot: slot })
+                if let Some(look) = self.budget.look_due() {
+                    // A failed look is logged and tried again; the session itself may be fine.
+                    let _ = look.run(&mut conn).await;
+                }
+                Ok(Session { conn, slot })
             }
             Err(failure) => {
                 match &failure {
@@ -117,11 +126,18 @@ impl managed::Manager for PgManager {
                 "its place in the connection budget goes to a waiting tenant",
             ));
         }
-        session
-            .conn
-            .ping()
-            .await
-            .map_err(|e| RecycleError::Backend(Failure::from(e)))
+        // The look is a round trip as the ping is: it proves the session alive as well.
+        let checked = match self.budget.look_due() {
+            Some(look) => look.run(&mut session.conn).await,
+            None => session.conn.ping().await,
+        };
+        checked.map_err(|e| RecycleError::Backend(Failure::from(e)))?;
+        if self.budget.shed(&mut session.slot) {
+            return Err(RecycleError::message(
+                "the worker holds more sessions than its budget on the server now allows",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -282,6 +298,88 @@ struct Shared {
     provisioning: Arc<Provisioning>,
 }
 
+impl Shared {
+    /// The pools on `server`, least recently used first. Sorted by a snapshot of each pool's
+    /// last use: the clocks move while we sort, and a sort whose keys change under it may panic.
+    fn pools_on(&self, server: &str) -> Vec<Arc<TenantPool>> {
+        let mut pools: Vec<(u64, Arc<TenantPool>)> = self
+            .cache
+            .iter()
+            .filter(|(_, pool)| pool.server == server)
+            .map(|(_, pool)| (pool.last_used_ms.load(Ordering::Relaxed), pool))
+            .collect();
+        pools.sort_unstable_by_key(|(last_used, _)| *last_used);
+        pools.into_iter().map(|(_, pool)| pool).collect()
+    }
+
+    /// Closes one idle session of the least recently used pool on `server` that has one; false
+    /// when none is idle. A session in use is never touched.
+    fn close_least_recently_used_idle(&self, server: &str) -> bool {
+        for pool in self.pools_on(server) {
+            // An idle session may sit in a pool whose other users wait for room themselves.
+            let mut first = true;
+            let removed = pool
+                .pool
+                .retain(|_, _| !std::mem::replace(&mut first, false))
+                .removed;
+            if removed.is_empty() {
+                continue;
+            }
+            self.metrics.budget_closes.inc();
+            for session in removed {
+                let Session { conn, mut slot } = session;
+                slot.closing();
+                tokio::spawn(async move {
+                    let _ = conn.close().await;
+                    drop(slot);
+                });
+            }
+            return true;
+        }
+        false
+    }
+}
+
+/// Keeps every `auto` budget sized and kept, until the pools are gone. Every [`LOOK_EVERY`], on
+/// each server where the worker holds sessions but none was taken or opened since the last
+/// look (so none looked), an idle one is taken from its pool, which looks; then, while the
+/// worker holds more than its budget there, its idle sessions are closed.
+async fn size_and_trim(shared: Weak<Shared>, budgets: Budgets) {
+    let mut tick = tokio::time::interval(LOOK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        for budget in budgets.all() {
+            if budget.holds_sessions() && budget.look_is_due() {
+                look_on_an_idle_session(&shared, budget.server()).await;
+            }
+            while budget.over() && shared.close_least_recently_used_idle(budget.server()) {}
+        }
+    }
+}
+
+/// Takes an idle session of the most recently used pool on `server` that has one, and gives it
+/// back: taking it recycles it, which looks at the server when a look is due.
+async fn look_on_an_idle_session(shared: &Shared, server: &str) {
+    let Some(pool) = shared
+        .pools_on(server)
+        .into_iter()
+        .rev()
+        .find(|pool| pool.pool.status().available > 0)
+    else {
+        return;
+    };
+    let Some(lease) = Lease::take(pool) else {
+        return;
+    };
+    // Should the session have been taken meanwhile, the pool would open one within the budget;
+    // the look does not wait for that.
+    let _ = tokio::time::timeout(LOOK_EVERY, lease.connection()).await;
+}
+
 #[derive(Clone)]
 pub struct Pools {
     shared: Arc<Shared>,
@@ -294,16 +392,24 @@ pub struct Pools {
 
 impl Pools {
     /// `metrics` are the `avsync_worker_tenant_pool*` and connection series. The connection
-    /// budget is [`DEFAULT_MAX_CONNECTIONS`] per server; see [`Pools::with_max_connections`].
+    /// budget is pinned at 20 sessions per server; see [`Pools::with_max_connections`].
     #[cfg(any(test, feature = "test-support"))]
     pub fn new(settings: PoolSettings, metrics: PoolMetrics) -> Self {
-        Self::with_max_connections(settings, DEFAULT_MAX_CONNECTIONS, metrics)
+        Self::with_max_connections(
+            settings,
+            MaxConnections::Fixed(TEST_MAX_CONNECTIONS),
+            None,
+            metrics,
+        )
     }
 
-    /// As [`Pools::new`], with at most `max_connections` sessions to any one server.
+    /// As [`Pools::new`], with the budget per server that `max_connections` and `free`
+    /// (`AVSYNC_MAX_CONNECTIONS`, `AVSYNC_PG_FREE_CONNECTIONS`) say. An `auto` budget is sized
+    /// by a task of the current runtime, which ends with the pools.
     pub fn with_max_connections(
         settings: PoolSettings,
-        max_connections: u32,
+        max_connections: MaxConnections,
+        free: Option<u32>,
         metrics: PoolMetrics,
     ) -> Self {
         let evictions = metrics.evictions.clone();
@@ -323,23 +429,33 @@ impl Pools {
             })
             .build();
         let permits = usize::try_from(settings.capacity).unwrap_or(usize::MAX);
+        let me = worker_name();
+        let sizing = Sizing::new(max_connections, free);
         let budgets = Budgets::new(
-            usize::try_from(max_connections).unwrap_or(usize::MAX),
-            metrics.connections.clone(),
-            metrics.connection_budget.clone(),
-            metrics.server_reachable.clone(),
+            sizing,
+            &me,
+            BudgetGauges {
+                open: metrics.connections.clone(),
+                budget: metrics.connection_budget.clone(),
+                reachable: metrics.server_reachable.clone(),
+            },
         );
+        let shared = Arc::new(Shared {
+            cache,
+            settings,
+            provisioning: Arc::new(Provisioning::new(
+                settings.create_databases,
+                settings.auto_migrate,
+                me,
+                metrics.clone(),
+            )),
+            metrics,
+        });
+        if matches!(sizing, Sizing::Auto { .. }) {
+            tokio::spawn(size_and_trim(Arc::downgrade(&shared), budgets.clone()));
+        }
         Self {
-            shared: Arc::new(Shared {
-                cache,
-                settings,
-                provisioning: Arc::new(Provisioning::new(
-                    settings.create_databases,
-                    settings.auto_migrate,
-                    metrics.clone(),
-                )),
-                metrics,
-            }),
+            shared,
             slots: Arc::new(Semaphore::new(permits)),
             budgets,
             epoch: Instant::now(),
@@ -385,7 +501,7 @@ impl Pools {
         let server = server_of(db);
         let pool = managed::Pool::builder(PgManager {
             db: db.clone(),
-            options: session_options(db),
+            options: session_options(db, &self.shared.provisioning.name),
             budget: self.budgets.server(&server),
             provisioning: self.shared.provisioning.clone(),
             metrics: self.shared.metrics.clone(),
@@ -471,45 +587,9 @@ impl Pools {
                 _ = tokio::time::sleep(BUDGET_POLL) => {}
             }
             if budget.needs_room(tenant) {
-                self.close_least_recently_used_idle(budget.server());
+                self.shared.close_least_recently_used_idle(budget.server());
             }
         }
-    }
-
-    /// Closes one idle session of the least recently used pool on `server` that has one; false
-    /// when none is idle. A session in use is never touched.
-    fn close_least_recently_used_idle(&self, server: &str) -> bool {
-        // Sorted by a snapshot of each pool's last use: the clocks move while we sort, and a
-        // sort whose keys change under it may panic.
-        let mut candidates: Vec<(u64, Arc<TenantPool>)> = self
-            .shared
-            .cache
-            .iter()
-            .filter(|(_, pool)| pool.server == server)
-            .map(|(_, pool)| (pool.last_used_ms.load(Ordering::Relaxed), pool))
-            .collect();
-        candidates.sort_unstable_by_key(|(last_used, _)| *last_used);
-        for (_, pool) in candidates {
-            // An idle session may sit in a pool whose other users wait for room themselves.
-            let mut first = true;
-            let removed = pool
-                .pool
-                .retain(|_, _| !std::mem::replace(&mut first, false))
-                .removed;
-            if removed.is_empty() {
-                continue;
-            }
-            self.shared.metrics.budget_closes.inc();
-            for session in removed {
-                tokio::spawn(async move {
-                    let Session { conn, _slot } = session;
-                    let _ = conn.close().await;
-                    drop(_slot);
-                });
-            }
-            return true;
-        }
-        false
     }
 
     /// Open pools, as the gauge counts them.

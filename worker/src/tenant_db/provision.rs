@@ -14,8 +14,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Every tenant session says who it is, so operators find them in `pg_stat_activity`.
+/// Every tenant session says who it is, so operators find them in `pg_stat_activity`: the
+/// sessions of a running worker are named this, a space and the worker's own id (see
+/// [`worker_name`]); those of the operator commands are named this alone.
 pub const APPLICATION_NAME: &str = "avsync-worker";
+
+/// A running worker's application name: [`APPLICATION_NAME`] and a random id, so that each
+/// worker tells its own sessions, and the number of workers, from the others' on a server
+/// (`AVSYNC_MAX_CONNECTIONS=auto`). Well within PostgreSQL's 63 bytes.
+pub fn worker_name() -> String {
+    format!("{APPLICATION_NAME} {:016x}", rand::random::<u64>())
+}
 /// Longest one statement of a tenant session may run: an apply of a full batch takes
 /// milliseconds, so this only ends statements of a database in trouble.
 pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -23,11 +32,12 @@ pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
 /// transaction): then its tenant is marked slow and its events are set aside.
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The options of a pooled tenant session: tagged, with the session timeouts.
-pub(crate) fn session_options(db: &TenantDb) -> PgConnectOptions {
+/// The options of a pooled tenant session: tagged with the worker's `name`, with the session
+/// timeouts.
+pub(crate) fn session_options(db: &TenantDb, name: &str) -> PgConnectOptions {
     db.options()
         .clone()
-        .application_name(APPLICATION_NAME)
+        .application_name(name)
         .options([
             ("statement_timeout", millis(STATEMENT_TIMEOUT)),
             ("lock_timeout", millis(LOCK_TIMEOUT)),
@@ -49,15 +59,23 @@ fn millis(d: Duration) -> String {
 pub(crate) struct Provisioning {
     create_databases: bool,
     auto_migrate: bool,
+    /// The worker's application name ([`worker_name`]).
+    pub(crate) name: String,
     migrated: Mutex<HashSet<String>>,
     metrics: PoolMetrics,
 }
 
 impl Provisioning {
-    pub(crate) fn new(create_databases: bool, auto_migrate: bool, metrics: PoolMetrics) -> Self {
+    pub(crate) fn new(
+        create_databases: bool,
+        auto_migrate: bool,
+        name: String,
+        metrics: PoolMetrics,
+    ) -> Self {
         Self {
             create_databases,
             auto_migrate,
+            name,
             migrated: Mutex::new(HashSet::new()),
             metrics,
         }
@@ -255,6 +273,16 @@ mod tests {
     fn identifiers_are_quoted() {
         assert_eq!(quote_identifier("tenant_a"), "\"tenant_a\"");
         assert_eq!(quote_identifier("a\"b"), "\"a\"\"b\"");
+    }
+
+    #[test]
+    fn a_worker_name_is_its_own_and_fits_postgresql() {
+        let (one, two) = (worker_name(), worker_name());
+        assert_ne!(one, two);
+        assert!(
+            one.starts_with(APPLICATION_NAME) && one.len() <= 63,
+            "{one}"
+        );
     }
 
     #[test]
