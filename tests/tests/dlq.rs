@@ -129,9 +129,15 @@ impl Fixture {
             first_failure: now,
             last_failure: now,
         };
-        dlq::publish_dead_letter(&self.publisher, &self.topology, &delivery, &letter)
-            .await
-            .unwrap();
+        dlq::publish_dead_letter(
+            &self.publisher,
+            &self.topology,
+            &delivery.properties,
+            &delivery.data,
+            &letter,
+        )
+        .await
+        .unwrap();
         delivery
             .acker
             .ack(BasicAckOptions::default())

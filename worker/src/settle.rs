@@ -439,11 +439,6 @@ impl SettleGate {
             .map_or(0, |n| n.load(Ordering::Acquire))
     }
 
-    /// The partition queues whose consumers it counts.
-    pub fn partitions(&self) -> usize {
-        self.held.len()
-    }
-
     /// Messages received and not yet settled, over every partition.
     pub fn in_window(&self) -> usize {
         self.held.iter().map(|n| n.load(Ordering::Acquire)).sum()

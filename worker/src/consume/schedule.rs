@@ -26,8 +26,8 @@ use tracing::Instrument;
 /// A tenant's events are applied together, up to this many in one statement: larger batches
 /// gain little once a commit's cost is shared by a few hundred rows.
 const MAX_BATCH: usize = 250;
-/// Longest a cold tenant's event waits for others of its tenant while the worker holds a
-/// backlog (half its window or more): they are in the queue already, and one session opened
+/// Longest an event waits for others of its tenant while its partition's consumer holds a
+/// backlog (half its prefetch or more): they are in the queue already, and one session opened
 /// for many of them costs the server far less than one for each few.
 const BACKLOG_LINGER: Duration = Duration::from_secs(2);
 /// Longest an event waits for others of its tenant: a few milliseconds add little to the lag and
@@ -230,8 +230,8 @@ impl Scheduler {
         let stalled = self.settling.gate.holds(partition) >= self.per_queue;
         let cold = self.applying.standings.is_cold(&tenant);
         let now = tokio::time::Instant::now();
-        let gate = &self.settling.gate;
-        let backlog = gate.in_window() * 2 >= self.per_queue * gate.partitions();
+        // A backlog is per partition: a burst in one leaves its neighbours' lingers short.
+        let backlog = self.settling.gate.holds(partition) * 2 >= self.per_queue;
         let mut batcher = self.batcher();
         batcher.set_backlog(backlog);
         let full = batcher.push(&tenant, partition, pending, now, stalled, cold);
