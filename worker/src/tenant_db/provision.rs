@@ -25,8 +25,13 @@ pub const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The options of a pooled tenant session: tagged, with the session timeouts.
 pub(crate) fn session_options(db: &TenantDb) -> PgConnectOptions {
-    db.options()
-        .clone()
+    with_session_settings(db.options().clone())
+}
+
+/// `options` as every pooled tenant session opens with them (the benchmark measures such a
+/// session's cost on the server).
+pub fn with_session_settings(options: PgConnectOptions) -> PgConnectOptions {
+    options
         .application_name(APPLICATION_NAME)
         .options([
             ("statement_timeout", millis(STATEMENT_TIMEOUT)),
@@ -94,7 +99,7 @@ impl Provisioning {
             if self.is_migrated(db) {
                 self.metrics.migrations_skipped.inc();
             } else {
-                migrate_untimed(&mut conn).await?;
+                migrate_if_behind(&mut conn).await?;
                 self.remember(db);
             }
         }
@@ -126,6 +131,12 @@ pub fn migrator() -> Migrator {
     let mut migrator = sqlx::migrate!("../migrations");
     migrator.set_ignore_missing(true);
     migrator
+}
+
+/// What a worker's first session of each database does before its first statement: runs the
+/// migrator, which applies what is missing.
+pub async fn migrate_if_behind(conn: &mut PgConnection) -> Result<(), Failure> {
+    migrate_untimed(conn).await
 }
 
 /// The migrator's statements may run long and wait on locks (its own advisory lock included):
