@@ -133,10 +133,39 @@ pub fn migrator() -> Migrator {
     migrator
 }
 
-/// What a worker's first session of each database does before its first statement: runs the
-/// migrator, which applies what is missing.
+/// What a worker's first session of each database does before its first statement: migrates the
+/// database unless [`is_current`] finds it up to date.
 pub async fn migrate_if_behind(conn: &mut PgConnection) -> Result<(), Failure> {
+    if is_current(conn).await {
+        return Ok(());
+    }
     migrate_untimed(conn).await
+}
+
+/// Whether the database has every migration of this worker applied, as the migrator would find
+/// it, read in one statement, so that the migrator, whose ten statements (timeouts lifted, the lock, the table, two reads, the
+/// unlock, timeouts reset) cost the server some 2 ms of CPU on a new session, runs only when
+/// there is something to do. Anything else (no
+/// migrations table yet, one missing, failed or changed, the read failing) leaves the answer,
+/// and the error, to the migrator.
+async fn is_current(conn: &mut PgConnection) -> bool {
+    let Ok(applied) = sqlx::query_as::<_, (i64, Vec<u8>, bool)>(
+        "SELECT version, checksum, success FROM _sqlx_migrations",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    else {
+        return false;
+    };
+    applied.iter().all(|(_, _, success)| *success)
+        && migrator()
+            .iter()
+            .filter(|m| !m.migration_type.is_down_migration())
+            .all(|m| {
+                applied
+                    .iter()
+                    .any(|(version, checksum, _)| *version == m.version && *checksum == *m.checksum)
+            })
 }
 
 /// The migrator's statements may run long and wait on locks (its own advisory lock included):
