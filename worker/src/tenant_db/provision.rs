@@ -269,7 +269,15 @@ pub fn quote_identifier(name: &str) -> String {
 }
 
 async fn create_database(db: &TenantDb, options: &PgConnectOptions) -> Result<(), Failure> {
-    let mut admin = connect_once(&options.clone().database("postgres"), "postgres").await?;
+    // Another worker creating the same database holds its name until it commits, which on a
+    // busy server takes longer than a tenant session's lock_timeout: that wait is the database
+    // being made, not its tenant being slow, so it is not cut short (statement_timeout still
+    // bounds it). Once the other commits, this one finds the database made.
+    let maintenance = options
+        .clone()
+        .database("postgres")
+        .options([("lock_timeout", "0")]);
+    let mut admin = connect_once(&maintenance, "postgres").await?;
     let created = sqlx::query(&format!(
         "CREATE DATABASE {}",
         quote_identifier(db.database())
