@@ -197,7 +197,7 @@ async fn the_report_is_written_as_json_with_every_check() {
     assert_eq!(json["figures"][0]["summary"]["median"], 110.0);
     assert_eq!(json["figures"][1]["summary"]["min"], 40.0);
     let checks = json["checks"].as_array().unwrap();
-    assert_eq!(checks.len(), 11);
+    assert_eq!(checks.len(), 16);
     let ingress = checks
         .iter()
         .find(|c| c["name"] == "ingress / broker limit")
@@ -325,6 +325,8 @@ async fn the_scale_and_neighbour_phases_report_their_figures_and_draw_the_chart(
         "300",
         "--scale-tenants",
         "2,4",
+        "--cold-sessions",
+        "3",
         "--neighbour-tenants",
         "4",
         "--neighbour-burst",
@@ -368,6 +370,28 @@ async fn the_scale_and_neighbour_phases_report_their_figures_and_draw_the_chart(
         let peak = figure(&keys::scale(tenants, zipf, keys::Scale::PeakConnections));
         assert!(peak["summary"]["median"].as_f64().unwrap() >= 1.0, "{peak}");
     }
+    let two = figure(&keys::scale_workers(4, 2, keys::Scale::Drain));
+    assert!(two["summary"]["median"].as_f64().unwrap() > 0.0, "{two}");
+    for key in [
+        keys::scale(4, false, keys::Scale::SessionsBound),
+        keys::scale(4, false, keys::Scale::LowestFree),
+        keys::scale(4, false, keys::Scale::RateBound),
+        keys::COLD_TOTAL.to_owned(),
+        keys::COLD_FIRST_BATCH.to_owned(),
+        keys::COLD_MIGRATION_CHECK.to_owned(),
+        keys::FREE_SLOTS_FLOOR.to_owned(),
+    ] {
+        let f = figure(&key);
+        assert!(f["summary"]["median"].as_f64().unwrap() > 0.0, "{f}");
+    }
+    // 300 events over 4 tenants: one open per tenant is 4 sessions per 300 events.
+    let bound = figure(&keys::scale(4, false, keys::Scale::SessionsBound));
+    assert!(
+        (bound["summary"]["median"].as_f64().unwrap() - 4_000.0 / 300.0).abs() < 1e-6,
+        "{bound}"
+    );
+    assert!(stdout.contains("4 tenants, more / 1 worker(s)"), "{stdout}");
+    assert!(stdout.contains("bound, one open per tenant"), "{stdout}");
     let caught_up = figure(keys::NEIGHBOUR_CATCH_UP);
     assert!(
         caught_up["summary"]["median"].as_f64().is_some(),

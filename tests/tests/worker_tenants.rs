@@ -212,3 +212,81 @@ async fn migrate_all_registry_tenants() {
 fn checked(settings: &Settings) -> Checked {
     settings.clone().check().expect("usable worker settings")
 }
+
+/// A database another worker is creating holds its name until that worker commits, which on a
+/// busy server takes longer than a tenant session's lock_timeout. Waiting for it is waiting for
+/// the database, not a slow tenant: nothing is set aside or retried, and the event is applied
+/// once the database exists. The other worker is played by a session that renames a spare
+/// database to the tenant's name in a transaction held open past the lock_timeout.
+#[tokio::test]
+async fn a_database_another_worker_is_creating_is_waited_for_not_marked_slow() {
+    let prefix = support::unique("wmade");
+    let _topology_cleanup = TopologyCleanup::new(&prefix, PARTITIONS);
+    let topology = Topology::new(&prefix, PARTITIONS).unwrap();
+    let dbs = TestDatabases::new("wmade");
+    let spare = dbs.name("spare");
+    support::create_database(&spare).await;
+    let mut other_worker = support::pg_admin().await;
+    sqlx::query("BEGIN")
+        .execute(&mut other_worker)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{spare}\" RENAME TO \"{}\"",
+        dbs.name("t1")
+    ))
+    .execute(&mut other_worker)
+    .await
+    .unwrap();
+
+    let (_conn, ch) = publisher(&topology).await;
+    let worker = TestWorker::start(settings(
+        &prefix,
+        PARTITIONS,
+        &dbs,
+        &["--max-connections", "4"],
+    ))
+    .await;
+    let event = joined("e1", "t1");
+    publish(&ch, &topology, &event).await;
+    wait_until(
+        "the worker's CREATE DATABASE to wait for the other session",
+        Duration::from_secs(20),
+        || async {
+            let mut admin = support::pg_admin().await;
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'CREATE DATABASE%' AND query LIKE $1",
+            )
+            .bind(format!("%{}%", dbs.name("t1")))
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    // The other worker takes longer than a tenant session may wait for a lock.
+    tokio::time::sleep(avsync_worker::tenant_db::provision::LOCK_TIMEOUT * 2).await;
+    sqlx::query("COMMIT")
+        .execute(&mut other_worker)
+        .await
+        .unwrap();
+    let _ = other_worker.close().await;
+
+    dbs.wait_for_rows(
+        "t1",
+        &model_of(&[event]).identities(),
+        Duration::from_secs(30),
+    )
+    .await;
+    let metrics = worker.running().metrics();
+    assert_eq!(
+        metrics.set_aside_total(avsync_worker::metrics::SetAsideReason::Slow),
+        0,
+        "no event was set aside for a slow tenant"
+    );
+    assert_eq!(worker.events("member.joined", Outcome::Retried), 0);
+    assert_eq!(worker.events("member.joined", Outcome::Applied), 1);
+    worker.stop().await;
+    dbs.drop_all().await;
+}

@@ -203,11 +203,15 @@ fn merge<'a>(effects: impl IntoIterator<Item = &'a Effect>) -> BTreeMap<&'a str,
 /// One statement for any batch size, so that each connection prepares it once. Every row's
 /// versions hold only the fields the batch sets; a field's version compares as NULL otherwise,
 /// so the row keeps its value. The rest is [`statement`]'s rule per field.
+///
+/// Most of what a new session spends on its first batch is this statement's parsing and planning
+/// on cold caches, so it says each thing once: one `COLLATE "C"` per comparison (an explicit
+/// collation on one side decides it), and `tenant_roles` compared as text (see [`distinct`]).
 fn batch_statement() -> String {
     let newer = |column: &str| {
         format!(
             "((EXCLUDED.field_versions->>'{column}') COLLATE \"C\" \
-             > COALESCE(t.field_versions->>'{column}', '') COLLATE \"C\")"
+             > COALESCE(t.field_versions->>'{column}', ''))"
         )
     };
     let mut sets = String::new();
@@ -223,9 +227,7 @@ fn batch_statement() -> String {
         new_versions.push(format!(
             "'{column}', CASE WHEN {cond} THEN EXCLUDED.field_versions->'{column}' END"
         ));
-        changed.push(format!(
-            "({cond} AND EXCLUDED.{column} IS DISTINCT FROM t.{column})"
-        ));
+        changed.push(format!("({cond} AND {})", distinct(field)));
     }
     format!(
         "INSERT INTO av_identities AS t (id, field_versions, tenant_id, email, given_name, \
@@ -248,6 +250,21 @@ fn batch_statement() -> String {
         new = new_versions.join(", "),
         changed = changed.join(" OR "),
     )
+}
+
+/// Whether the statement's new value of `field` differs from the stored one. An array is
+/// compared as its text, which is equal exactly when the arrays are (same elements in the same
+/// order, same bounds; NULL elements unquoted, a "NULL" string quoted): array equality would make
+/// each new session look up its element type's operator classes, a third of a millisecond of
+/// server CPU on its first batch.
+fn distinct(field: Field) -> String {
+    let column = field.column();
+    match field {
+        Field::TenantRoles => {
+            format!("EXCLUDED.{column}::text IS DISTINCT FROM t.{column}::text")
+        }
+        _ => format!("EXCLUDED.{column} IS DISTINCT FROM t.{column}"),
+    }
 }
 
 static BATCH_STATEMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(batch_statement);

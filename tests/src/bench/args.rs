@@ -83,6 +83,16 @@ pub struct BenchArgs {
     #[arg(long, value_name = "S", default_value_t = 1.1, value_parser = zipf_exponent)]
     pub zipf_exponent: f64,
 
+    /// (5) Workers of one more uniform drain over the most tenants, compared with the drain by
+    /// --workers; the same count as --workers leaves it out.
+    #[arg(long, value_name = "W", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub scale_workers: u16,
+
+    /// (5) New sessions measured per repetition for the cold-session cost (PostgreSQL CPU of
+    /// open + first batch), each of its own database.
+    #[arg(long, value_name = "N", default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..=500))]
+    pub cold_sessions: u32,
+
     /// (6) Events of the burst for the one tenant whose table is locked.
     #[arg(long, value_name = "N", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub neighbour_burst: u64,
@@ -204,6 +214,8 @@ mod tests {
         assert_eq!(a.scale_tenants.most(), 1000);
         assert_eq!(a.zipf_exponent, 1.1);
         assert_eq!(a.neighbour_burst, 20_000);
+        assert_eq!(a.scale_workers, 2);
+        assert_eq!(a.cold_sessions, 40);
         assert_eq!(a.report, PathBuf::from("bench-report.json"));
         for phase in Phase::value_variants() {
             assert!(a.runs(*phase), "{phase:?}");
@@ -253,6 +265,8 @@ mod tests {
             &["--worker-env", "NOEQUALS"],
             &["--worker-env", "=value"],
             &["--partitions", "0"],
+            &["--scale-workers", "0"],
+            &["--cold-sessions", "0"],
         ] {
             assert!(parse(args).is_err(), "{args:?}");
         }

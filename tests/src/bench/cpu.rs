@@ -32,7 +32,7 @@ pub struct CpuShare {
 }
 
 /// `utime + stime`, and with `children` also the times of reaped children, of `/proc/<pid>/stat`.
-fn process_seconds(stat: &str, children: bool) -> Option<f64> {
+pub(super) fn process_seconds(stat: &str, children: bool) -> Option<f64> {
     // The command name (field 2) may hold spaces and parentheses: count fields after the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();

@@ -2,6 +2,7 @@
 //! that rate, and the same drain over more and more tenants with the worker's defaults. The
 //! noisy-neighbour phase 6 is in `neighbour`.
 
+use crate::bench::args::TenantCounts;
 use crate::bench::broker::{self, Target};
 use crate::bench::cpu::{CpuShare, Snapshot};
 use crate::bench::report::keys::Scale;
@@ -12,6 +13,7 @@ use crate::bench::worker::{self, Counts, WorkerConfig, Workers};
 use crate::bench::workload::{tenant_ids, Activity, Event, Generator};
 use crate::bench::BenchError;
 use crate::support;
+use avsync_worker::tenant_db::sizing::DEFAULT_FREE_SHARE;
 use chrono::{DateTime, Utc};
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use lapin::options::QueuePurgeOptions;
@@ -43,21 +45,33 @@ pub(super) struct Drain {
     peak_rss_mb: Vec<f64>,
     /// New PostgreSQL sessions in the tenant databases per 1,000 settled events.
     sessions_per_1k: Vec<f64>,
+    /// The same with one session per tenant that has events in the queue: the fewest a drain
+    /// can open, over the events it settled.
+    sessions_bound: Vec<f64>,
+    /// Fewest free connection slots on the server seen while draining.
+    lowest_free: Vec<f64>,
     cpu: Vec<CpuShare>,
 }
 
 impl Bench<'_> {
+    /// The migrated database every tenant database of the run is copied from, made on first use.
+    pub(super) async fn template(&mut self) -> Result<String, BenchError> {
+        let template = format!("{}_template", self.prefix);
+        if !self.template {
+            let conn = migrated_database(&template).await?;
+            let _ = conn.close().await;
+            self.template = true;
+        }
+        Ok(template)
+    }
+
     /// Creates (from one migrated template) the databases of tenants `0..count` not made yet,
     /// so that neither creation nor migration is measured.
     pub(super) async fn tenant_databases(&mut self, count: u32) -> Result<(), BenchError> {
         if count <= self.tenant_databases {
             return Ok(());
         }
-        let template = format!("{}_template", self.prefix);
-        if self.tenant_databases == 0 {
-            let conn = migrated_database(&template).await?;
-            let _ = conn.close().await;
-        }
+        let template = self.template().await?;
         let started = Instant::now();
         let names: Vec<String> = tenant_ids(count)
             .into_iter()
@@ -89,13 +103,12 @@ impl Bench<'_> {
     }
 
     /// Pre-fills the partition queues with `n` events over `tenants`, then drains them with
-    /// fresh workers, `repetitions` times.
+    /// `workers` fresh workers, `repetitions` times.
     async fn drain(
         &mut self,
         report: &mut Report,
         config: &WorkerConfig,
-        tenants: u32,
-        activity: Activity,
+        (tenants, activity, workers): (u32, Activity, u16),
         tag: char,
     ) -> Result<Drain, BenchError> {
         self.tenant_databases(tenants).await?;
@@ -109,6 +122,11 @@ impl Bench<'_> {
                     .events(n);
             let filled = Instant::now();
             broker::publish_all(&self.publish, Target::Partitions(&self.topology), &events).await?;
+            let busy_tenants = events
+                .iter()
+                .map(|e| e.tenant.as_str())
+                .collect::<std::collections::HashSet<_>>()
+                .len() as u64;
             drop(events);
             eprintln!(
                 "  repetition {}: pre-filled {n} events over {tenants} tenants in {:.1} s",
@@ -116,7 +134,7 @@ impl Bench<'_> {
                 filled.elapsed().as_secs_f64()
             );
             let sessions_before = tenant_sessions(&self.prefix).await?;
-            let mut workers = Workers::start(config, self.args.workers, &self.http).await?;
+            let mut workers = Workers::start(config, workers, &self.http).await?;
             let pids = workers.pids();
             let before = Snapshot::take(&pids);
             let sampler = ConnectionSampler::start(&self.prefix).await?;
@@ -125,7 +143,7 @@ impl Bench<'_> {
                 Err(e) => Err(e),
             };
             let cpu = before.share_until(&Snapshot::take(&pids));
-            let peak_connections = sampler.stop().await;
+            let sampled = sampler.stop().await;
             let peak_rss = workers.peak_rss();
             let stopped = workers.stop().await;
             log_lines += stopped.log_lines;
@@ -182,11 +200,29 @@ impl Bench<'_> {
             drain.rates.push(rate);
             drain.retried.push(c.retried as f64);
             drain.dead_lettered.push(c.dead_lettered as f64);
-            drain.peak_connections.push(peak_connections as f64);
+            drain.peak_connections.push(sampled.peak_sessions as f64);
+            drain
+                .lowest_free
+                .push(sampled.lowest_free.map_or(f64::NAN, |f| f as f64));
+            if let Some(floor) = sampled.floor {
+                if report.median(keys::FREE_SLOTS_FLOOR).is_none() {
+                    report.add(Figure::new(
+                        keys::FREE_SLOTS_FLOOR,
+                        4,
+                        "free-slot floor: AVSYNC_PG_FREE_CONNECTIONS default (max_connections / 5)",
+                        "count",
+                        vec![floor as f64],
+                        &[],
+                    ));
+                }
+            }
             drain.peak_rss_mb.push(peak_rss.map_or(f64::NAN, mb));
             drain
                 .sessions_per_1k
                 .push(sessions as f64 * 1_000.0 / settled as f64);
+            drain
+                .sessions_bound
+                .push(busy_tenants.min(settled) as f64 * 1_000.0 / settled as f64);
             drain.cpu.push(cpu);
         }
         if log_lines > 0 {
@@ -274,7 +310,7 @@ impl Bench<'_> {
             self.args.events
         );
         let drain = self
-            .drain(report, config, t, Activity::Uniform, 'w')
+            .drain(report, config, (t, Activity::Uniform, w), 'w')
             .await?;
         report.add(Figure::new(
             keys::WORKER,
@@ -298,6 +334,14 @@ impl Bench<'_> {
             format!("worker: new PostgreSQL sessions per 1k events, {t} tenants"),
             "count",
             drain.sessions_per_1k.clone(),
+            &[],
+        ));
+        report.add(Figure::new(
+            keys::WORKER_LOWEST_FREE,
+            4,
+            format!("worker: lowest free slots on the server, {t} tenants"),
+            "count",
+            drain.lowest_free.clone(),
             &[],
         ));
         let max_rate = report.median(keys::WORKER).unwrap_or(0.0);
@@ -429,7 +473,8 @@ impl Bench<'_> {
         Ok(runs)
     }
 
-    /// The drain over each tenant count, uniform, then over the most with Zipf activity.
+    /// The cost of a new session on the server; the drain over each tenant count, uniform, then
+    /// over the most with Zipf activity and, uniform, with `--scale-workers` workers.
     pub(super) async fn scale(
         &mut self,
         report: &mut Report,
@@ -437,38 +482,48 @@ impl Bench<'_> {
     ) -> Result<(), BenchError> {
         let counts = self.args.scale_tenants.clone();
         let zipf = self.args.zipf_exponent;
+        let (one, more) = (self.args.workers, self.args.scale_workers);
         eprintln!(
-            "[5] scale: {} events over {:?} tenants, and over {} with Zipf activity (s = {zipf}), worker defaults",
+            "[5] scale: {} events over {:?} tenants, and over {} with Zipf activity (s = {zipf}) and with {more} workers, worker defaults",
             self.args.events,
             counts.all(),
             counts.most()
         );
-        let mut runs: Vec<(u32, Activity)> = counts
+        self.cold_sessions(report).await?;
+        let mut runs: Vec<(u32, Activity, u16)> = counts
             .all()
             .iter()
-            .map(|&t| (t, Activity::Uniform))
+            .map(|&t| (t, Activity::Uniform, one))
             .collect();
         if zipf > 0.0 {
-            runs.push((counts.most(), Activity::Zipf(zipf)));
+            runs.push((counts.most(), Activity::Zipf(zipf), one));
         }
-        for (tenants, activity) in runs {
+        if more != one {
+            runs.push((counts.most(), Activity::Uniform, more));
+        }
+        for (tenants, activity, workers) in runs {
             let is_zipf = matches!(activity, Activity::Zipf(_));
-            let label = if is_zipf {
-                format!("{tenants} tenants, Zipf s={zipf}")
-            } else {
-                format!("{tenants} tenants, uniform")
+            let label = match (is_zipf, workers == one) {
+                (true, _) => format!("{tenants} tenants, Zipf s={zipf}"),
+                (false, true) => format!("{tenants} tenants, uniform"),
+                (false, false) => format!("{tenants} tenants, uniform, {workers} workers"),
             };
             eprintln!("  {label}");
+            let tag = match (is_zipf, workers == one) {
+                (true, _) => 'z',
+                (false, true) => 's',
+                (false, false) => 'm',
+            };
             let drain = self
-                .drain(
-                    report,
-                    config,
-                    tenants,
-                    activity,
-                    if is_zipf { 'z' } else { 's' },
-                )
+                .drain(report, config, (tenants, activity, workers), tag)
                 .await?;
-            let key = |measure| keys::scale(tenants, is_zipf, measure);
+            let key = |measure| {
+                if workers == one {
+                    keys::scale(tenants, is_zipf, measure)
+                } else {
+                    keys::scale_workers(tenants, workers, measure)
+                }
+            };
             report.add(Figure::new(
                 key(Scale::Drain),
                 5,
@@ -492,10 +547,22 @@ impl Bench<'_> {
                     drain.peak_connections,
                 ),
                 (
+                    Scale::LowestFree,
+                    "lowest free slots on the server",
+                    "count",
+                    drain.lowest_free,
+                ),
+                (
                     Scale::SessionsPer1k,
                     "new PostgreSQL sessions per 1k events",
                     "count",
                     drain.sessions_per_1k,
+                ),
+                (
+                    Scale::SessionsBound,
+                    "bound, one open per tenant: sessions per 1k events",
+                    "count",
+                    drain.sessions_bound,
                 ),
                 (Scale::PeakRss, "worker peak RSS", "MB", drain.peak_rss_mb),
             ] {
@@ -509,15 +576,60 @@ impl Bench<'_> {
                 ));
             }
         }
+        for is_zipf in [false, true] {
+            if let Some(bound) = rate_bound(report, &counts, is_zipf) {
+                report.add(bound);
+            }
+        }
         Ok(())
     }
 }
 
+/// The drain rate over the most tenants that one open per tenant allows, by the physical model:
+/// each event costs what it costs at the baseline count (1 / its rate), plus its share of one
+/// new session (opens per event × the cold session's PostgreSQL CPU, counted on one core). It
+/// is computed from the medians of this run's baseline drain, sessions bound and cold-session
+/// figure, not measured.
+fn rate_bound(report: &Report, counts: &TenantCounts, is_zipf: bool) -> Option<Figure> {
+    let base = report.median(&keys::scale(counts.baseline(), false, Scale::Drain))?;
+    let opens_per_event =
+        report.median(&keys::scale(counts.most(), is_zipf, Scale::SessionsBound))? / 1_000.0;
+    let cold_seconds = report.median(keys::COLD_TOTAL)? / 1_000.0;
+    if base <= 0.0 {
+        return None;
+    }
+    let bound = 1.0 / (1.0 / base + opens_per_event * cold_seconds);
+    Some(Figure::new(
+        keys::scale(counts.most(), is_zipf, Scale::RateBound),
+        5,
+        format!(
+            "  bound, one open per tenant (model: 1/(1/rate at {} + opens/event x cold session)), {} tenants{}",
+            counts.baseline(),
+            counts.most(),
+            if is_zipf { ", Zipf" } else { ", uniform" }
+        ),
+        "events/s",
+        vec![bound],
+        &[],
+    ))
+}
+
 /// Counts the workers' sessions to the run's databases in `pg_stat_activity` until stopped,
-/// on a connection of its own, and keeps the most seen at once.
+/// on a connection of its own, and keeps the most seen at once; also the fewest free slots on
+/// the server (`max_connections`, less the reserved ones and every client backend, its own
+/// included).
 struct ConnectionSampler {
     stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<i64>,
+    task: tokio::task::JoinHandle<Sampled>,
+}
+
+/// What the sampler saw over one drain.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sampled {
+    peak_sessions: i64,
+    lowest_free: Option<i64>,
+    /// A fifth of `max_connections`: AVSYNC_PG_FREE_CONNECTIONS's default.
+    floor: Option<i64>,
 }
 
 impl ConnectionSampler {
@@ -526,20 +638,28 @@ impl ConnectionSampler {
         let pattern = format!("{prefix}_");
         let (stop, mut stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
-            let mut peak = 0;
+            let mut seen = Sampled::default();
             // One last count after the stop: a drain shorter than one interval still shows the
             // sessions it left open in its pools.
             let mut last = false;
             loop {
-                let count: Result<i64, _> = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity WHERE starts_with(application_name, $1) AND starts_with(datname, $2)",
+                let counts: Result<(i64, i64, i64), _> = sqlx::query_as(
+                    "SELECT count(*) FILTER (WHERE starts_with(application_name, $1) AND starts_with(datname, $2)), \
+                     current_setting('max_connections')::int \
+                     - current_setting('superuser_reserved_connections')::int \
+                     - COALESCE(current_setting('reserved_connections', true)::int, 0) \
+                     - count(*) FILTER (WHERE backend_type = 'client backend'), \
+                     current_setting('max_connections')::bigint \
+                     FROM pg_stat_activity",
                 )
                 .bind(avsync_worker::tenant_db::provision::APPLICATION_NAME)
                 .bind(&pattern)
                 .fetch_one(&mut admin)
                 .await;
-                if let Ok(count) = count {
-                    peak = peak.max(count);
+                if let Ok((sessions, free, max)) = counts {
+                    seen.peak_sessions = seen.peak_sessions.max(sessions);
+                    seen.lowest_free = Some(seen.lowest_free.map_or(free, |l| l.min(free)));
+                    seen.floor = Some(max / DEFAULT_FREE_SHARE);
                 }
                 if last {
                     break;
@@ -550,14 +670,14 @@ impl ConnectionSampler {
                 }
             }
             let _ = admin.close().await;
-            peak
+            seen
         });
         Ok(Self { stop, task })
     }
 
-    async fn stop(self) -> i64 {
+    async fn stop(self) -> Sampled {
         let _ = self.stop.send(());
-        self.task.await.unwrap_or(0)
+        self.task.await.unwrap_or_default()
     }
 }
 
@@ -653,7 +773,10 @@ fn mb(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-async fn create_from_template(template: &str, names: Vec<String>) -> Result<(), BenchError> {
+pub(super) async fn create_from_template(
+    template: &str,
+    names: Vec<String>,
+) -> Result<(), BenchError> {
     let mut admin = PgConnection::connect(support::PG_ADMIN_URL).await?;
     for name in names {
         sqlx::query(&format!(

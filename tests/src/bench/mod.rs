@@ -7,8 +7,9 @@
 //! 3. `pipeline`: a raw consumer applying batches of 100 in one transaction, and the naive one
 //!    upsert and one ack per message (the worker's ceiling and floor), plus raw upsert rates;
 //! 4. `worker`: the real worker binary draining a pre-filled queue, and its lag at half that rate;
-//! 5. `scale`: the same drain, with the worker's defaults, over a few, some and many tenants
-//!    equally busy, and over the many with Zipf-distributed activity; drawn as a chart;
+//! 5. `scale`: what one new tenant session costs the server (`cold`); the same drain, with the
+//!    worker's defaults, over a few, some and many tenants equally busy, over the many with
+//!    Zipf-distributed activity and with two workers; drawn as a chart;
 //! 6. `neighbour`: one tenant's table locked under a burst of its events, and the lag of the
 //!    other tenants, its partition's neighbours above all.
 //!
@@ -18,6 +19,7 @@
 pub mod args;
 pub mod broker;
 mod chart;
+mod cold;
 pub mod cpu;
 mod drain;
 pub mod loadgen;

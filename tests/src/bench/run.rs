@@ -92,6 +92,9 @@ fn settings(args: &BenchArgs) -> serde_json::Value {
         "lag_duration_seconds": args.lag_duration.as_secs_f64(),
         "scale_tenants": args.scale_tenants.all(),
         "zipf_exponent": args.zipf_exponent,
+        "scale_workers": args.scale_workers,
+        "cold_sessions": args.cold_sessions,
+        "cold_batch": crate::bench::cold::COLD_BATCH,
         "neighbour_burst": args.neighbour_burst,
         "neighbour_tenants": args.neighbour_tenants,
         "neighbour_rate": args.neighbour_rate,
@@ -125,6 +128,8 @@ pub(super) struct Bench<'a> {
     pub(super) http: reqwest::Client,
     /// Tenant databases created so far (`tnt_0000` up to this count).
     pub(super) tenant_databases: u32,
+    /// Whether the migrated template the tenant databases are copied from exists.
+    pub(super) template: bool,
 }
 
 async fn phases(
@@ -174,6 +179,7 @@ async fn phases(
             .build()
             .map_err(|e| BenchError::Internal(format!("HTTP client: {e}")))?,
         tenant_databases: 0,
+        template: false,
     };
     let config = WorkerConfig {
         binary: worker_binary,

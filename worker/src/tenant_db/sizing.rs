@@ -115,9 +115,12 @@ pub async fn look(conn: &mut sqlx::PgConnection, me: &str) -> Result<Seen, sqlx:
         .await
 }
 
+/// Without `AVSYNC_PG_FREE_CONNECTIONS`, a server's `max_connections` divided by this is left free.
+pub const DEFAULT_FREE_SHARE: i64 = 5;
+
 /// The free slots to leave on a server: `free`, or a fifth of its `max_connections`.
 pub fn free_target(seen: &Seen, free: Option<u32>) -> i64 {
-    free.map_or(seen.max_connections / 5, i64::from)
+    free.map_or(seen.max_connections / DEFAULT_FREE_SHARE, i64::from)
 }
 
 /// This worker's budget on the server it saw, leaving `free` slots (or a fifth) to others.
