@@ -131,7 +131,7 @@ impl Message {
     pub fn weigh_in(&mut self) {
         if self.place.bytes == 0 {
             self.place.bytes = self.weight();
-            self.place.gate.weighed(self.place.bytes);
+            self.place.gate.weighed(self.place.partition, self.place.bytes);
         }
     }
 
@@ -396,6 +396,8 @@ pub(crate) struct SettleGate {
     pub shutdown: CancellationToken,
     pub consumers_stopped: CancellationToken,
     held: Arc<Vec<AtomicUsize>>,
+    /// Per partition, the messages held to be applied (not those on their way to a tier).
+    to_apply: Arc<Vec<AtomicUsize>>,
     bytes: Arc<AtomicUsize>,
 }
 
@@ -406,6 +408,7 @@ impl SettleGate {
             shutdown,
             consumers_stopped: CancellationToken::new(),
             held: Arc::new((0..partitions).map(|_| AtomicUsize::new(0)).collect()),
+            to_apply: Arc::new((0..partitions).map(|_| AtomicUsize::new(0)).collect()),
             bytes: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -416,7 +419,10 @@ impl SettleGate {
         }
     }
 
-    fn weighed(&self, bytes: usize) {
+    fn weighed(&self, partition: u16, bytes: usize) {
+        if let Some(n) = self.to_apply.get(usize::from(partition)) {
+            n.fetch_add(1, Ordering::AcqRel);
+        }
         self.bytes.fetch_add(bytes, Ordering::AcqRel);
     }
 
@@ -424,7 +430,19 @@ impl SettleGate {
         if let Some(n) = self.held.get(usize::from(partition)) {
             n.fetch_sub(1, Ordering::AcqRel);
         }
-        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        if bytes > 0 {
+            if let Some(n) = self.to_apply.get(usize::from(partition)) {
+                n.fetch_sub(1, Ordering::AcqRel);
+            }
+            self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        }
+    }
+
+    /// Messages of `partition` held to be applied: waiting in a batch or being applied.
+    pub fn to_apply(&self, partition: u16) -> usize {
+        self.to_apply
+            .get(usize::from(partition))
+            .map_or(0, |n| n.load(Ordering::Acquire))
     }
 
     /// What the messages held to be applied weigh ([`held_bytes`]).

@@ -230,8 +230,9 @@ impl Scheduler {
         let stalled = self.settling.gate.holds(partition) >= self.per_queue;
         let cold = self.applying.standings.is_cold(&tenant);
         let now = tokio::time::Instant::now();
-        // A backlog is per partition: a burst in one leaves its neighbours' lingers short.
-        let backlog = self.settling.gate.holds(partition) * 2 >= self.per_queue;
+        // A backlog is per partition, and counts what waits to be applied: a burst in one
+        // partition, or a stuck tenant's burst on its way to a tier, leaves lingers short.
+        let backlog = self.settling.gate.to_apply(partition) * 2 >= self.per_queue;
         let mut batcher = self.batcher();
         batcher.set_backlog(backlog);
         let full = batcher.push(&tenant, partition, pending, now, stalled, cold);
