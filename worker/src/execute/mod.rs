@@ -184,7 +184,6 @@ impl Applying {
         let conn = match warm {
             Some(conn) => conn,
             None => {
-                let _waiting = self.standings.waiting_for_session(tenant);
                 let marked = marked.notified();
                 tokio::pin!(marked);
                 marked.as_mut().enable();
@@ -194,6 +193,7 @@ impl Applying {
                 }
             }
         };
+        let _statement = self.standings.statement(tenant);
         Ok(conn.apply(events.iter().map(|e| &e.effect)).await?)
     }
 

@@ -2,10 +2,12 @@
 //!
 //! - **The bound.** A tenant may hold at most `AVSYNC_TENANT_MAX_UNSETTLED` unsettled messages
 //!   while it is stalled (nothing committed for [`STALL`]); what it receives beyond that is set
-//!   aside through the broker. A tenant that keeps committing (a bulk import) may hold more, and
-//!   so may one whose batch waits for a session within the worker's budget: in a backlog of many
-//!   tenants that wait is long and is nobody's trouble (contract section 7), and what its tenant
-//!   gathers meanwhile is what its session, once opened, applies together.
+//!   aside through the broker. A tenant is stalled only while a statement of it runs on a session
+//!   and has not committed for [`STALL`]: a tenant whose batch waits for a session within the
+//!   worker's budget, or lingers for company in a backlog, may hold more (in a backlog of many
+//!   tenants those waits are long and nobody's trouble, contract section 7, and what the tenant
+//!   gathers meanwhile is what its session, once opened, applies together); so may a tenant
+//!   that keeps committing (a bulk import).
 //! - **The circuit.** A tenant whose statements time out, whose database does not answer, or
 //!   whose database refuses it connections (its own `CONNECTION LIMIT`) is marked slow: its new
 //!   events are set aside at once, and its batches still waiting for a connection give up theirs.
@@ -76,10 +78,10 @@ enum Admission {
 #[derive(Debug, Clone)]
 struct Standing {
     held: usize,
-    /// When it last committed, began holding messages, or got a session, whichever is latest.
+    /// When it last committed, or a statement of it started, whichever is later.
     progress: Instant,
-    /// Its batches waiting for a session.
-    waiting: usize,
+    /// Its statements running on a session now.
+    applying: usize,
     circuit: Circuit,
 }
 
@@ -88,7 +90,7 @@ impl Standing {
         Self {
             held: 0,
             progress: now,
-            waiting: 0,
+            applying: 0,
             circuit: Circuit::Closed,
         }
     }
@@ -114,7 +116,8 @@ impl Standing {
             }
             Circuit::Closed => {}
         }
-        let stalled = self.waiting == 0 && now.saturating_duration_since(self.progress) >= STALL;
+        let stalled =
+            self.applying > 0 && now.saturating_duration_since(self.progress) >= STALL;
         if calm && self.held >= bound && stalled {
             return Admission::SetAside {
                 reason: SetAsideReason::Backlog,
@@ -132,10 +135,14 @@ impl Standing {
         self.held += 1;
     }
 
-    /// A batch of it got a session: the stall clock counts from here.
-    fn wait_ended(&mut self, now: Instant) {
-        self.waiting = self.waiting.saturating_sub(1);
+    /// A statement of it starts on a session: the stall clock counts from here.
+    fn statement_started(&mut self, now: Instant) {
+        self.applying += 1;
         self.progress = now;
+    }
+
+    fn statement_ended(&mut self) {
+        self.applying = self.applying.saturating_sub(1);
     }
 
     fn committed(&mut self, now: Instant) {
@@ -246,17 +253,17 @@ impl Commits {
     }
 }
 
-/// A batch waiting for a session; see [`Standings::waiting_for_session`].
-pub struct WaitingForSession {
+/// A statement running; see [`Standings::statement`].
+pub struct Statement {
     standings: Standings,
     tenant: TenantId,
 }
 
-impl Drop for WaitingForSession {
+impl Drop for Statement {
     fn drop(&mut self) {
         self.standings
             .inner
-            .with(&self.tenant, |e, now| e.standing.wait_ended(now));
+            .with(&self.tenant, |e, _| e.standing.statement_ended());
     }
 }
 
@@ -299,11 +306,12 @@ impl Standings {
         }
     }
 
-    /// A batch of `tenant` waits for a session until the guard is dropped; meanwhile the tenant
-    /// is not stalled.
-    pub fn waiting_for_session(&self, tenant: &TenantId) -> WaitingForSession {
-        self.inner.with(tenant, |e, _| e.standing.waiting += 1);
-        WaitingForSession {
+    /// A statement of `tenant` runs on a session until the guard is dropped: only meanwhile
+    /// can the tenant be stalled.
+    pub fn statement(&self, tenant: &TenantId) -> Statement {
+        self.inner
+            .with(tenant, |e, now| e.standing.statement_started(now));
+        Statement {
             standings: self.clone(),
             tenant: tenant.clone(),
         }
@@ -440,6 +448,7 @@ mod tests {
     fn a_stalled_tenant_holds_only_its_bound() {
         let t0 = Instant::now();
         let mut s = Standing::new(t0);
+        s.statement_started(t0);
         for _ in 0..3 {
             assert_eq!(hold(&mut s, 3, t0), Admission::Hold { probe: false });
         }
@@ -458,25 +467,29 @@ mod tests {
     }
 
     #[test]
-    fn a_tenant_waiting_for_a_session_is_not_stalled() {
+    fn only_a_statement_that_does_not_commit_stalls_its_tenant() {
         let t0 = Instant::now();
         let mut s = Standing::new(t0);
-        s.waiting += 1;
+        // Waiting for a session, or lingering for company: not stalled, however long.
         for i in 0..10u64 {
             let now = t0 + STALL * 3 + Duration::from_millis(i);
             assert_eq!(hold(&mut s, 2, now), Admission::Hold { probe: false });
         }
-        // Once it has a session, a statement that commits nothing for STALL stalls it.
-        let got = t0 + STALL * 4;
-        s.wait_ended(got);
-        assert_eq!(hold(&mut s, 2, got), Admission::Hold { probe: false });
+        let started = t0 + STALL * 4;
+        s.statement_started(started);
+        assert_eq!(hold(&mut s, 2, started), Admission::Hold { probe: false });
         assert!(matches!(
-            hold(&mut s, 2, got + STALL),
+            hold(&mut s, 2, started + STALL),
             Admission::SetAside {
                 reason: SetAsideReason::Backlog,
                 ..
             }
         ));
+        s.statement_ended();
+        assert_eq!(
+            hold(&mut s, 2, started + STALL * 2),
+            Admission::Hold { probe: false }
+        );
     }
 
     #[test]
