@@ -131,7 +131,9 @@ impl Message {
     pub fn weigh_in(&mut self) {
         if self.place.bytes == 0 {
             self.place.bytes = self.weight();
-            self.place.gate.weighed(self.place.partition, self.place.bytes);
+            self.place
+                .gate
+                .weighed(self.place.partition, self.place.bytes);
         }
     }
 

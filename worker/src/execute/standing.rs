@@ -116,8 +116,7 @@ impl Standing {
             }
             Circuit::Closed => {}
         }
-        let stalled =
-            self.applying > 0 && now.saturating_duration_since(self.progress) >= STALL;
+        let stalled = self.applying > 0 && now.saturating_duration_since(self.progress) >= STALL;
         if calm && self.held >= bound && stalled {
             return Admission::SetAside {
                 reason: SetAsideReason::Backlog,
