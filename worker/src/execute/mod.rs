@@ -113,15 +113,7 @@ impl Applying {
                 }
                 Err(NotCommitted::Failed(failure)) => failure,
             };
-            let seen = Seen {
-                events: events.len(),
-                reach: self.outage.reach(&self.dbs, &tenant, &failure).await,
-                // The door kept waiting while the budget was contended: what reaches here
-                // is the tenant's own pool, busy with nobody else waiting.
-                budget_contended: false,
-                remigrated,
-                stopping: self.dbs.shutdown().is_cancelled(),
-            };
+            let seen = self.seen(&tenant, &failure, events.len(), remigrated).await;
             match decide(&failure, seen) {
                 Step::Remigrate => remigrated = true,
                 Step::HoldForOutage => {
@@ -169,6 +161,25 @@ impl Applying {
                     return None;
                 }
             }
+        }
+    }
+
+    /// What the decision about `failure` of a batch of `events` needs to know.
+    async fn seen(
+        &self,
+        tenant: &TenantId,
+        failure: &Failure,
+        events: usize,
+        remigrated: bool,
+    ) -> Seen {
+        Seen {
+            events,
+            reach: self.outage.reach(&self.dbs, tenant, failure).await,
+            // The door kept waiting while the budget was contended: what reaches here is the
+            // tenant's own pool, busy with nobody else waiting.
+            budget_contended: false,
+            remigrated,
+            stopping: self.dbs.shutdown().is_cancelled(),
         }
     }
 
