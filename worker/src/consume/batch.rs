@@ -188,7 +188,7 @@ impl<T> Batcher<T> {
             .filter(|(_, p)| p.due <= now && !p.behind)
             .map(|(t, p)| (p.items.len(), t.clone()))
             .collect();
-        due.sort_by(|a, b| b.0.cmp(&a.0));
+        due.sort_by_key(|d| std::cmp::Reverse(d.0));
         due.iter().filter_map(|(_, t)| self.take(t)).collect()
     }
 
