@@ -4,6 +4,13 @@ use std::process::ExitCode;
 
 const PROGRAM: &str = "avsync-worker";
 
+/// glibc's malloc kept about 100 MB more resident than the worker used at its peak, draining
+/// 1,000 tenants with a full window (the held messages' small blocks are freed in another order
+/// than allocated, and the space between them is not given back): 280 MB RSS for 178 MB of heap.
+/// jemalloc kept 208 MB in the same drain.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli: Cli = parse_or_exit(PROGRAM);
