@@ -201,16 +201,25 @@ async fn session(
     result
 }
 
-/// The channels a session consumes and publishes on, set up on one connection. Each partition
-/// queue is consumed on a channel of its own: RabbitMQ finds the message an ack names by walking
-/// its channel's unacked deliveries from the oldest, and a tenant's events are acked out of
-/// arrival order, so one channel holding the whole window made every ack cost a walk of tens of
-/// thousands (measured: 65,536 held on one channel drained 5 tenants at 2,000 events/s, the
+/// Most unacked deliveries one consume channel holds. RabbitMQ finds the message an ack names by
+/// walking its channel's unacked deliveries from the oldest, and a tenant's events are acked out
+/// of arrival order, so one channel holding the whole window made every ack cost a walk of tens
+/// of thousands (measured: 65,536 held on one channel drained 5 tenants at 2,000 events/s, the
 /// broker's CPU busy, against 14,000 with 4,096).
+const MAX_UNACKED_PER_CHANNEL: usize = 4096;
+
+/// How many partition queues share a consume channel, each holding `per_queue` unacked.
+fn partitions_per_channel(per_queue: u16) -> usize {
+    (MAX_UNACKED_PER_CHANNEL / usize::from(per_queue).max(1)).max(1)
+}
+
+/// The channels a session consumes and publishes on, set up on one connection. Partition queues
+/// share consume channels so that none holds more than [`MAX_UNACKED_PER_CHANNEL`]: with the
+/// default window each has its own; a small window keeps them on one.
 struct Channels {
     setup: Channel,
     publish: ConfirmedPublisher,
-    /// One per partition queue, in partition order.
+    /// The channel of each partition queue, in partition order (shared channels repeat).
     consume: Vec<Channel>,
 }
 
@@ -228,13 +237,20 @@ impl Channels {
         check_partitions(conn, &worker.topology).await?;
         let publish = ConfirmedPublisher::open(conn.create_channel().await?).await?;
         let prefetch = per_queue_prefetch(worker.prefetch, worker.topology.partitions());
-        let mut consume = Vec::new();
+        let sharing = partitions_per_channel(prefetch);
+        let mut consume: Vec<Channel> = Vec::new();
         let mut consumers = Vec::new();
         for partition in 0..worker.topology.partitions() {
-            let channel = conn.create_channel().await?;
-            channel
-                .basic_qos(prefetch, BasicQosOptions::default())
-                .await?;
+            let channel = match consume.last() {
+                Some(channel) if usize::from(partition) % sharing != 0 => channel.clone(),
+                _ => {
+                    let channel = conn.create_channel().await?;
+                    channel
+                        .basic_qos(prefetch, BasicQosOptions::default())
+                        .await?;
+                    channel
+                }
+            };
             consumers.push(
                 channel
                     .basic_consume(
@@ -343,9 +359,10 @@ async fn consume_on(
     // The broker answers a channel's close only after it has processed every frame sent on it
     // before, so once these return, every ack above has reached it; closing the connection
     // straight away could drop acks still queued and hand applied messages back.
-    for channel in channels
-        .consume
-        .iter()
+    let mut consume: Vec<&Channel> = channels.consume.iter().collect();
+    consume.dedup_by_key(|c| c.id());
+    for channel in consume
+        .into_iter()
         .chain([channels.publish.channel(), &channels.setup])
     {
         let _ = tokio::time::timeout(
@@ -469,6 +486,14 @@ enum Phase {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_consume_channel_holds_at_most_its_share_of_unacked() {
+        assert_eq!(partitions_per_channel(4096), 1);
+        assert_eq!(partitions_per_channel(u16::MAX), 1);
+        assert_eq!(partitions_per_channel(256), 16);
+        assert_eq!(partitions_per_channel(2), 2048);
+    }
 
     #[test]
     fn only_a_failed_session_bounds_its_end() {
