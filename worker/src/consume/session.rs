@@ -273,6 +273,21 @@ impl Channels {
         ))
     }
 
+    /// Closes every channel, each waiting at most `bound`. The broker answers a channel's close
+    /// only after it has processed every frame sent on it before, so once these return, every
+    /// ack sent before has reached it; closing the connection straight away could drop acks
+    /// still queued and hand applied messages back.
+    async fn close(&self, bound: Duration) {
+        let mut consume: Vec<&Channel> = self.consume.iter().collect();
+        consume.dedup_by_key(|c| c.id());
+        for channel in consume
+            .into_iter()
+            .chain([self.publish.channel(), &self.setup])
+        {
+            let _ = tokio::time::timeout(bound, channel.close(200, "worker stopping".into())).await;
+        }
+    }
+
     fn all_open(&self) -> bool {
         [&self.setup, self.publish.channel()]
             .into_iter()
@@ -356,21 +371,7 @@ async fn consume_on(
         .scheduler
         .finish(end_bound(&outcome, ABANDON_AFTER))
         .await;
-    // The broker answers a channel's close only after it has processed every frame sent on it
-    // before, so once these return, every ack above has reached it; closing the connection
-    // straight away could drop acks still queued and hand applied messages back.
-    let mut consume: Vec<&Channel> = channels.consume.iter().collect();
-    consume.dedup_by_key(|c| c.id());
-    for channel in consume
-        .into_iter()
-        .chain([channels.publish.channel(), &channels.setup])
-    {
-        let _ = tokio::time::timeout(
-            end_bound(&outcome, CLOSE_TIMEOUT),
-            channel.close(200, "worker stopping".into()),
-        )
-        .await;
-    }
+    channels.close(end_bound(&outcome, CLOSE_TIMEOUT)).await;
     outcome
 }
 
