@@ -9,7 +9,9 @@
 
 use avsync_tests::ingress_harness::{self, TestIngress};
 use avsync_tests::support::{self, wait_until};
-use avsync_tests::worker_harness::{model_of, settings, TestDatabases, TestWorker};
+use avsync_tests::worker_harness::{
+    model_of, publish_all, random_history, settings, TestDatabases, TestWorker,
+};
 use lapin::{Connection, ConnectionProperties};
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -345,4 +347,99 @@ async fn repeated_cuts_under_load_lose_nothing() {
     sender.wait_for_more(20).await;
     let (accepted, _) = sender.stop().await;
     stack.finish(&accepted).await;
+}
+
+/// A tenant whose table is locked gets a burst of events in the one partition it shares with a
+/// neighbour: the worker sets the burst aside, its acks gathered into `multiple` acks, and the
+/// broker closes the worker's connection while it does. The neighbour's events are applied
+/// while the lock holds, and once it goes every event of the stuck tenant is applied: nothing
+/// was acked that was not set aside, and nothing was dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_set_aside_in_bulk_under_a_cut_loses_nothing() {
+    const ONE_PARTITION: u16 = 1;
+    let prefix = support::unique("bulk");
+    let vhost = Vhost::create(&prefix).await;
+    let dbs = TestDatabases::new("bulk");
+    let url = vhost.url();
+    let worker = TestWorker::start(settings(
+        &prefix,
+        ONE_PARTITION,
+        &dbs,
+        &["--amqp-url", &url, "--prefetch", "1000"],
+    ))
+    .await;
+    let topology = avsync_shared::Topology::new(&prefix, ONE_PARTITION).unwrap();
+    let conn = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .expect("connect to the test's vhost");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+
+    let mut stuck_db = dbs.migrated("stuck").await;
+    let mut lock = sqlx::Connection::begin(&mut stuck_db).await.expect("begin");
+    sqlx::query("LOCK TABLE av_identities IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock the stuck tenant's table");
+    let burst = random_history(41, "stuck", 200, 3_000);
+    let neighbour = random_history(42, "calm", 20, 100);
+    publish_all(&ch, &topology, &burst).await;
+    publish_all(&ch, &topology, &neighbour).await;
+
+    let metrics = worker.running().metrics().clone();
+    let set_aside = || {
+        avsync_worker::metrics::SetAsideReason::ALL
+            .iter()
+            .map(|r| metrics.set_aside_total(*r))
+            .sum::<u64>()
+    };
+    wait_until(
+        "the burst set aside, runs of it acked together",
+        Duration::from_secs(30),
+        || async { (set_aside() >= 1_000 && metrics.acks.in_runs().1 > 0).then_some(()) },
+    )
+    .await;
+    let closed = close_connections_of(&prefix).await;
+    assert!(
+        closed
+            .iter()
+            .any(|(_, name)| name == &format!("avsync-worker {prefix}")),
+        "{closed:?}"
+    );
+    let before = set_aside();
+    wait_until(
+        "setting aside again after the cut",
+        Duration::from_secs(30),
+        || async { (set_aside() > before + 500).then_some(()) },
+    )
+    .await;
+    dbs.wait_for_rows(
+        "calm",
+        &model_of(&neighbour).identities(),
+        Duration::from_secs(30),
+    )
+    .await;
+    let (in_runs, runs) = metrics.acks.in_runs();
+    assert!(
+        in_runs >= 2 * runs,
+        "runs of acks averaged fewer than two messages: {in_runs} in {runs}"
+    );
+
+    lock.commit().await.expect("release the lock");
+    dbs.wait_for_rows(
+        "stuck",
+        &model_of(&burst).identities(),
+        Duration::from_secs(90),
+    )
+    .await;
+    assert_eq!(
+        support::queue_depth(&ch, &topology.dead_queue()).await,
+        Some(0),
+        "nothing was dead-lettered"
+    );
+    let _ = sqlx::Connection::close(stuck_db).await;
+    let _ = conn.close(200, "checked".into()).await;
+    worker.stop().await;
 }

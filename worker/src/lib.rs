@@ -7,11 +7,13 @@
 //! tenant's `execute::standing` admits or sets aside) → `execute` (one executor for a batch and
 //! a single event) → `tenant_db` (the one door to a tenant's session: `resolve`, `pools` within
 //! each server's `budget`, `provision`) → `apply` (the event rules, one statement) → `settle`
-//! (the message settles itself: ack, retry, set aside, dead letter, hand back). What a failure
+//! (the message settles itself: ack, retry, set aside, dead letter, hand back; `acks` sends a
+//! channel's acks in order, runs of them as one). What a failure
 //! means is decided once, in `failure::decide`, fed what `execute::outage` probed. The operator
 //! commands (`ops`: `dlq_cli`, `migrate`, `reconcile_cli` with `reconcile` and `authvital`, `status`) use
 //! `tenant_db` and the broker directly.
 
+pub(crate) mod acks;
 pub mod apply;
 pub mod cli;
 pub(crate) mod consume;

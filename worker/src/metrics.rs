@@ -362,6 +362,56 @@ impl StandingMetrics {
     }
 }
 
+/// The acks sent (see `acks`): messages by the kind of ack that carried them, and the
+/// multiple acks.
+#[derive(Clone)]
+pub struct AckMetrics {
+    acks: IntCounterVec,
+    multiple_acks: IntCounter,
+}
+
+impl AckMetrics {
+    fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let acks = IntCounterVec::new(
+            Opts::new(
+                "avsync_worker_acks_total",
+                "Messages acked, by the ack that carried them: `single`, or `multiple` (one ack for a run of a channel's deliveries settled in the order they came).",
+            ),
+            &["frame"],
+        )?;
+        for frame in ["single", "multiple"] {
+            acks.with_label_values(&[frame]);
+        }
+        let multiple_acks = IntCounter::new(
+            "avsync_worker_multiple_acks_total",
+            "Acks sent for a run of deliveries at once (`multiple`).",
+        )?;
+        registry.register(Box::new(acks.clone()))?;
+        registry.register(Box::new(multiple_acks.clone()))?;
+        Ok(Self {
+            acks,
+            multiple_acks,
+        })
+    }
+
+    /// An ack sent for `messages`, as one `multiple` ack or on its own.
+    pub fn acked(&self, messages: u64, multiple: bool) {
+        let frame = if multiple { "multiple" } else { "single" };
+        self.acks.with_label_values(&[frame]).inc_by(messages);
+        if multiple {
+            self.multiple_acks.inc();
+        }
+    }
+
+    /// Messages acked by `multiple` acks, and those acks.
+    pub fn in_runs(&self) -> (u64, u64) {
+        (
+            self.acks.with_label_values(&["multiple"]).get(),
+            self.multiple_acks.get(),
+        )
+    }
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     events: IntCounterVec,
@@ -374,6 +424,7 @@ pub struct Metrics {
     pub queue_messages: IntGaugeVec,
     pub ready: IntGauge,
     pub reconcile: ReconcileMetrics,
+    pub acks: AckMetrics,
 }
 
 impl Metrics {
@@ -446,6 +497,7 @@ impl Metrics {
         let tenant_pools = PoolMetrics::register(registry)?;
         let standings = StandingMetrics::register(registry)?;
         let reconcile = ReconcileMetrics::register(registry)?;
+        let acks = AckMetrics::register(registry)?;
         Ok(Self {
             events,
             retries,
@@ -456,6 +508,7 @@ impl Metrics {
             queue_messages,
             ready,
             reconcile,
+            acks,
         })
     }
 

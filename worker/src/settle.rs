@@ -4,6 +4,7 @@
 //! value. It is acked only after its effect is committed, it was ignored, or its retry, set-aside
 //! or dead letter was confirmed by the broker (contract section 7).
 
+use crate::acks::{Acks, DeliveryTag};
 use crate::dlq::{self, DeadLetter, ErrorClass};
 use crate::failure::Failure;
 use crate::metrics::{Metrics, Outcome, SetAsideReason};
@@ -13,9 +14,7 @@ use avsync_shared::topology::Topology;
 use avsync_shared::{Envelope, TenantId};
 use chrono::{DateTime, Utc};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::Acker;
 use lapin::BasicProperties;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,9 +29,11 @@ use tracing::Instrument;
 const TRANSIENT_PAUSE: Duration = Duration::from_secs(1);
 
 /// What settling needs, for one broker session: where retries and dead letters go, the retry
-/// ladder, the counters, and the gate that holds settlements back while the session stops.
+/// ladder, the counters, the gate that holds settlements back while the session stops, and each
+/// partition's acks (partitions that share a consume channel share them).
 pub(crate) struct Settling {
     pub publish: ConfirmedPublisher,
+    pub acks: Vec<Acks>,
     pub topology: Topology,
     pub retry: RetryPolicy,
     pub metrics: Metrics,
@@ -40,7 +41,7 @@ pub(crate) struct Settling {
 }
 
 /// A received message, until it is settled. It keeps only what settling needs (the bytes and
-/// properties to republish, its acker, what names it in the logs), because the prefetch window
+/// properties to republish, its delivery tag, what names it in the logs), because the prefetch window
 /// holds tens of thousands of them: lapin's whole delivery and a span per message cost several
 /// kilobytes each. All of it sits behind one box: a tenant's batch is a vector that grows by
 /// doubling, and at 1,000 tenants a thousand of them are half empty, so its slots hold a pointer
@@ -50,7 +51,7 @@ pub(crate) struct Message {
 }
 
 struct Parts {
-    acker: Acker,
+    tag: DeliveryTag,
     properties: HeldProperties,
     data: Box<[u8]>,
     history: History,
@@ -148,7 +149,7 @@ impl Message {
         };
         settling.gate.received(partition);
         let parts = Parts {
-            acker: delivery.acker,
+            tag: delivery.delivery_tag,
             properties: HeldProperties::new(delivery.properties),
             data: delivery.data.into_boxed_slice(),
             history,
@@ -398,34 +399,29 @@ impl Message {
         self.requeue().await;
     }
 
-    /// True when the broker took the ack. When the channel is gone the message comes back and
-    /// is applied again, which changes nothing.
+    /// True when the ack was queued on its channel (see [`crate::acks`]). When the channel is
+    /// gone the message comes back and is applied again, which changes nothing.
     async fn ack(&self) -> bool {
         self.parts.settling.gate.open().await;
-        match self.parts.acker.ack(BasicAckOptions::default()).await {
-            Ok(true) => true,
-            Ok(false) => {
-                tracing::warn!(
-                    "ack not sent (its channel is gone); the message will be redelivered"
-                );
-                false
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "ack failed; the message will be redelivered");
-                false
-            }
+        let queued = self.acks().ack(self.parts.tag);
+        if !queued {
+            tracing::warn!("ack not sent (its channel is gone); the message will be redelivered");
         }
+        queued
     }
 
     async fn requeue(&self) {
         self.parts.settling.gate.open().await;
-        let options = BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
-        };
-        if let Err(e) = self.parts.acker.nack(options).await {
-            tracing::warn!(error = %e, "requeue failed; the message will be redelivered");
+        if !self.acks().requeue(self.parts.tag) {
+            tracing::warn!(
+                "requeue not sent (its channel is gone); the message will be redelivered"
+            );
         }
+    }
+
+    fn acks(&self) -> &Acks {
+        let partition = usize::from(self.parts.place.partition);
+        &self.parts.settling.acks[partition]
     }
 }
 

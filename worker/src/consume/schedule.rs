@@ -51,6 +51,16 @@ pub fn window_size(prefetch: u32, partitions: u16) -> usize {
     usize::from(per_queue_prefetch(prefetch, partitions)) * usize::from(partitions)
 }
 
+/// Whether a partition whose consumer holds `to_apply` messages waiting to be applied, of a
+/// prefetch of `per_queue`, is in a backlog, where batches linger for company. It is per
+/// partition and counts what waits to be applied: a burst in one partition, or a stuck tenant's
+/// burst on its way to a tier, leaves lingers short. A window too small to hold more than one
+/// full batch is never a backlog: lingering could not gather more, and every lone event of a
+/// quiet partition would wait the long linger.
+fn is_backlog(to_apply: usize, per_queue: usize) -> bool {
+    to_apply * 2 >= per_queue && to_apply > MAX_BATCH
+}
+
 /// The most unsettled messages a stalled tenant holds: `AVSYNC_TENANT_MAX_UNSETTLED`, but never
 /// more than half its partition's prefetch, so its neighbours always have room.
 pub fn tenant_bound(max_unsettled: u32, prefetch: u32, partitions: u16) -> usize {
@@ -230,9 +240,7 @@ impl Scheduler {
         let stalled = self.settling.gate.holds(partition) >= self.per_queue;
         let cold = self.applying.standings.is_cold(&tenant);
         let now = tokio::time::Instant::now();
-        // A backlog is per partition, and counts what waits to be applied: a burst in one
-        // partition, or a stuck tenant's burst on its way to a tier, leaves lingers short.
-        let backlog = self.settling.gate.to_apply(partition) * 2 >= self.per_queue;
+        let backlog = is_backlog(self.settling.gate.to_apply(partition), self.per_queue);
         let mut batcher = self.batcher();
         batcher.set_backlog(backlog);
         let full = batcher.push(&tenant, partition, pending, now, stalled, cold);
@@ -321,6 +329,17 @@ mod tests {
         assert_eq!(tenant_bound(500, 4096, 16), 128);
         assert_eq!(tenant_bound(64, 32, 4), 4);
         assert_eq!(tenant_bound(64, 1, 1), 1);
+    }
+
+    #[test]
+    fn a_backlog_is_half_a_partitions_prefetch_and_more_than_a_batch() {
+        assert!(is_backlog(2048, 4096));
+        assert!(!is_backlog(2047, 4096));
+        // AVSYNC_PREFETCH=32 over 16 partitions: a lone event never waits the long linger.
+        assert!(!is_backlog(1, 2));
+        assert!(!is_backlog(2, 2));
+        assert!(!is_backlog(MAX_BATCH, MAX_BATCH));
+        assert!(is_backlog(MAX_BATCH + 1, MAX_BATCH + 1));
     }
 
     /// A batch's task that panics or is aborted still reports its tenant settled, so the

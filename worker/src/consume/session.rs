@@ -2,6 +2,7 @@
 //! reconnect with backoff whenever the broker goes away; ready only while consuming. What a
 //! session receives goes to the [`Scheduler`]; how it stops keeps every ack (see [`Phase`]).
 
+use crate::acks::Acks;
 use crate::consume::schedule::{per_queue_prefetch, window_size, Scheduler};
 use crate::execute::Applying;
 use crate::metrics::Metrics;
@@ -221,6 +222,8 @@ struct Channels {
     publish: ConfirmedPublisher,
     /// The channel of each partition queue, in partition order (shared channels repeat).
     consume: Vec<Channel>,
+    /// The acks of each partition queue's channel, in the same order.
+    acks: Vec<Acks>,
 }
 
 impl Channels {
@@ -239,16 +242,20 @@ impl Channels {
         let prefetch = per_queue_prefetch(worker.prefetch, worker.topology.partitions());
         let sharing = partitions_per_channel(prefetch);
         let mut consume: Vec<Channel> = Vec::new();
+        let mut acks: Vec<Acks> = Vec::new();
         let mut consumers = Vec::new();
         for partition in 0..worker.topology.partitions() {
-            let channel = match consume.last() {
-                Some(channel) if usize::from(partition) % sharing != 0 => channel.clone(),
+            let (channel, its_acks) = match (consume.last(), acks.last()) {
+                (Some(channel), Some(its_acks)) if usize::from(partition) % sharing != 0 => {
+                    (channel.clone(), its_acks.clone())
+                }
                 _ => {
                     let channel = conn.create_channel().await?;
                     channel
                         .basic_qos(prefetch, BasicQosOptions::default())
                         .await?;
-                    channel
+                    let its_acks = Acks::start(channel.clone(), worker.metrics.clone());
+                    (channel, its_acks)
                 }
             };
             consumers.push(
@@ -262,12 +269,14 @@ impl Channels {
                     .await?,
             );
             consume.push(channel);
+            acks.push(its_acks);
         }
         Ok((
             Channels {
                 setup,
                 publish,
                 consume,
+                acks,
             },
             consumers,
         ))
@@ -278,6 +287,11 @@ impl Channels {
     /// ack sent before has reached it; closing the connection straight away could drop acks
     /// still queued and hand applied messages back.
     async fn close(&self, bound: Duration) {
+        let _ = tokio::time::timeout(
+            bound,
+            futures_util::future::join_all(self.acks.iter().map(Acks::flush)),
+        )
+        .await;
         let mut consume: Vec<&Channel> = self.consume.iter().collect();
         consume.dedup_by_key(|c| c.id());
         for channel in consume
@@ -340,6 +354,7 @@ async fn consume_on(
     *worker.window.lock().unwrap_or_else(|e| e.into_inner()) = Some(gate.clone());
     let settling = Arc::new(Settling {
         publish: channels.publish.clone(),
+        acks: channels.acks.clone(),
         topology: worker.topology.clone(),
         retry: worker.retry.clone(),
         metrics: worker.metrics.clone(),
