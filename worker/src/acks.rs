@@ -56,6 +56,11 @@ impl Acks {
         Self { channel, requests }
     }
 
+    /// The channel it acks on.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
     /// Queues the ack of `tag`; false when its channel is gone (the broker hands the delivery
     /// back, and it is applied again, which changes nothing).
     pub fn ack(&self, tag: DeliveryTag) -> bool {
@@ -201,11 +206,9 @@ impl Ledger {
         self.waiting.is_empty() && self.now.is_empty()
     }
 
-    /// When the longest-waiting ack stops waiting for its run.
+    /// When the longest-waiting ack stops waiting for its run. Requeues wait for nothing: the
+    /// task sends them with the next [`Ledger::frames`], right after taking them.
     fn next_deadline(&mut self) -> Option<Instant> {
-        if !self.now.is_empty() {
-            return Some(Instant::now());
-        }
         self.oldest().map(|at| at + GATHER)
     }
 

@@ -220,10 +220,9 @@ fn partitions_per_channel(per_queue: u16) -> usize {
 struct Channels {
     setup: Channel,
     publish: ConfirmedPublisher,
-    /// The channel of each partition queue, in partition order (shared channels repeat).
-    consume: Vec<Channel>,
-    /// The acks of each partition queue's channel, in the same order.
-    acks: Vec<Acks>,
+    /// Each partition queue's consume channel, by its acks, in partition order (partitions that
+    /// share a channel share them).
+    consume: Vec<Acks>,
 }
 
 impl Channels {
@@ -241,25 +240,21 @@ impl Channels {
         let publish = ConfirmedPublisher::open(conn.create_channel().await?).await?;
         let prefetch = per_queue_prefetch(worker.prefetch, worker.topology.partitions());
         let sharing = partitions_per_channel(prefetch);
-        let mut consume: Vec<Channel> = Vec::new();
-        let mut acks: Vec<Acks> = Vec::new();
+        let mut consume: Vec<Acks> = Vec::new();
         let mut consumers = Vec::new();
         for partition in 0..worker.topology.partitions() {
-            let (channel, its_acks) = match (consume.last(), acks.last()) {
-                (Some(channel), Some(its_acks)) if usize::from(partition) % sharing != 0 => {
-                    (channel.clone(), its_acks.clone())
-                }
+            let acks = match consume.last() {
+                Some(acks) if usize::from(partition) % sharing != 0 => acks.clone(),
                 _ => {
                     let channel = conn.create_channel().await?;
                     channel
                         .basic_qos(prefetch, BasicQosOptions::default())
                         .await?;
-                    let its_acks = Acks::start(channel.clone(), worker.metrics.clone());
-                    (channel, its_acks)
+                    Acks::start(channel, worker.metrics.clone())
                 }
             };
             consumers.push(
-                channel
+                acks.channel()
                     .basic_consume(
                         worker.topology.partition_queue(partition).as_str().into(),
                         "".into(),
@@ -268,15 +263,13 @@ impl Channels {
                     )
                     .await?,
             );
-            consume.push(channel);
-            acks.push(its_acks);
+            consume.push(acks);
         }
         Ok((
             Channels {
                 setup,
                 publish,
                 consume,
-                acks,
             },
             consumers,
         ))
@@ -287,15 +280,16 @@ impl Channels {
     /// ack sent before has reached it; closing the connection straight away could drop acks
     /// still queued and hand applied messages back.
     async fn close(&self, bound: Duration) {
+        let mut consume: Vec<&Acks> = self.consume.iter().collect();
+        consume.dedup_by_key(|acks| acks.channel().id());
         let _ = tokio::time::timeout(
             bound,
-            futures_util::future::join_all(self.acks.iter().map(Acks::flush)),
+            futures_util::future::join_all(consume.iter().map(|acks| acks.flush())),
         )
         .await;
-        let mut consume: Vec<&Channel> = self.consume.iter().collect();
-        consume.dedup_by_key(|c| c.id());
         for channel in consume
             .into_iter()
+            .map(Acks::channel)
             .chain([self.publish.channel(), &self.setup])
         {
             let _ = tokio::time::timeout(bound, channel.close(200, "worker stopping".into())).await;
@@ -305,7 +299,7 @@ impl Channels {
     fn all_open(&self) -> bool {
         [&self.setup, self.publish.channel()]
             .into_iter()
-            .chain(&self.consume)
+            .chain(self.consume.iter().map(Acks::channel))
             .all(|c| c.status().connected())
     }
 }
@@ -354,7 +348,7 @@ async fn consume_on(
     *worker.window.lock().unwrap_or_else(|e| e.into_inner()) = Some(gate.clone());
     let settling = Arc::new(Settling {
         publish: channels.publish.clone(),
-        acks: channels.acks.clone(),
+        acks: channels.consume.clone(),
         topology: worker.topology.clone(),
         retry: worker.retry.clone(),
         metrics: worker.metrics.clone(),
@@ -407,7 +401,7 @@ impl Receiving {
         deliveries: &mut Deliveries<C, L>,
         worker: &Consuming,
         shutdown: &CancellationToken,
-        consume: &[Channel],
+        consume: &[Acks],
         tags: &[lapin::types::ShortString],
     ) -> Result<(), SessionError>
     where
@@ -421,8 +415,9 @@ impl Receiving {
             }
             if phase == Phase::Cancelling {
                 // Those already received still arrive; then each consumer's stream ends.
-                for (channel, tag) in consume.iter().zip(tags) {
-                    let _ = channel
+                for (acks, tag) in consume.iter().zip(tags) {
+                    let _ = acks
+                        .channel()
                         .basic_cancel(tag.clone(), BasicCancelOptions::default())
                         .await;
                 }
