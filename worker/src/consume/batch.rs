@@ -7,6 +7,13 @@
 //! committed nothing lately, so likely has no open session) lingers longer: one open then
 //! serves more of its events.
 //!
+//! **The largest go first.** The batches that have lingered go to the executors only while
+//! fewer than the connection budget can serve are in flight (`room`), largest first: the rest
+//! keep gathering their tenants' events here, where the next free session goes to the batch
+//! that shares its open among the most events, instead of queueing for a session in the order
+//! they lingered out. A batch that has waited [`Limits::overdue`] past its linger goes before
+//! any larger one, so a small tenant is not passed over for as long as others are busier.
+//!
 //! **One batch in flight per tenant.** While a tenant's batch waits for a session or is being
 //! applied, the tenant's new events gather in its next batch instead of starting another one,
 //! which would only queue behind the first for a session of its own; neither its linger nor a
@@ -33,6 +40,8 @@ pub struct Limits {
     /// (in a backlog of many tenants a session that committed lately is likely closed by now,
     /// to make room for others). A busy tenant's batch fills up and goes long before.
     pub backlog_linger: Duration,
+    /// How long past its linger a batch may be passed over for larger ones.
+    pub overdue: Duration,
 }
 
 struct Pending<T> {
@@ -64,6 +73,8 @@ pub struct Batcher<T> {
     in_flight: HashMap<TenantId, InFlight>,
     /// How many batches each partition has in flight.
     partition_in_flight: HashMap<u16, usize>,
+    /// How many batches are in flight in all.
+    running: usize,
     /// The worker holds a backlog: batches linger for [`Limits::backlog_linger`].
     backlog: bool,
 }
@@ -75,6 +86,7 @@ impl<T> Batcher<T> {
             pending: HashMap::new(),
             in_flight: HashMap::new(),
             partition_in_flight: HashMap::new(),
+            running: 0,
             backlog: false,
         }
     }
@@ -148,6 +160,7 @@ impl<T> Batcher<T> {
             })
             .batches += 1;
         *self.partition_in_flight.entry(p.partition).or_insert(0) += 1;
+        self.running += 1;
         Some(Batch {
             tenant,
             items: p.items,
@@ -161,6 +174,7 @@ impl<T> Batcher<T> {
         if let Some(n) = self.partition_in_flight.get_mut(&flight.partition) {
             *n = n.saturating_sub(1);
         }
+        self.running = self.running.saturating_sub(1);
         if flight.batches > 1 {
             flight.batches -= 1;
             return None;
@@ -178,23 +192,46 @@ impl<T> Batcher<T> {
         self.pending.remove(tenant).map(|p| p.items)
     }
 
-    /// The batches that have waited their linger by `now`, of tenants with none in flight,
-    /// largest first: the sessions free up in that order, so the batches that share an open
-    /// among the most events are applied first.
-    pub fn due(&mut self, now: Instant) -> Vec<Batch<T>> {
-        let mut due: Vec<(usize, TenantId)> = self
+    /// How many batches are in flight.
+    pub fn running(&self) -> usize {
+        self.running
+    }
+
+    /// Up to `room` of the batches that have waited their linger by `now`, of tenants with none
+    /// in flight: those overdue first, oldest first, then the largest, which share an open
+    /// among the most events.
+    pub fn due(&mut self, now: Instant, room: usize) -> Vec<Batch<T>> {
+        let overdue = self.limits.overdue;
+        let mut due: Vec<(Option<Instant>, usize, TenantId)> = self
             .pending
             .iter()
             .filter(|(_, p)| p.due <= now && !p.behind)
-            .map(|(t, p)| (p.items.len(), t.clone()))
+            .map(|(t, p)| {
+                let late = (p.due + overdue <= now).then_some(p.due);
+                (late, p.items.len(), t.clone())
+            })
             .collect();
-        due.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
-        due.iter().filter_map(|(_, t)| self.take(t)).collect()
+        due.sort_by(
+            |(a_late, a_len, _), (b_late, b_len, _)| match (a_late, b_late) {
+                (Some(a), Some(b)) => a.cmp(b),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => b_len.cmp(a_len),
+            },
+        );
+        due.iter()
+            .take(room)
+            .filter_map(|(_, _, t)| self.take(t))
+            .collect()
     }
 
     /// When the next batch's linger ends, if one waits whose tenant has none in flight (the
-    /// others go when theirs settles).
-    pub fn next_deadline(&self) -> Option<Instant> {
+    /// others go when theirs settles) and there is `room` for it (without room, the next
+    /// batch goes when one in flight settles).
+    pub fn next_deadline(&self, room: usize) -> Option<Instant> {
+        if room == 0 {
+            return None;
+        }
         self.pending
             .values()
             .filter(|p| !p.behind)
@@ -229,6 +266,7 @@ mod tests {
         linger: Duration::from_millis(5),
         cold_linger: Duration::from_millis(50),
         backlog_linger: Duration::from_millis(500),
+        overdue: Duration::from_millis(1000),
     };
 
     #[test]
@@ -256,11 +294,43 @@ mod tests {
         b.push(&tenant(3), 1, 8, now, false, false);
         b.push(&tenant(4), 1, 9, now, false, false);
         let sizes: Vec<usize> = b
-            .due(now + LIMITS.linger)
+            .due(now + LIMITS.linger, usize::MAX)
             .iter()
             .map(|batch| batch.items.len())
             .collect();
         assert_eq!(sizes, [2, 2, 1, 1]);
+    }
+
+    /// With room for fewer than are due, the largest go and the others keep gathering; one
+    /// passed over past [`Limits::overdue`] goes before any larger one; with no room, nothing
+    /// goes and no deadline wakes the scheduler (a batch settling does).
+    #[test]
+    fn without_room_for_all_the_largest_go_and_an_overdue_one_first() {
+        let mut b = Batcher::new(LIMITS);
+        let now = Instant::now();
+        b.push(&tenant(1), 0, 1, now, false, false);
+        for i in 0..2 {
+            b.push(&tenant(2), 0, i, now, false, false);
+        }
+        let ready = now + LIMITS.linger;
+        let first = b.due(ready, 1);
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].tenant, tenant(2));
+        assert_eq!(b.running(), 1);
+        assert_eq!(b.next_deadline(0), None);
+        assert!(b.due(ready, 0).is_empty());
+        for i in 0..2 {
+            b.push(&tenant(3), 1, i, ready, false, false);
+        }
+        assert!(b.settled(&tenant(2)).is_none());
+        let late = ready + LIMITS.overdue;
+        let next: Vec<TenantId> = b.due(late, 1).into_iter().map(|b| b.tenant).collect();
+        assert_eq!(
+            next,
+            [tenant(1)],
+            "tenant 1 waited past overdue, tenant 3 did not"
+        );
+        assert_eq!(b.due(late, 1)[0].tenant, tenant(3));
     }
 
     #[test]
@@ -270,14 +340,23 @@ mod tests {
         b.set_backlog(true);
         b.push(&tenant(1), 0, 1, now, false, true);
         b.push(&tenant(2), 0, 2, now, false, false);
-        assert!(b.due(now + LIMITS.cold_linger).is_empty());
-        assert_eq!(b.next_deadline(), Some(now + LIMITS.backlog_linger));
-        assert_eq!(b.due(now + LIMITS.backlog_linger).len(), 2);
+        assert!(b.due(now + LIMITS.cold_linger, usize::MAX).is_empty());
+        assert_eq!(
+            b.next_deadline(usize::MAX),
+            Some(now + LIMITS.backlog_linger)
+        );
+        assert_eq!(b.due(now + LIMITS.backlog_linger, usize::MAX).len(), 2);
         b.push(&tenant(4), 0, 4, now, false, false);
         b.set_backlog(false);
         b.push(&tenant(3), 0, 3, now, false, true);
-        assert_eq!(b.due(now + LIMITS.cold_linger)[0].tenant, tenant(3));
-        assert_eq!(b.due(now + LIMITS.backlog_linger)[0].tenant, tenant(4));
+        assert_eq!(
+            b.due(now + LIMITS.cold_linger, usize::MAX)[0].tenant,
+            tenant(3)
+        );
+        assert_eq!(
+            b.due(now + LIMITS.backlog_linger, usize::MAX)[0].tenant,
+            tenant(4)
+        );
     }
 
     #[test]
@@ -286,7 +365,7 @@ mod tests {
         let now = Instant::now();
         b.push(&tenant(1), 0, 1, now, false, false);
         assert!(b.take_behind(&tenant(1)).is_none(), "not behind anything");
-        let _first = b.due(now + LIMITS.linger).pop().expect("due");
+        let _first = b.due(now + LIMITS.linger, usize::MAX).pop().expect("due");
         b.push(&tenant(1), 0, 2, now, false, false);
         b.push(&tenant(1), 0, 3, now, false, false);
         assert_eq!(b.take_behind(&tenant(1)), Some(vec![2, 3]));
@@ -311,13 +390,13 @@ mod tests {
             false,
             false,
         );
-        assert_eq!(b.next_deadline(), Some(now + LIMITS.linger));
-        assert!(b.due(now + Duration::from_millis(4)).is_empty());
-        let due = b.due(now + LIMITS.linger);
+        assert_eq!(b.next_deadline(usize::MAX), Some(now + LIMITS.linger));
+        assert!(b.due(now + Duration::from_millis(4), usize::MAX).is_empty());
+        let due = b.due(now + LIMITS.linger, usize::MAX);
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].tenant, tenant(1));
         assert_eq!(
-            b.next_deadline(),
+            b.next_deadline(usize::MAX),
             Some(now + Duration::from_millis(3) + LIMITS.linger)
         );
     }
@@ -328,13 +407,16 @@ mod tests {
         let now = Instant::now();
         b.push(&tenant(1), 0, 1, now, false, true);
         b.push(&tenant(2), 0, 2, now, false, false);
-        let due = b.due(now + LIMITS.linger);
+        let due = b.due(now + LIMITS.linger, usize::MAX);
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].tenant, tenant(2));
-        assert_eq!(b.next_deadline(), Some(now + LIMITS.cold_linger));
+        assert_eq!(b.next_deadline(usize::MAX), Some(now + LIMITS.cold_linger));
         // More events of the cold tenant join its batch until it is due or full.
         assert!(b.push(&tenant(1), 0, 3, now, false, true).is_none());
-        assert_eq!(b.due(now + LIMITS.cold_linger)[0].items, vec![1, 3]);
+        assert_eq!(
+            b.due(now + LIMITS.cold_linger, usize::MAX)[0].items,
+            vec![1, 3]
+        );
     }
 
     #[test]
@@ -355,14 +437,16 @@ mod tests {
         let mut b = Batcher::new(LIMITS);
         let now = Instant::now();
         b.push(&tenant(1), 0, 1, now, false, false);
-        let first = b.due(now + LIMITS.linger).pop().expect("due");
+        let first = b.due(now + LIMITS.linger, usize::MAX).pop().expect("due");
         assert_eq!(first.items, vec![1]);
         // Neither its linger nor a stalled partition sends what arrives meanwhile.
         let later = now + LIMITS.linger;
         assert!(b.push(&tenant(1), 0, 2, later, false, false).is_none());
         assert!(b.push(&tenant(1), 0, 3, later, true, false).is_none());
-        assert!(b.due(later + LIMITS.cold_linger * 10).is_empty());
-        assert_eq!(b.next_deadline(), None);
+        assert!(b
+            .due(later + LIMITS.cold_linger * 10, usize::MAX)
+            .is_empty());
+        assert_eq!(b.next_deadline(usize::MAX), None);
         let next = b.settled(&tenant(1)).expect("goes at once");
         assert_eq!(next.items, vec![2, 3]);
         assert!(b.settled(&tenant(1)).is_none());
@@ -376,7 +460,7 @@ mod tests {
         let mut b = Batcher::new(LIMITS);
         let now = Instant::now();
         b.push(&tenant(1), 0, 1, now, false, false);
-        let _first = b.due(now + LIMITS.linger).pop().expect("due");
+        let _first = b.due(now + LIMITS.linger, usize::MAX).pop().expect("due");
         b.push(&tenant(1), 0, 2, now, false, false);
         b.push(&tenant(1), 0, 3, now, false, false);
         (b, now)
@@ -425,11 +509,15 @@ mod tests {
         ]
     }
 
+    /// How many batches the property test lets be in flight at once, as the budget would.
+    const ROOM: usize = 2;
+
     proptest! {
         /// Nothing is lost or duplicated; each batch holds one tenant's events, and a tenant's
         /// batches leave in arrival order; none exceeds the limit; a tenant never has two
         /// batches in flight of which one could still have grown; and once every batch in
-        /// flight has settled, nothing waits beyond its linger (no tenant is wedged).
+        /// flight has settled, nothing waits beyond its linger (no tenant is wedged), though
+        /// only [`ROOM`] go at a time.
         #[test]
         fn every_event_leaves_exactly_once(steps in proptest::collection::vec(step(), 0..300)) {
             let mut b = Batcher::new(LIMITS);
@@ -450,7 +538,8 @@ mod tests {
                         let full = b.push(&tenant(*t), (*t % 2) as u16, (*t, events), now, *stalled, *t == 3);
                         events += 1;
                         hand_out(&mut flying, full.into_iter().collect());
-                        hand_out(&mut flying, b.due(now));
+                        let room = ROOM.saturating_sub(b.running());
+                        hand_out(&mut flying, b.due(now, room));
                     }
                     Step::Settle { k } if !flying.is_empty() => {
                         let done = flying.remove(k % flying.len());
@@ -466,10 +555,17 @@ mod tests {
                     prop_assert!(growable <= 1, "tenant {} has {} growable batches in flight", t, growable);
                 }
             }
-            while let Some(done) = flying.pop() {
-                hand_out(&mut flying, b.settled(&done.tenant).into_iter().collect());
+            loop {
+                while let Some(done) = flying.pop() {
+                    hand_out(&mut flying, b.settled(&done.tenant).into_iter().collect());
+                }
+                prop_assert_eq!(b.running(), 0);
+                let last = b.due(now + LIMITS.cold_linger, ROOM);
+                if last.is_empty() {
+                    break;
+                }
+                hand_out(&mut flying, last);
             }
-            hand_out(&mut flying, b.due(now + LIMITS.cold_linger));
             prop_assert!(b.is_empty());
             hand_out(&mut flying, b.drain());
             let mut seen = Vec::new();

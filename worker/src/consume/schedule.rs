@@ -5,7 +5,9 @@
 //! ([`crate::execute::standing`]). A tenant has one batch in flight at a time: what arrives
 //! while it waits for a session or is applied joins the next one, which goes when it settles
 //! ([`InFlight`]). Each batch is handed to the executor ([`crate::execute`]) in a task of its
-//! own; the scheduler keeps the clock of lingering batches itself ([`Scheduler::tick`]).
+//! own; the scheduler keeps the clock of lingering batches itself ([`Scheduler::tick`]), and
+//! hands out no more at once than the connection budget can serve (`room`): the rest wait in
+//! the batcher, where the largest goes first when a place frees.
 
 use crate::consume::batch::{Batch, Batcher, Limits};
 use crate::consume::fate::{Fate, Unapplied};
@@ -30,6 +32,10 @@ const MAX_BATCH: usize = 250;
 /// backlog (half its prefetch or more): they are in the queue already, and one session opened
 /// for many of them costs the server far less than one for each few.
 const BACKLOG_LINGER: Duration = Duration::from_secs(2);
+/// How long past its linger a batch may be passed over for larger ones, while the budget
+/// serves no more at once: in a backlog the largest go first, but a small tenant's events are
+/// not left behind for as long as others are busier.
+const OVERDUE: Duration = Duration::from_secs(10);
 /// Longest an event waits for others of its tenant: a few milliseconds add little to the lag and
 /// let busy tenants fill their batches.
 const LINGER: Duration = Duration::from_millis(5);
@@ -130,6 +136,7 @@ impl Scheduler {
                 linger: LINGER,
                 cold_linger: COLD_LINGER,
                 backlog_linger: BACKLOG_LINGER,
+                overdue: OVERDUE,
             }))),
             settled_tx,
             settled_rx,
@@ -142,7 +149,8 @@ impl Scheduler {
     /// flight has settled) and sends it. Cancel-safe: a settled tenant taken before the end
     /// is kept for the next call.
     pub async fn tick(&mut self) {
-        let deadline = self.batcher().next_deadline();
+        let room = self.room();
+        let deadline = self.batcher().next_deadline(room);
         let lingered = async {
             match deadline {
                 Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -154,8 +162,17 @@ impl Scheduler {
             () = lingered => {}
         }
         self.flush_settled();
-        let due = self.batcher().due(tokio::time::Instant::now());
+        let room = self.room();
+        let due = self.batcher().due(tokio::time::Instant::now(), room);
         self.flush(due);
+    }
+
+    /// How many more batches may go to the executors now: what the connection budget can serve
+    /// at once, and a quarter more so that a session coming free finds a batch waiting for it.
+    fn room(&self) -> usize {
+        let budget = self.applying.dbs.budget();
+        let bound = budget + budget / 4 + 1;
+        bound.saturating_sub(self.batcher().running())
     }
 
     /// Applies the batches that gathered behind a batch that has settled.

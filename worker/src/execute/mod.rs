@@ -72,8 +72,10 @@ impl Applying {
         more: More<'a>,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
-            let started = Instant::now();
             let mut warm = self.run_batch(&tenant, events, None).await;
+            // The turn counts from the first commit: a batch that waited long for its session
+            // has the most gathered behind it.
+            let started = Instant::now();
             while let Some(conn) = warm {
                 if started.elapsed() >= WARM_TURN {
                     return;

@@ -592,6 +592,15 @@ impl Budgets {
         view
     }
 
+    /// How many sessions this worker may hold now, over every server it has used.
+    pub fn total(&self) -> usize {
+        let now = Instant::now();
+        self.all()
+            .iter()
+            .map(|b| b.limit.lock().unwrap_or_else(|e| e.into_inner()).at(now))
+            .sum()
+    }
+
     /// Every server's budget.
     pub fn all(&self) -> Vec<Arc<ServerBudget>> {
         let servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());

@@ -96,6 +96,11 @@ impl TenantDbs {
         &self.shutdown
     }
 
+    /// How many sessions this worker may hold now, over every server it has used.
+    pub fn budget(&self) -> usize {
+        self.pools.budget()
+    }
+
     /// A session of `tenant`'s database.
     pub async fn connection(&self, tenant: &TenantId) -> Result<TenantConnection, Failure> {
         let db = self.resolver.resolve(tenant).await?;

@@ -468,6 +468,11 @@ impl Pools {
         self.budgets.view()
     }
 
+    /// How many sessions this worker may hold now, over every server it has used.
+    pub(crate) fn budget(&self) -> usize {
+        self.budgets.total()
+    }
+
     /// Records whether `server` answers, as the outage probe found it.
     pub(crate) fn server_reachable(&self, server: &str, answers: bool) {
         self.budgets.server(server).reachable(answers);
