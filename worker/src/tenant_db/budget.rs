@@ -739,11 +739,7 @@ mod tests {
         server.sized(&seen);
         drop(look);
         assert!(!server.look_is_due(), "sized just now");
-        assert_eq!(
-            budgets.view()[0].budget,
-            36,
-            "just arrived: half the unused"
-        );
+        assert_eq!(budgets.view()[0].budget, 71);
         assert_eq!(budgets.view()[0].sized_from.as_ref().unwrap().workers, 1);
         let second = server.try_take().expect("room after the look");
         drop((first, second));

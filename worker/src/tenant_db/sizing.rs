@@ -10,9 +10,7 @@
 //! the free slots, never more than its own sessions plus its share of the room nobody uses yet
 //! (so that a worker does not take what another still holds, and two workers that see the same
 //! unused slots take half each). One slot of the room stays unused: the first session of a
-//! worker that arrives, which it needs before it can see the server at all. A worker that has
-//! just arrived takes half of that at first: two arriving in the same moment may not see each
-//! other at their first look.
+//! worker that arrives, which it needs before it can see the server at all.
 
 use std::fmt;
 use std::str::FromStr;
@@ -133,14 +131,7 @@ pub fn share(seen: &Seen, free: Option<u32>) -> usize {
     let workers = seen.workers.max(1);
     let fair = room.div_euclid(workers);
     let unused = room - seen.avsync_sessions;
-    // A worker that has just arrived (its only session is the one it looks with) cannot tell
-    // whether another arrives beside it, unseen until its first session opens: it takes half
-    // its share of the unused now, and the rest at its next look, once any such is in view.
-    let mut take = unused.div_euclid(workers);
-    if seen.own <= 1 && take > 0 {
-        take /= 2;
-    }
-    let grown = seen.own + take;
+    let grown = seen.own + unused.div_euclid(workers);
     usize::try_from(fair.min(grown)).unwrap_or(0).max(1)
 }
 
@@ -190,18 +181,7 @@ mod tests {
     fn shares() {
         // Room on a default server with 5 other clients: 100 − 3 − 20 − 5 − 1 (arrivals) = 71.
         let cases: &[(Seen, Option<u32>, usize, &str)] = &[
-            (
-                seen(5, 1, 1, 1),
-                None,
-                36,
-                "alone, just arrived: half the unused 70, then all at the next look",
-            ),
-            (
-                seen(5, 1, 36, 36),
-                None,
-                71,
-                "alone, at the next look: all the room",
-            ),
+            (seen(5, 1, 1, 1), None, 71, "alone: all the room"),
             (seen(5, 1, 71, 71), None, 71, "alone and full: stays"),
             (
                 seen(5, 2, 72, 1),
@@ -218,34 +198,12 @@ mod tests {
             (
                 seen(5, 2, 36, 1),
                 None,
-                9,
-                "the first shrank to 35: the second, just arrived, half of half the unused 35",
+                18,
+                "the first shrank to 35: half the unused 35",
             ),
             (seen(5, 2, 70, 35), None, 35, "both at their share"),
-            (
-                seen(5, 2, 2, 1),
-                None,
-                18,
-                "two just arrived: half the unused 69 / 2",
-            ),
-            (
-                seen(5, 2, 36, 18),
-                None,
-                35,
-                "two, at the next look: equal shares",
-            ),
-            (
-                seen(5, 4, 4, 1),
-                None,
-                9,
-                "four just arrived: half of 67 / 4",
-            ),
-            (
-                seen(5, 4, 36, 9),
-                None,
-                17,
-                "four, at the next look: 71 / 4",
-            ),
+            (seen(5, 2, 2, 1), None, 35, "two idle workers, equal shares"),
+            (seen(5, 4, 4, 1), None, 17, "four: 71 / 4"),
             (
                 seen(5, 4, 70, 35),
                 None,
@@ -266,14 +224,9 @@ mod tests {
                 "others take everything: room negative, one to progress",
             ),
             (seen(76, 1, 1, 1), None, 1, "room exactly 0"),
-            (
-                seen(5, 0, 0, 0),
-                None,
-                35,
-                "nothing of its own seen yet: half",
-            ),
-            (seen(5, 1, 50, 50), Some(0), 91, "no free target"),
-            (seen(5, 1, 5, 5), Some(80), 11, "a larger free target"),
+            (seen(5, 0, 0, 0), None, 71, "nothing of its own seen yet"),
+            (seen(5, 1, 1, 1), Some(0), 91, "no free target"),
+            (seen(5, 1, 1, 1), Some(80), 11, "a larger free target"),
             (seen(5, 1, 1, 1), Some(200), 1, "a target beyond the server"),
         ];
         for (seen, free, budget, why) in cases {
@@ -281,17 +234,9 @@ mod tests {
         }
     }
 
-    /// Two workers whose first looks come before either sees the other each take half: together
-    /// no more than the room and the slot kept for an arrival.
-    #[test]
-    fn two_arriving_unseen_by_each_other_stay_within_the_room() {
-        let alone = share(&seen(5, 1, 1, 1), None);
-        assert!(alone * 2 <= 71 + 1, "{alone}");
-    }
-
     #[test]
     fn reserved_slots_are_never_counted_as_room() {
-        let mut s = seen(0, 1, 2, 2);
+        let mut s = seen(0, 1, 1, 1);
         s.reserved = 3 + 10;
         assert_eq!(share(&s, Some(0)), 100 - 13 - 1);
     }
