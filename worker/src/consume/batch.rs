@@ -73,8 +73,6 @@ pub struct Batcher<T> {
     in_flight: HashMap<TenantId, InFlight>,
     /// How many batches each partition has in flight.
     partition_in_flight: HashMap<u16, usize>,
-    /// How many batches are in flight in all.
-    running: usize,
     /// The worker holds a backlog: batches linger for [`Limits::backlog_linger`].
     backlog: bool,
 }
@@ -86,7 +84,6 @@ impl<T> Batcher<T> {
             pending: HashMap::new(),
             in_flight: HashMap::new(),
             partition_in_flight: HashMap::new(),
-            running: 0,
             backlog: false,
         }
     }
@@ -160,7 +157,6 @@ impl<T> Batcher<T> {
             })
             .batches += 1;
         *self.partition_in_flight.entry(p.partition).or_insert(0) += 1;
-        self.running += 1;
         Some(Batch {
             tenant,
             items: p.items,
@@ -174,7 +170,6 @@ impl<T> Batcher<T> {
         if let Some(n) = self.partition_in_flight.get_mut(&flight.partition) {
             *n = n.saturating_sub(1);
         }
-        self.running = self.running.saturating_sub(1);
         if flight.batches > 1 {
             flight.batches -= 1;
             return None;
@@ -194,7 +189,7 @@ impl<T> Batcher<T> {
 
     /// How many batches are in flight.
     pub fn running(&self) -> usize {
-        self.running
+        self.partition_in_flight.values().sum()
     }
 
     /// Up to `room` of the batches that have waited their linger by `now`, of tenants with none

@@ -595,8 +595,9 @@ impl Budgets {
     /// How many sessions this worker may hold now, over every server it has used.
     pub fn total(&self) -> usize {
         let now = Instant::now();
-        self.all()
-            .iter()
+        let servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        servers
+            .values()
             .map(|b| b.limit.lock().unwrap_or_else(|e| e.into_inner()).at(now))
             .sum()
     }
