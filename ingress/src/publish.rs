@@ -282,8 +282,11 @@ impl Publisher {
 async fn supervise(inner: Arc<Inner>, amqp_url: String, stop: CancellationToken) {
     let backoff = jittered(Duration::from_millis(200), Duration::from_secs(5));
     let mut failures = FailureLog::default();
+    let mut declaring: Option<JoinHandle<()>> = None;
+    let mut first = true;
     loop {
-        let connect = (|| connect(&amqp_url, &inner.topology))
+        let declare_first = first;
+        let connect = (|| connect(&amqp_url, &inner.topology, declare_first))
             .retry(backoff)
             .sleep(tokio::time::sleep)
             .notify(|e: &lapin::Error, wait: Duration| {
@@ -302,6 +305,9 @@ async fn supervise(inner: Arc<Inner>, amqp_url: String, stop: CancellationToken)
         failures.connected();
         let mut last_replaced = tokio::time::Instant::now();
         inner.set(Some(link.clone()));
+        if !std::mem::replace(&mut first, false) {
+            declare_beside(&mut declaring, &link.connection, &inner.topology);
+        }
         tracing::info!(
             topology = inner.topology.prefix(),
             "connected to the broker; publishing"
@@ -310,6 +316,9 @@ async fn supervise(inner: Arc<Inner>, amqp_url: String, stop: CancellationToken)
             tokio::select! {
                 _ = stop.cancelled() => {
                     inner.set(None);
+                    if let Some(declaring) = declaring.take() {
+                        declaring.abort();
+                    }
                     let _ = tokio::time::timeout(
                         CONNECT_TIMEOUT,
                         link.connection.close(200, "ingress shutting down".into()),
@@ -319,9 +328,7 @@ async fn supervise(inner: Arc<Inner>, amqp_url: String, stop: CancellationToken)
                     return;
                 }
                 _ = inner.redeclare.notified() => {
-                    if let Err(e) = inner.topology.declare(link.publisher.channel()).await {
-                        tracing::warn!(error = %e, "re-declaring the topology failed");
-                    }
+                    declare_beside(&mut declaring, &link.connection, &inner.topology);
                 }
                 _ = inner.suspect.notified() => {}
                 _ = tokio::time::sleep(HEALTH_POLL) => {}
@@ -352,6 +359,36 @@ async fn supervise(inner: Arc<Inner>, amqp_url: String, stop: CancellationToken)
     }
 }
 
+/// Declares the topology again on a channel of its own, unless a declaration is still running.
+/// Publishing never waits for it: on a cluster that just lost a node, declaring an existing
+/// quorum queue asks its leader for its counts, which may wait while leaders move, and
+/// a channel to publish on is all a reconnect needs (the topology outlives connections; a
+/// return says when it did not, and asks for this again).
+fn declare_beside(
+    running: &mut Option<JoinHandle<()>>,
+    connection: &Arc<Connection>,
+    topology: &Topology,
+) {
+    if running.as_ref().is_some_and(|r| !r.is_finished()) {
+        return;
+    }
+    let (connection, topology) = (connection.clone(), topology.clone());
+    *running = Some(tokio::spawn(async move {
+        let declare = async {
+            let channel = connection.create_channel().await?;
+            topology.declare(&channel).await?;
+            channel.close(200, "declared".into()).await
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, declare).await {
+            Ok(Ok(())) => tracing::debug!("declared the topology again"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "re-declaring the topology failed"),
+            Err(_) => {
+                tracing::warn!("re-declaring the topology took over {CONNECT_TIMEOUT:?}; given up")
+            }
+        }
+    }));
+}
+
 /// A new confirming channel on `link`'s connection, while that connection is open.
 async fn replace_channel(link: &Link) -> Option<Link> {
     if !link.connection.status().connected() {
@@ -374,12 +411,16 @@ async fn replace_channel(link: &Link) -> Option<Link> {
     }
 }
 
-async fn connect(amqp_url: &str, topology: &Topology) -> Result<Link, lapin::Error> {
+/// A connection with a confirming channel; on the first connection the topology is declared
+/// before the ingress is ready, so that a publish finds its queue.
+async fn connect(amqp_url: &str, topology: &Topology, declare: bool) -> Result<Link, lapin::Error> {
     let name = format!("avsync-ingress@{}", topology.prefix());
     let connection = broker::connect(amqp_url, &name).await?;
     let attempt = async {
         let publisher = ConfirmedPublisher::open(connection.create_channel().await?).await?;
-        topology.declare(publisher.channel()).await?;
+        if declare {
+            topology.declare(publisher.channel()).await?;
+        }
         Ok::<_, lapin::Error>(publisher)
     };
     let publisher = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
@@ -387,7 +428,7 @@ async fn connect(amqp_url: &str, topology: &Topology) -> Result<Link, lapin::Err
         Err(_) => {
             return Err(lapin::Error::from(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                "opening a channel and declaring the topology timed out",
+                "opening a publishing channel (and declaring the topology) timed out",
             )))
         }
     };

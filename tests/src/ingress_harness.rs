@@ -85,6 +85,7 @@ impl TestIngress {
             }
             _ => String::new(),
         };
+        let idle_client = settings.header_read_timeout / 2;
         let shutdown = CancellationToken::new();
         let mut checked = settings.check().expect("usable ingress settings");
         if let Some(clock) = clock {
@@ -99,6 +100,10 @@ impl TestIngress {
             secret,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
+                // Below the ingress's idle timeout (its header read timeout), as a client's must
+                // be: a request sent on a connection the server is closing for idleness at that
+                // moment fails with a reset, not an answer.
+                .pool_idle_timeout(idle_client)
                 .build()
                 .expect("http client"),
             shutdown,
@@ -149,10 +154,16 @@ impl TestIngress {
 
     /// Posts `body` signed with Standard Webhooks headers under `self.secret`, timestamp now.
     pub async fn post(&self, body: &[u8]) -> reqwest::Response {
+        self.try_post(body).await.expect("POST /webhooks/authvital")
+    }
+
+    /// [`post`](Self::post), with a connection that failed (the ingress closed it, for one) as
+    /// an error, as a sender that retries network errors sees it.
+    pub async fn try_post(&self, body: &[u8]) -> reqwest::Result<reqwest::Response> {
         let id = uuid::Uuid::new_v4().to_string();
         let ts = chrono::Utc::now().timestamp();
         let signature = sign_standard(&self.secret, &id, ts, body);
-        self.post_with(
+        self.try_post_with(
             &[
                 ("webhook-id", id),
                 ("webhook-timestamp", ts.to_string()),
@@ -165,6 +176,16 @@ impl TestIngress {
 
     /// Posts `body` with exactly these headers (plus `Content-Type: application/json`).
     pub async fn post_with(&self, headers: &[(&str, String)], body: &[u8]) -> reqwest::Response {
+        self.try_post_with(headers, body)
+            .await
+            .expect("POST /webhooks/authvital")
+    }
+
+    async fn try_post_with(
+        &self,
+        headers: &[(&str, String)],
+        body: &[u8],
+    ) -> reqwest::Result<reqwest::Response> {
         let mut request = self
             .client
             .post(self.webhook_url())
@@ -173,7 +194,7 @@ impl TestIngress {
         for (name, value) in headers {
             request = request.header(*name, value.as_str());
         }
-        request.send().await.expect("POST /webhooks/authvital")
+        request.send().await
     }
 
     /// Graceful stop: in-flight requests finish, then the broker connection closes.
