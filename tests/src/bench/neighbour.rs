@@ -233,9 +233,19 @@ impl Bench<'_> {
         } else {
             let (_, missing) = lags_ms(&self.prefix, &burst).await?;
             if missing > 0 {
+                // The counts reach their total early when a message was applied twice (one handed
+                // back after its set-aside copy reached the broker unconfirmed): wait for the rows
+                // before calling an event lost.
+                let waited = Instant::now();
+                let mut still = missing;
+                while still > 0 && waited.elapsed() < CATCH_UP_STALL {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    still = lags_ms(&self.prefix, &burst).await?.1;
+                }
                 report.note(format!(
-                    "neighbour repetition {}: {missing} of the locked tenant's {burst_size} events have no row after it caught up",
-                    rep + 1
+                    "neighbour repetition {}: {missing} of the locked tenant's {burst_size} events had no row when the counts said it caught up; {still} still had none {:.1} s later",
+                    rep + 1,
+                    waited.elapsed().as_secs_f64()
                 ));
             }
         }
