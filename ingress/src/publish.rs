@@ -282,10 +282,9 @@ impl Publisher {
 async fn supervise(inner: Arc<Inner>, amqp_url: String, stop: CancellationToken) {
     let backoff = jittered(Duration::from_millis(200), Duration::from_secs(5));
     let mut failures = FailureLog::default();
-    let mut declaring: Option<JoinHandle<()>> = None;
     let mut first = true;
     loop {
-        let declare_first = first;
+        let declare_first = std::mem::replace(&mut first, false);
         let connect = (|| connect(&amqp_url, &inner.topology, declare_first))
             .retry(backoff)
             .sleep(tokio::time::sleep)
@@ -305,9 +304,10 @@ async fn supervise(inner: Arc<Inner>, amqp_url: String, stop: CancellationToken)
         failures.connected();
         let mut last_replaced = tokio::time::Instant::now();
         inner.set(Some(link.clone()));
-        if !std::mem::replace(&mut first, false) {
-            declare_beside(&mut declaring, &link.connection, &inner.topology);
-        }
+        // A declaration belongs to the connection it runs on: it is aborted when that connection
+        // ends, so that the next connection's own declaration is never skipped behind it.
+        let mut declaring =
+            (!declare_first).then(|| declare_beside(&link.connection, &inner.topology));
         tracing::info!(
             topology = inner.topology.prefix(),
             "connected to the broker; publishing"
@@ -328,7 +328,9 @@ async fn supervise(inner: Arc<Inner>, amqp_url: String, stop: CancellationToken)
                     return;
                 }
                 _ = inner.redeclare.notified() => {
-                    declare_beside(&mut declaring, &link.connection, &inner.topology);
+                    if declaring.as_ref().is_none_or(JoinHandle::is_finished) {
+                        declaring = Some(declare_beside(&link.connection, &inner.topology));
+                    }
                 }
                 _ = inner.suspect.notified() => {}
                 _ = tokio::time::sleep(HEALTH_POLL) => {}
@@ -349,6 +351,9 @@ async fn supervise(inner: Arc<Inner>, amqp_url: String, stop: CancellationToken)
             }
         }
         inner.set(None);
+        if let Some(declaring) = declaring {
+            declaring.abort();
+        }
         tracing::warn!("lost the broker connection; reconnecting");
         // Closing also frees the server side when only the channel died.
         let _ = tokio::time::timeout(
@@ -359,21 +364,14 @@ async fn supervise(inner: Arc<Inner>, amqp_url: String, stop: CancellationToken)
     }
 }
 
-/// Declares the topology again on a channel of its own, unless a declaration is still running.
-/// Publishing never waits for it: on a cluster that just lost a node, declaring an existing
-/// quorum queue asks its leader for its counts, which may wait while leaders move, and
-/// a channel to publish on is all a reconnect needs (the topology outlives connections; a
-/// return says when it did not, and asks for this again).
-fn declare_beside(
-    running: &mut Option<JoinHandle<()>>,
-    connection: &Arc<Connection>,
-    topology: &Topology,
-) {
-    if running.as_ref().is_some_and(|r| !r.is_finished()) {
-        return;
-    }
+/// Declares the topology again on a channel of its own. Publishing never waits for it: on a
+/// cluster that just lost a node, declaring an existing quorum queue asks its leader for its
+/// counts, which may wait while leaders move, and a channel to publish on is all a reconnect
+/// needs (the topology outlives connections; a return says when it did not, and asks for this
+/// again).
+fn declare_beside(connection: &Arc<Connection>, topology: &Topology) -> JoinHandle<()> {
     let (connection, topology) = (connection.clone(), topology.clone());
-    *running = Some(tokio::spawn(async move {
+    tokio::spawn(async move {
         let declare = async {
             let channel = connection.create_channel().await?;
             topology.declare(&channel).await?;
@@ -386,7 +384,7 @@ fn declare_beside(
                 tracing::warn!("re-declaring the topology took over {CONNECT_TIMEOUT:?}; given up")
             }
         }
-    }));
+    })
 }
 
 /// A new confirming channel on `link`'s connection, while that connection is open.
