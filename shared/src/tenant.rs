@@ -1,10 +1,12 @@
 //! The tenant id: the one value from a webhook that reaches a database name or a queue header.
 
+use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// A tenant id that matches `^[A-Za-z0-9_-]{1,64}$`. Holding one means it was checked: it can be
 /// put into a database name, a header or a log field without escaping.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String")]
 pub struct TenantId(String);
 
 pub const MAX_TENANT_ID_LEN: usize = 64;
@@ -41,6 +43,13 @@ impl fmt::Display for TenantId {
 impl AsRef<str> for TenantId {
     fn as_ref(&self) -> &str {
         &self.0
+    }
+}
+
+impl TryFrom<String> for TenantId {
+    type Error = InvalidTenantId;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::parse(&value)
     }
 }
 

@@ -11,6 +11,14 @@ const PROGRAM: &str = "avsync-worker";
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options (its prefixed `malloc_conf`, read once at its start). By default it keeps
+/// freed pages for ten seconds, purging them only as a side effect of allocating, and spreads
+/// threads over eight arenas on two cores, each keeping its own free space: draining 1,000
+/// tenants it held 40 MB more resident than it had in use. A background thread that gives pages
+/// back after a second, and one arena, held the peak at 149 MB against 159-171 (paired runs).
+#[export_name = "_rjem_malloc_conf"]
+pub static MALLOC_CONF: &[u8; 53] = b"background_thread:true,dirty_decay_ms:1000,narenas:1\0";
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli: Cli = parse_or_exit(PROGRAM);

@@ -103,20 +103,22 @@ impl HeldProperties {
 }
 
 /// A message's place among what its partition's consumer holds unsettled, and its weight in the
-/// window's bytes once it is held to be applied ([`Message::weigh_in`]).
+/// window's bytes once it is held to be applied ([`Message::weigh_in`]). It is given back to its
+/// session's gate (`Settling::gate`) when the message goes.
 struct Place {
-    gate: SettleGate,
     partition: u16,
     bytes: usize,
 }
 
-impl Drop for Place {
+impl Drop for Parts {
     fn drop(&mut self) {
-        self.gate.settled(self.partition, self.bytes);
+        self.settling
+            .gate
+            .settled(self.place.partition, self.place.bytes);
     }
 }
 
-/// What holding a message costs beside its body: its properties, its decoded effect and the
+/// What holding a message costs beside its body: its properties, its packed effect and the
 /// bookkeeping around it (measured: see the README's Performance section).
 pub(crate) const HELD_OVERHEAD: usize = 512;
 
@@ -160,7 +162,6 @@ impl Message {
             tenant,
             received: Instant::now(),
             place: Place {
-                gate: settling.gate.clone(),
                 partition,
                 bytes: 0,
             },
@@ -182,7 +183,10 @@ impl Message {
         if self.parts.place.bytes == 0 {
             let place = &mut self.parts.place;
             place.bytes = held_bytes(self.parts.data.len());
-            place.gate.weighed(place.partition, place.bytes);
+            self.parts
+                .settling
+                .gate
+                .weighed(place.partition, place.bytes);
         }
     }
 

@@ -7,10 +7,10 @@ use super::data::{no_nul, Data};
 use super::order::{EventKey, EventTime, InvalidTimestamp};
 use crate::envelope::Envelope;
 use crate::tenant::TenantId;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum MembershipStatus {
     Active,
     Suspended,
@@ -95,7 +95,7 @@ impl Field {
 }
 
 /// One field set to one value. The variant fixes the value's type to the column's.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Change {
     TenantId(TenantId),
     Email(Option<String>),
@@ -149,7 +149,7 @@ pub enum EventError {
 }
 
 /// What one event does to the row of `sub`: its place in the event order and the fields it sets.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Effect {
     pub key: EventKey,
     pub sub: String,

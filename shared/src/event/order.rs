@@ -2,10 +2,12 @@
 //! versions the fields they set.
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// An event's instant in UTC, truncated to microseconds (PostgreSQL's `timestamptz` precision).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "i64")]
 pub struct EventTime {
     micros: i64,
 }
@@ -92,8 +94,15 @@ impl fmt::Display for EventTime {
     }
 }
 
+impl TryFrom<i64> for EventTime {
+    type Error = InvalidTimestamp;
+    fn try_from(micros: i64) -> Result<Self, Self::Error> {
+        Self::from_micros(micros).ok_or_else(|| InvalidTimestamp(format!("{micros} µs")))
+    }
+}
+
 /// The event order: by instant, ties broken by event id compared bytewise.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct EventKey {
     pub time: EventTime,
     pub id: String,

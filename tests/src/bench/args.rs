@@ -73,6 +73,11 @@ pub struct BenchArgs {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = positive_duration)]
     pub lag_duration: Duration,
 
+    /// (4) The lag is also measured at this fixed rate, so that builds whose drain rates differ
+    /// are compared under the same load (issue 23's run measured 178 ms at 7,054 events/s).
+    #[arg(long, value_name = "EVENTS_PER_SECOND", default_value_t = 7_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub lag_fixed_rate: u32,
+
     /// (5) Tenant counts of the uniform drains, ascending; the first is the baseline the others'
     /// rates are compared with. The last is also drained with Zipf-distributed activity.
     #[arg(long, value_name = "T,T,...", default_value = "5,50,1000", value_parser = TenantCounts::parse)]

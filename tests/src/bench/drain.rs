@@ -360,12 +360,17 @@ impl Bench<'_> {
             report.note("no worker rate was measured, so lag was not");
             return Ok(());
         }
+        let fixed = f64::from(self.args.lag_fixed_rate);
         let d = self.args.lag_duration;
         eprintln!(
-            "[4] worker lag: {rate:.0} events/s (half the drain rate) for {d:?} per repetition"
+            "[4] worker lag: {rate:.0} events/s (half the drain rate), then {fixed:.0} events/s, for {d:?} per repetition"
         );
         let mut workers = Workers::start(config, self.args.workers, &self.http).await?;
-        let result = self.lag_runs(report, &mut workers, rate).await;
+        let half = self.lag_runs(report, &mut workers, "l", rate).await;
+        let fixed_runs = match &half {
+            Ok(_) => Some(self.lag_runs(report, &mut workers, "f", fixed).await),
+            Err(_) => None,
+        };
         let stopped = workers.stop().await;
         if stopped.log_lines > 0 {
             report.note(format!(
@@ -379,31 +384,26 @@ impl Bench<'_> {
                 stopped.killed
             ));
         }
-        let runs = result?;
-        report.add(Figure::new(
-            keys::LAG_RATE,
-            4,
-            "worker lag: publish rate (half the drain rate)",
-            "events/s",
-            runs.rates,
-            &runs.cpu,
-        ));
-        report.add(Figure::new(
-            keys::LAG_P50,
-            4,
-            "worker lag p50: accepted to committed",
-            "ms",
-            runs.p50,
-            &runs.cpu,
-        ));
-        report.add(Figure::new(
-            keys::LAG_P99,
-            4,
-            "worker lag p99: accepted to committed",
-            "ms",
-            runs.p99,
-            &runs.cpu,
-        ));
+        lag_figures(
+            report,
+            [keys::LAG_RATE, keys::LAG_P50, keys::LAG_P99],
+            "(half the drain rate)",
+            "",
+            half?,
+        );
+        if let Some(runs) = fixed_runs {
+            lag_figures(
+                report,
+                [
+                    keys::LAG_FIXED_RATE,
+                    keys::LAG_FIXED_P50,
+                    keys::LAG_FIXED_P99,
+                ],
+                "(fixed)",
+                &format!(", {fixed:.0} events/s"),
+                runs?,
+            );
+        }
         Ok(())
     }
 
@@ -411,6 +411,7 @@ impl Bench<'_> {
         &mut self,
         report: &mut Report,
         workers: &mut Workers,
+        series: &str,
         rate: f64,
     ) -> Result<Runs, BenchError> {
         let mut runs = Runs::default();
@@ -418,7 +419,7 @@ impl Bench<'_> {
         for rep in 0..self.reps() {
             let mut generator = Generator::new(
                 seed(7, rep),
-                &format!("l{rep}"),
+                &format!("{series}{rep}"),
                 &self.tenants,
                 self.args.events,
             );
@@ -789,6 +790,36 @@ pub(super) async fn create_from_template(
     }
     let _ = admin.close().await;
     Ok(())
+}
+
+/// The publish rate and lag percentiles of one series of lag runs; `rate_label` tells how its
+/// rate was chosen, `suffix` names the series in the lag figures.
+fn lag_figures(report: &mut Report, keys: [&str; 3], rate_label: &str, suffix: &str, runs: Runs) {
+    let [rate, p50, p99] = keys;
+    report.add(Figure::new(
+        rate,
+        4,
+        format!("worker lag: publish rate {rate_label}"),
+        "events/s",
+        runs.rates,
+        &runs.cpu,
+    ));
+    report.add(Figure::new(
+        p50,
+        4,
+        format!("worker lag p50: accepted to committed{suffix}"),
+        "ms",
+        runs.p50,
+        &runs.cpu,
+    ));
+    report.add(Figure::new(
+        p99,
+        4,
+        format!("worker lag p99: accepted to committed{suffix}"),
+        "ms",
+        runs.p99,
+        &runs.cpu,
+    ));
 }
 
 /// Each sent event's lag in milliseconds, read from its row; also how many rows were missing.

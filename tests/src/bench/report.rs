@@ -34,6 +34,9 @@ pub mod keys {
     pub const LAG_RATE: &str = "worker_lag_publish_rate";
     pub const LAG_P50: &str = "worker_lag_p50";
     pub const LAG_P99: &str = "worker_lag_p99";
+    pub const LAG_FIXED_RATE: &str = "worker_lag_fixed_publish_rate";
+    pub const LAG_FIXED_P50: &str = "worker_lag_fixed_p50";
+    pub const LAG_FIXED_P99: &str = "worker_lag_fixed_p99";
     pub const NEIGHBOUR_P50: &str = "neighbour_lag_p50";
     pub const NEIGHBOUR_P99: &str = "neighbour_lag_p99";
     pub const OTHERS_P99: &str = "neighbour_other_partitions_lag_p99";
@@ -432,6 +435,13 @@ impl Report {
         checks.push(Check::with_unit(
             "worker lag p99",
             self.median(keys::LAG_P99),
+            Bound::AtMost,
+            178.0,
+            "ms",
+        ));
+        checks.push(Check::with_unit(
+            "worker lag p99, fixed rate",
+            self.median(keys::LAG_FIXED_P99),
             Bound::AtMost,
             178.0,
             "ms",

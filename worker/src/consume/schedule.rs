@@ -17,6 +17,7 @@ use crate::failure::Failure;
 use crate::metrics::SetAsideReason;
 use crate::retry::History;
 use crate::settle::{Message, Settling};
+use avsync_shared::event::PackedEffect;
 use avsync_shared::TenantId;
 use lapin::message::Delivery;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -228,7 +229,7 @@ impl Scheduler {
                             partition,
                             Pending {
                                 message,
-                                effect,
+                                effect: PackedEffect::pack(&effect),
                                 held,
                             },
                         );

@@ -13,7 +13,7 @@ use crate::failure::Failure;
 use crate::metrics::SetAsideReason;
 use crate::settle::Message;
 use crate::tenant_db::{TenantConnection, TenantDbs};
-use avsync_shared::event::Effect;
+use avsync_shared::event::{Effect, PackedEffect};
 use avsync_shared::TenantId;
 use outage::Outage;
 use standing::{Held, Standings};
@@ -31,11 +31,12 @@ pub(crate) struct Applying {
     pub outage: Outage,
 }
 
-/// One received event waiting to be applied: its message (which settles itself), its effect,
-/// and its place in its tenant's standing (given back when it is settled).
+/// One received event waiting to be applied: its message (which settles itself), its effect
+/// (packed while it waits, see [`PackedEffect`]), and its place in its tenant's standing (given
+/// back when it is settled).
 pub(crate) struct Pending {
     pub message: Message,
-    pub effect: Effect,
+    pub effect: PackedEffect,
     pub held: Held,
 }
 
@@ -207,12 +208,13 @@ impl Applying {
             }
         };
         let _statement = self.standings.statement(tenant);
-        Ok(conn.apply(events.iter().map(|e| &e.effect)).await?)
+        let effects: Vec<Effect> = events.iter().map(|e| e.effect.unpack()).collect();
+        Ok(conn.apply(&effects).await?)
     }
 
     async fn applied(&self, tenant: &TenantId, events: Vec<Pending>) {
         self.standings.committed(tenant);
-        settle_each(events, |m, effect| m.applied(effect.key.time.to_utc())).await;
+        settle_each(events, |m, effect| m.applied(effect.time().to_utc())).await;
     }
 
     /// Marks the tenant slow for `failure`, so that its new events are set aside too, and sets
@@ -239,7 +241,7 @@ impl Applying {
 /// standing back once it is settled.
 async fn settle_each<F, Fut>(events: Vec<Pending>, settle: F)
 where
-    F: Fn(Message, &Effect) -> Fut,
+    F: Fn(Message, &PackedEffect) -> Fut,
     Fut: Future<Output = ()>,
 {
     let each = events.into_iter().map(
