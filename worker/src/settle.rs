@@ -30,7 +30,7 @@ const TRANSIENT_PAUSE: Duration = Duration::from_secs(1);
 
 /// What settling needs, for one broker session: where retries and dead letters go, the retry
 /// ladder, the counters, the gate that holds settlements back while the session stops, and each
-/// partition's acks (partitions that share a consume channel share them).
+/// consumer's acks (consumers that share a consume channel share them).
 pub(crate) struct Settling {
     pub publish: ConfirmedPublisher,
     pub acks: Vec<Acks>,
@@ -102,11 +102,20 @@ impl HeldProperties {
     }
 }
 
-/// A message's place among what its partition's consumer holds unsettled, and its weight in the
+/// Where a delivery came from: its partition queue, and which of the session's consumers (whose
+/// channel acks it) delivered it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Origin {
+    pub partition: u16,
+    /// Index into `Settling::acks`.
+    pub consumer: u16,
+}
+
+/// A message's place among what its partition's consumers hold unsettled, and its weight in the
 /// window's bytes once it is held to be applied ([`Message::weigh_in`]). It is given back to its
 /// session's gate (`Settling::gate`) when the message goes.
 struct Place {
-    partition: u16,
+    origin: Origin,
     bytes: usize,
 }
 
@@ -114,7 +123,7 @@ impl Drop for Parts {
     fn drop(&mut self) {
         self.settling
             .gate
-            .settled(self.place.partition, self.place.bytes);
+            .settled(self.place.origin.partition, self.place.bytes);
     }
 }
 
@@ -133,7 +142,7 @@ impl Message {
     /// under; `permit` is its place in the prefetch window.
     pub fn new(
         settling: &Arc<Settling>,
-        partition: u16,
+        origin: Origin,
         delivery: Delivery,
         history: History,
         envelope: Option<&Envelope>,
@@ -151,7 +160,7 @@ impl Message {
                 Default::default(),
             ),
         };
-        settling.gate.received(partition);
+        settling.gate.received(origin.partition);
         let parts = Parts {
             tag: delivery.delivery_tag,
             properties: HeldProperties::new(delivery.properties),
@@ -161,10 +170,7 @@ impl Message {
             event_id,
             tenant,
             received: Instant::now(),
-            place: Place {
-                partition,
-                bytes: 0,
-            },
+            place: Place { origin, bytes: 0 },
             settling: settling.clone(),
             _permit: permit,
         };
@@ -186,7 +192,7 @@ impl Message {
             self.parts
                 .settling
                 .gate
-                .weighed(place.partition, place.bytes);
+                .weighed(place.origin.partition, place.bytes);
         }
     }
 
@@ -343,7 +349,7 @@ impl Message {
             event_id = &*self.parts.event_id,
             tenant = &*self.parts.tenant,
             r#type = self.parts.label,
-            partition = self.parts.place.partition
+            partition = self.parts.place.origin.partition
         );
         settle.instrument(span)
     }
@@ -426,8 +432,7 @@ impl Message {
     }
 
     fn acks(&self) -> &Acks {
-        let partition = usize::from(self.parts.place.partition);
-        &self.parts.settling.acks[partition]
+        &self.parts.settling.acks[usize::from(self.parts.place.origin.consumer)]
     }
 }
 

@@ -16,7 +16,7 @@ use crate::execute::{Applying, Pending};
 use crate::failure::Failure;
 use crate::metrics::SetAsideReason;
 use crate::retry::History;
-use crate::settle::{Message, Settling};
+use crate::settle::{Message, Origin, Settling};
 use avsync_shared::event::PackedEffect;
 use avsync_shared::TenantId;
 use lapin::message::Delivery;
@@ -193,7 +193,7 @@ impl Scheduler {
 
     /// Takes a received message (and its place in the prefetch, `permit`): decides its fate
     /// once, then batches it, sets it aside or settles it on its own.
-    pub fn receive(&mut self, partition: u16, delivery: Delivery, permit: OwnedSemaphorePermit) {
+    pub fn receive(&mut self, origin: Origin, delivery: Delivery, permit: OwnedSemaphorePermit) {
         // A batch behind one that settled goes before this event can join it.
         self.flush_settled();
         let history = History::of(&delivery);
@@ -201,7 +201,7 @@ impl Scheduler {
         let fate = Fate::decide(poison, &delivery.data, self.application_id.as_deref());
         let message = Message::new(
             &self.settling,
-            partition,
+            origin,
             delivery,
             history,
             fate.envelope(),
@@ -226,7 +226,7 @@ impl Scheduler {
                         message.weigh_in();
                         self.batch(
                             tenant,
-                            partition,
+                            origin.partition,
                             Pending {
                                 message,
                                 effect: PackedEffect::pack(&effect),

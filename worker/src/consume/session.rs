@@ -7,7 +7,7 @@ use crate::consume::schedule::{per_queue_prefetch, window_size, Scheduler};
 use crate::execute::Applying;
 use crate::metrics::Metrics;
 use crate::retry::RetryPolicy;
-use crate::settle::{SettleGate, Settling};
+use crate::settle::{Origin, SettleGate, Settling};
 use avsync_shared::backoff::jittered;
 use avsync_shared::broker::{self, ConfirmedPublisher, FailureLog};
 use avsync_shared::topology::Topology;
@@ -202,35 +202,66 @@ async fn session(
     result
 }
 
-/// Most unacked deliveries one consume channel holds. RabbitMQ finds the message an ack names by
-/// walking its channel's unacked deliveries from the oldest, and a tenant's events are acked out
-/// of arrival order, so one channel holding the whole window made every ack cost a walk of tens
-/// of thousands (measured: 65,536 held on one channel drained 5 tenants at 2,000 events/s, the
-/// broker's CPU busy, against 14,000 with 4,096).
-const MAX_UNACKED_PER_CHANNEL: usize = 4096;
+/// Most unacked deliveries one consume channel holds. RabbitMQ 3.10 finds the message an ack
+/// names by walking its channel's unacked deliveries from the oldest, and a tenant's events are
+/// acked out of arrival order, so an ack costs a walk of about half of what the channel holds:
+/// 65,536 held on one channel drained 5 tenants at 2,000 events/s, the broker's CPU busy, against
+/// 14,000 with 4,096; draining 1,000 tenants (whose acks are single) the broker spent 0.20 cores
+/// with 1,024 a channel against 0.30-0.41 with 4,096.
+const MAX_UNACKED_PER_CHANNEL: usize = 1024;
 
-/// How many partition queues share a consume channel, each holding `per_queue` unacked.
-fn partitions_per_channel(per_queue: u16) -> usize {
-    (MAX_UNACKED_PER_CHANNEL / usize::from(per_queue).max(1)).max(1)
+/// One consumer of a session: the partition queue it consumes, its prefetch, and whether it
+/// opens a channel of its own or shares the one of the consumer before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Planned {
+    partition: u16,
+    prefetch: u16,
+    new_channel: bool,
 }
 
-/// The channels a session consumes and publishes on, set up on one connection. Partition queues
-/// share consume channels so that none holds more than [`MAX_UNACKED_PER_CHANNEL`]: with the
-/// default window each has its own; a small window keeps them on one.
+/// The consumers of a session over `partitions` queues of `per_queue` unacked each, so that no
+/// channel holds more than [`MAX_UNACKED_PER_CHANNEL`]: a larger share is split between several
+/// consumers of its queue, each on a channel of its own (with the default window, four per
+/// partition), and small shares share channels (a small window keeps them all on one).
+fn plan(per_queue: u16, partitions: u16) -> Vec<Planned> {
+    let share = usize::from(per_queue.max(1));
+    let split = share.div_ceil(MAX_UNACKED_PER_CHANNEL);
+    let mut planned = Vec::new();
+    let mut on_channel = 0;
+    for partition in 0..partitions {
+        for part in 0..split {
+            let prefetch = share / split + usize::from(part < share % split);
+            let new_channel = planned.is_empty() || on_channel + prefetch > MAX_UNACKED_PER_CHANNEL;
+            if new_channel {
+                on_channel = 0;
+            }
+            on_channel += prefetch;
+            planned.push(Planned {
+                partition,
+                prefetch: u16::try_from(prefetch).unwrap_or(u16::MAX),
+                new_channel,
+            });
+        }
+    }
+    planned
+}
+
+/// The channels a session consumes and publishes on, set up on one connection (see [`plan`]).
 struct Channels {
     setup: Channel,
     publish: ConfirmedPublisher,
-    /// Each partition queue's consume channel, by its acks, in partition order (partitions that
-    /// share a channel share them).
+    /// Each consumer's consume channel, by its acks, in the order of the consumers (consumers
+    /// that share a channel share them).
     consume: Vec<Acks>,
 }
 
 impl Channels {
-    /// Declares the topology and starts one consumer per partition queue.
+    /// Declares the topology and starts the consumers of every partition queue, each with the
+    /// partition it consumes.
     async fn open(
         conn: &Connection,
         worker: &Consuming,
-    ) -> Result<(Channels, Vec<lapin::Consumer>), SessionError> {
+    ) -> Result<(Channels, Vec<(u16, lapin::Consumer)>), SessionError> {
         let setup = conn.create_channel().await?;
         worker.topology.declare(&setup).await?;
         for delay in worker.retry.delays.iter() {
@@ -238,31 +269,33 @@ impl Channels {
         }
         check_partitions(conn, &worker.topology).await?;
         let publish = ConfirmedPublisher::open(conn.create_channel().await?).await?;
-        let prefetch = per_queue_prefetch(worker.prefetch, worker.topology.partitions());
-        let sharing = partitions_per_channel(prefetch);
+        let partitions = worker.topology.partitions();
+        let per_queue = per_queue_prefetch(worker.prefetch, partitions);
         let mut consume: Vec<Acks> = Vec::new();
         let mut consumers = Vec::new();
-        for partition in 0..worker.topology.partitions() {
+        for planned in plan(per_queue, partitions) {
             let acks = match consume.last() {
-                Some(acks) if usize::from(partition) % sharing != 0 => acks.clone(),
-                _ => {
-                    let channel = conn.create_channel().await?;
-                    channel
-                        .basic_qos(prefetch, BasicQosOptions::default())
-                        .await?;
-                    Acks::start(channel, worker.metrics.clone())
-                }
+                Some(acks) if !planned.new_channel => acks.clone(),
+                _ => Acks::start(conn.create_channel().await?, worker.metrics.clone()),
             };
-            consumers.push(
-                acks.channel()
-                    .basic_consume(
-                        worker.topology.partition_queue(partition).as_str().into(),
-                        "".into(),
-                        BasicConsumeOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await?,
-            );
+            // A consumer's prefetch is the channel's at the moment it starts.
+            acks.channel()
+                .basic_qos(planned.prefetch, BasicQosOptions::default())
+                .await?;
+            let consumer = acks
+                .channel()
+                .basic_consume(
+                    worker
+                        .topology
+                        .partition_queue(planned.partition)
+                        .as_str()
+                        .into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            consumers.push((planned.partition, consumer));
             consume.push(acks);
         }
         Ok((
@@ -325,14 +358,17 @@ async fn consume_on(
     let (channels, consumers) = tokio::time::timeout(SETUP_TIMEOUT, Channels::open(conn, worker))
         .await
         .map_err(|_| SessionError::SetupTimeout(SETUP_TIMEOUT))??;
-    let tags: Vec<_> = consumers.iter().map(lapin::Consumer::tag).collect();
+    let tags: Vec<_> = consumers.iter().map(|(_, c)| c.tag()).collect();
     let mut deliveries = Deliveries {
-        consumers: stream::select_all(
-            consumers
-                .into_iter()
-                .zip(0..)
-                .map(|(consumer, partition)| consumer.map(move |delivery| (partition, delivery))),
-        ),
+        consumers: stream::select_all(consumers.into_iter().zip(0..).map(
+            |((partition, consumer), index)| {
+                let origin = Origin {
+                    partition,
+                    consumer: index,
+                };
+                consumer.map(move |delivery| (origin, delivery))
+            },
+        )),
         lost: Box::pin(channel_lost(&channels)),
     };
     worker.set_ready(true);
@@ -405,7 +441,7 @@ impl Receiving {
         tags: &[lapin::types::ShortString],
     ) -> Result<(), SessionError>
     where
-        C: futures_util::Stream<Item = (u16, lapin::Result<Delivery>)> + Unpin,
+        C: futures_util::Stream<Item = (Origin, lapin::Result<Delivery>)> + Unpin,
         L: std::future::Future<Output = ()>,
     {
         let mut phase = Phase::Consuming;
@@ -442,7 +478,7 @@ impl Receiving {
                 }
             };
             match next {
-                Some((partition, Ok(delivery))) => {
+                Some((origin, Ok(delivery))) => {
                     let permit = tokio::select! {
                         permit = self.window.clone().acquire_owned() => permit,
                         () = &mut deliveries.lost => return Err(SessionError::ChannelLost),
@@ -450,7 +486,7 @@ impl Receiving {
                     let Ok(permit) = permit else {
                         return Ok(());
                     };
-                    self.scheduler.receive(partition, delivery, permit);
+                    self.scheduler.receive(origin, delivery, permit);
                 }
                 Some((_, Err(e))) => return Err(e),
                 None if phase == Phase::Draining => return Ok(()),
@@ -468,13 +504,13 @@ struct Deliveries<C, L> {
 
 impl<C, L> Deliveries<C, L>
 where
-    C: futures_util::Stream<Item = (u16, lapin::Result<Delivery>)> + Unpin,
+    C: futures_util::Stream<Item = (Origin, lapin::Result<Delivery>)> + Unpin,
     L: std::future::Future<Output = ()>,
 {
-    async fn next(&mut self) -> Option<(u16, Result<Delivery, SessionError>)> {
+    async fn next(&mut self) -> Option<(Origin, Result<Delivery, SessionError>)> {
         tokio::select! {
-            next = self.consumers.next() => next.map(|(p, d)| (p, d.map_err(SessionError::Broker))),
-            () = &mut self.lost => Some((0, Err(SessionError::ChannelLost))),
+            next = self.consumers.next() => next.map(|(o, d)| (o, d.map_err(SessionError::Broker))),
+            () = &mut self.lost => Some((Origin { partition: 0, consumer: 0 }, Err(SessionError::ChannelLost))),
         }
     }
 }
@@ -498,12 +534,49 @@ enum Phase {
 mod tests {
     use super::*;
 
+    /// Checks a plan: every partition's consumers together hold its whole share, and no
+    /// channel more than its bound.
+    fn check(per_queue: u16, partitions: u16) -> Vec<Planned> {
+        let planned = plan(per_queue, partitions);
+        for partition in 0..partitions {
+            let share: usize = planned
+                .iter()
+                .filter(|p| p.partition == partition)
+                .map(|p| usize::from(p.prefetch))
+                .sum();
+            assert_eq!(share, usize::from(per_queue), "partition {partition}");
+        }
+        let mut channels: Vec<usize> = Vec::new();
+        for p in &planned {
+            match channels.last_mut() {
+                Some(on) if !p.new_channel => *on += usize::from(p.prefetch),
+                _ => channels.push(usize::from(p.prefetch)),
+            }
+        }
+        assert!(channels.iter().all(|&on| on <= MAX_UNACKED_PER_CHANNEL));
+        assert!(planned.first().is_none_or(|p| p.new_channel));
+        planned
+    }
+
     #[test]
-    fn a_consume_channel_holds_at_most_its_share_of_unacked() {
-        assert_eq!(partitions_per_channel(4096), 1);
-        assert_eq!(partitions_per_channel(u16::MAX), 1);
-        assert_eq!(partitions_per_channel(256), 16);
-        assert_eq!(partitions_per_channel(2), 2048);
+    fn a_consume_channel_holds_at_most_its_bound_of_unacked() {
+        // The default window: four consumers of 1,024 per partition, each on its own channel.
+        let planned = check(4096, 16);
+        assert_eq!(planned.len(), 64);
+        assert!(planned.iter().all(|p| p.prefetch == 1024 && p.new_channel));
+        // The most a queue's consumers may hold, split as evenly as it goes.
+        let planned = check(u16::MAX, 2);
+        assert_eq!(planned.len(), 128);
+        assert!(planned.iter().all(|p| (1023..=1024).contains(&p.prefetch)));
+        // Small shares share channels: 4 partitions of 256, 512 of 2.
+        let planned = check(256, 16);
+        assert_eq!(planned.iter().filter(|p| p.new_channel).count(), 4);
+        let planned = check(2, 2048);
+        assert_eq!(planned.iter().filter(|p| p.new_channel).count(), 4);
+        // A share a little over the bound: two consumers, never on one channel.
+        let planned = check(1500, 3);
+        assert_eq!(planned.len(), 6);
+        assert!(planned.iter().all(|p| p.new_channel));
     }
 
     #[test]
