@@ -197,7 +197,7 @@ async fn the_report_is_written_as_json_with_every_check() {
     assert_eq!(json["figures"][0]["summary"]["median"], 110.0);
     assert_eq!(json["figures"][1]["summary"]["min"], 40.0);
     let checks = json["checks"].as_array().unwrap();
-    assert_eq!(checks.len(), 16);
+    assert_eq!(checks.len(), 17);
     let ingress = checks
         .iter()
         .find(|c| c["name"] == "ingress / broker limit")

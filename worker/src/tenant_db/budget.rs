@@ -317,11 +317,11 @@ impl ServerBudget {
         let Some(auto) = &self.auto else {
             return;
         };
-        let share = sizing::share(seen, auto.free);
-        let before = self.with_limit(|l| {
+        let (before, share) = self.with_limit(|l| {
             let before = l.at(Instant::now());
+            let share = sizing::share(seen, auto.free, l.open());
             l.size(share);
-            before
+            (before, share)
         });
         *auto.sized_at() = Some(Instant::now());
         *auto.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(*seen);

@@ -123,8 +123,9 @@ pub fn free_target(seen: &Seen, free: Option<u32>) -> i64 {
     free.map_or(seen.max_connections / DEFAULT_FREE_SHARE, i64::from)
 }
 
-/// This worker's budget on the server it saw, leaving `free` slots (or a fifth) to others.
-pub fn share(seen: &Seen, free: Option<u32>) -> usize {
+/// This worker's budget on the server it saw, leaving `free` slots (or a fifth) to others;
+/// `held_open` is what the worker counts open there as it looks.
+pub fn share(seen: &Seen, free: Option<u32>, held_open: usize) -> usize {
     let others = seen.clients - seen.avsync_sessions;
     // One slot stays unused for the first session of an arriving worker (see the module).
     let room = seen.max_connections - seen.reserved - free_target(seen, free) - others - 1;
@@ -132,7 +133,14 @@ pub fn share(seen: &Seen, free: Option<u32>) -> usize {
     let fair = room.div_euclid(workers);
     let unused = room - seen.avsync_sessions;
     let grown = seen.own + unused.div_euclid(workers);
-    usize::try_from(fair.min(grown)).unwrap_or(0).max(1)
+    // Sessions of its own the server shows beyond those the worker holds open were closed, and
+    // their backends have not exited yet: on a busy server that takes longer than the slot's
+    // grace (`budget::CLOSE_GRACE`), and while sessions turn over fast they take slots all the
+    // same (seen: two workers left 14 free of a target of 20).
+    let lingering = (seen.own - i64::try_from(held_open).unwrap_or(i64::MAX)).max(0);
+    usize::try_from(fair.min(grown) - lingering)
+        .unwrap_or(0)
+        .max(1)
 }
 
 #[cfg(test)]
@@ -230,15 +238,36 @@ mod tests {
             (seen(5, 1, 1, 1), Some(200), 1, "a target beyond the server"),
         ];
         for (seen, free, budget, why) in cases {
-            assert_eq!(share(seen, *free), *budget, "{why}: {seen:?}");
+            assert_eq!(
+                share(seen, *free, holding_all_seen(seen)),
+                *budget,
+                "{why}: {seen:?}"
+            );
         }
+    }
+
+    /// What a worker holds open when the server shows all of it and nothing more.
+    fn holding_all_seen(seen: &Seen) -> usize {
+        usize::try_from(seen.own).unwrap_or(0)
+    }
+
+    #[test]
+    fn closed_sessions_the_server_still_counts_take_from_the_budget() {
+        // Alone, 71 sessions seen of which it holds 66 open: 5 backends are still exiting.
+        assert_eq!(share(&seen(5, 1, 71, 71), None, 66), 66);
+        // Two at their shares, one with 3 exiting.
+        assert_eq!(share(&seen(5, 2, 70, 35), None, 32), 32);
+        // Sessions being opened that the server does not show yet change nothing.
+        assert_eq!(share(&seen(5, 1, 60, 60), None, 64), 71);
+        // Never below one, so that something keeps going.
+        assert_eq!(share(&seen(5, 1, 71, 71), None, 0), 1);
     }
 
     #[test]
     fn reserved_slots_are_never_counted_as_room() {
         let mut s = seen(0, 1, 1, 1);
         s.reserved = 3 + 10;
-        assert_eq!(share(&s, Some(0)), 100 - 13 - 1);
+        assert_eq!(share(&s, Some(0), 1), 100 - 13 - 1);
     }
 
     /// Workers that all see one server take no more, together, than the room, whatever they
@@ -249,9 +278,9 @@ mod tests {
             for held in [0, 10, 40, 71, 90] {
                 let own = held / workers;
                 let s = seen(5, workers, held, own);
-                let total = share(&s, None) as i64 * workers;
+                let total = share(&s, None, holding_all_seen(&s)) as i64 * workers;
                 assert!(
-                    total <= 71 || share(&s, None) == 1,
+                    total <= 71 || share(&s, None, holding_all_seen(&s)) == 1,
                     "{workers} workers, {held} held: {total}"
                 );
             }
