@@ -9,6 +9,10 @@ use serde::Serialize;
 use std::fmt::Write as _;
 use std::path::Path;
 
+/// The live-traffic lag both lag series are held to: issue 23's run measured p99 178 ms at
+/// 7,054 events/s, then half the drain rate, now near `--lag-fixed-rate`'s default.
+const LIVE_LAG_P99_MS: f64 = 178.0;
+
 /// The figures, by the key the JSON report and the checks use.
 pub mod keys {
     pub const BROKER: &str = "broker_publish";
@@ -432,20 +436,18 @@ impl Report {
             2_000.0,
             "ms",
         ));
-        checks.push(Check::with_unit(
-            "worker lag p99",
-            self.median(keys::LAG_P99),
-            Bound::AtMost,
-            178.0,
-            "ms",
-        ));
-        checks.push(Check::with_unit(
-            "worker lag p99, fixed rate",
-            self.median(keys::LAG_FIXED_P99),
-            Bound::AtMost,
-            178.0,
-            "ms",
-        ));
+        for (name, key) in [
+            ("worker lag p99", keys::LAG_P99),
+            ("worker lag p99, fixed rate", keys::LAG_FIXED_P99),
+        ] {
+            checks.push(Check::with_unit(
+                name,
+                self.median(key),
+                Bound::AtMost,
+                LIVE_LAG_P99_MS,
+                "ms",
+            ));
+        }
         checks.push(Check::with_unit(
             "worker peak RSS",
             peak_rss,
