@@ -25,6 +25,7 @@ use sqlx::PgConnection;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -35,14 +36,23 @@ const RATE: u32 = 300;
 /// The least the sender posts, whenever the kills are done.
 const AT_LEAST: usize = 5_000;
 /// The longest the sender can post before it runs out of events: longer than the slowest
-/// scenario (a cluster restart takes 15-25 s here, a rejoin up to [`PATIENCE`] more). A kill
+/// scenario (a cluster restart takes 15-45 s here, a rejoin up to [`PATIENCE`] more). A kill
 /// after the last event was sent would wait in vain for one sent after it.
-const POSTING_FOR: Duration = Duration::from_secs(180);
+const POSTING_FOR: Duration = Duration::from_secs(240);
 /// The bound on each recovery and on any event's refusal.
 const RECOVERY: Duration = Duration::from_secs(10);
-/// How long the sender keeps retrying a refused event before giving up on it.
-const PATIENCE: Duration = Duration::from_secs(60);
+/// How long the sender keeps retrying a refused event before giving up on it, and the longest
+/// wait for the ingress to accept again after a restarted node's rejoin, during which RabbitMQ
+/// 3.10 has confirmed nothing for 15-35 s on one machine and over 60 s once on a slower one.
+/// AuthVital itself retries a delivery for minutes.
+const PATIENCE: Duration = Duration::from_secs(120);
 const RETRY_EVERY: Duration = Duration::from_millis(200);
+/// The most requests the sender has on their way at once, as a real sender's deliveries are
+/// bounded (AuthVital's retry engine takes 50 rows a minute per replica). Unbounded, a stall
+/// keeps every event sent during it retrying at once, each on a connection of its own, 300 more
+/// a second: that took all 20,000 descriptors of the test process, the in-process ingress's
+/// included, so that it could not reconnect to the broker when the stall ended.
+const MAX_IN_FLIGHT: usize = 1_000;
 
 /// One event as the sender saw it.
 struct Sent {
@@ -76,7 +86,8 @@ impl Seen {
 }
 
 /// Posts events at [`RATE`] per second until stopped (and at least [`AT_LEAST`]), each retried
-/// every [`RETRY_EVERY`] while it gets 503, for at most [`PATIENCE`].
+/// every [`RETRY_EVERY`] while it gets 503, for at most [`PATIENCE`], with at most
+/// [`MAX_IN_FLIGHT`] requests on their way at once.
 struct Sender {
     seen: Arc<Mutex<Seen>>,
     stop: CancellationToken,
@@ -95,6 +106,7 @@ impl Sender {
             let ran_out = ran_out.clone();
             async move {
                 let mut posting = JoinSet::new();
+                let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
                 let start = tokio::time::Instant::now();
                 let every = Duration::from_secs(1) / RATE;
                 let mut bodies = bodies.into_iter().enumerate();
@@ -122,6 +134,7 @@ impl Sender {
                     };
                     posting.spawn(post_until_accepted(
                         ingress.clone(),
+                        in_flight.clone(),
                         body,
                         index,
                         seen.clone(),
@@ -197,6 +210,7 @@ impl Sender {
 
 async fn post_until_accepted(
     ingress: Arc<TestIngress>,
+    in_flight: Arc<Semaphore>,
     body: Vec<u8>,
     index: usize,
     seen: Arc<Mutex<Seen>>,
@@ -205,10 +219,13 @@ async fn post_until_accepted(
         // A connection the ingress closed (it closes the longest-idle one to make room for a new
         // one when a stalled broker keeps thousands of requests waiting) is retried, as
         // AuthVital retries network errors, and counted as a refusal.
-        let status = ingress
-            .try_post(&body)
-            .await
-            .map_or(503, |r| r.status().as_u16());
+        let status = {
+            let _sending = in_flight.acquire().await.expect("never closed");
+            ingress
+                .try_post(&body)
+                .await
+                .map_or(503, |r| r.status().as_u16())
+        };
         let now = Instant::now();
         let retry = {
             let mut seen = seen.lock().unwrap();
