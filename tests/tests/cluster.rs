@@ -1,6 +1,6 @@
 //! A real three-node RabbitMQ cluster, started by the test on this machine, loses nodes under
 //! load: the ingress (in-process) and two `avsync-worker` processes are given the cluster, a
-//! sender posts at a steady pace and retries every 503 as AuthVital does, and SIGKILL goes first
+//! sender posts at a steady pace and retries every 503 with a backoff, as AuthVital does, and SIGKILL goes first
 //! to the node leading the most partition queues, then, once it is back, to the node the ingress
 //! is connected to. After each kill the ingress accepts again and the workers apply again within
 //! 10 s; no event is refused for longer than 10 s (outside the restarted node's rejoin, which
@@ -11,6 +11,7 @@
 //! (haproxy) in front of the nodes, as a Kubernetes Service would be. Both are fault scenarios:
 //! ignored by `cargo test --workspace`, run alone by `.ci/run`.
 
+use avsync_shared::backoff::jittered;
 use avsync_shared::topology::Topology;
 use avsync_shared::Envelope;
 use avsync_tests::faults::{observable_events, settle_at, stop_all, ChildWorker, WorkerSpec};
@@ -18,6 +19,7 @@ use avsync_tests::ingress_harness::{self, TestIngress};
 use avsync_tests::rabbit_cluster::{secs, Balancer, RabbitCluster};
 use avsync_tests::support::{self, wait_until};
 use avsync_tests::worker_harness::{effect_of, TestDatabases};
+use backon::BackoffBuilder;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -46,7 +48,14 @@ const RECOVERY: Duration = Duration::from_secs(10);
 /// 3.10 has confirmed nothing for 15-35 s on one machine and over 60 s once on a slower one.
 /// AuthVital itself retries a delivery for minutes.
 const PATIENCE: Duration = Duration::from_secs(120);
-const RETRY_EVERY: Duration = Duration::from_millis(200);
+/// The sender's first wait before it retries a refused event, doubled (with jitter) up to
+/// [`RETRY_AT_MOST`]. AuthVital's own ladder waits minutes; seconds keep the bounds measurable.
+/// A fixed 200 ms let the [`MAX_IN_FLIGHT`] requests come back up to 5,000 times a second
+/// whenever refusals are immediate (no channel open, or the ingress's pending bound reached):
+/// more than this debug test process can sign and send beside the in-process ingress, which
+/// shares its two threads.
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_AT_MOST: Duration = Duration::from_secs(2);
 /// The most requests the sender has on their way at once, as a real sender's deliveries are
 /// bounded (AuthVital's retry engine takes 50 rows a minute per replica). Unbounded, a stall
 /// keeps every event sent during it retrying at once, each on a connection of its own, 300 more
@@ -86,7 +95,8 @@ impl Seen {
 }
 
 /// Posts events at [`RATE`] per second until stopped (and at least [`AT_LEAST`]), each retried
-/// every [`RETRY_EVERY`] while it gets 503, for at most [`PATIENCE`], with at most
+/// with a backoff from [`RETRY_FIRST`] to [`RETRY_AT_MOST`] while it gets 503, for at most
+/// [`PATIENCE`], with at most
 /// [`MAX_IN_FLIGHT`] requests on their way at once.
 struct Sender {
     seen: Arc<Mutex<Seen>>,
@@ -215,6 +225,7 @@ async fn post_until_accepted(
     index: usize,
     seen: Arc<Mutex<Seen>>,
 ) {
+    let mut waits = jittered(RETRY_FIRST, RETRY_AT_MOST).build();
     loop {
         // A connection the ingress closed (it closes the longest-idle one to make room for a new
         // one when a stalled broker keeps thousands of requests waiting) is retried, as
@@ -249,7 +260,7 @@ async fn post_until_accepted(
         if !retry {
             return;
         }
-        tokio::time::sleep(RETRY_EVERY).await;
+        tokio::time::sleep(waits.next().unwrap_or(RETRY_AT_MOST)).await;
     }
 }
 
