@@ -1,11 +1,11 @@
-//! A real three-node RabbitMQ cluster, started by the test on this machine, loses nodes under
-//! load: the ingress (in-process) and two `avsync-worker` processes are given the cluster, a
-//! sender posts at a steady pace and retries every 503 with a backoff, as AuthVital does, and SIGKILL goes first
-//! to the node leading the most partition queues, then, once it is back, to the node the ingress
-//! is connected to. After each kill the ingress accepts again and the workers apply again within
-//! 10 s; no event is refused for longer than 10 s (outside the restarted node's rejoin, which
-//! the second kill waits out: see `scenario`); in the end every 202'd event is applied exactly
-//! as the model says and nothing is dead-lettered.
+//! A real three-node RabbitMQ cluster, started by the test on this machine, loses nodes under load:
+//! the ingress (in-process) and two `avsync-worker` processes are given the cluster, a sender posts
+//! at a steady pace and retries every 503 with a backoff, as AuthVital does, and SIGKILL goes first
+//! to the node leading the most partition queues, then, once it is back, to the node the ingress is
+//! connected to. After each kill the ingress accepts again and the workers apply again within 10 s;
+//! no event is refused for longer than 10 s (outside the restarted node's rejoin, which the second
+//! kill waits out: see `scenario`); in the end every 202'd event is applied exactly as the model
+//! says and nothing is dead-lettered.
 //!
 //! Once with the node list in `AVSYNC_AMQP_URL`, once with one URL of a TCP load balancer
 //! (haproxy) in front of the nodes, as a Kubernetes Service would be. Both are fault scenarios:
@@ -48,12 +48,12 @@ const RECOVERY: Duration = Duration::from_secs(10);
 /// 3.10 has confirmed nothing for 15-35 s on one machine and over 60 s once on a slower one.
 /// AuthVital itself retries a delivery for minutes.
 const PATIENCE: Duration = Duration::from_secs(120);
-/// The sender's first wait before it retries a refused event, doubled (with jitter) up to
-/// [`RETRY_AT_MOST`]. AuthVital's own ladder waits minutes; seconds keep the bounds measurable.
-/// A fixed 200 ms let the [`MAX_IN_FLIGHT`] requests come back up to 5,000 times a second
-/// whenever refusals are immediate (no channel open, or the ingress's pending bound reached):
-/// more than this debug test process can sign and send beside the in-process ingress, which
-/// shares its two threads.
+/// The sender's first wait before it retries a refused event, doubled up to [`RETRY_AT_MOST`], each
+/// wait with up to as much again of jitter. AuthVital's own ladder waits minutes; seconds keep the
+/// bounds measurable. A fixed 200 ms let the [`MAX_IN_FLIGHT`] requests come back up to 5,000 times
+/// a second whenever refusals are immediate (no channel open, or the ingress's pending bound
+/// reached): more than this debug test process can sign and send beside the in-process ingress,
+/// which shares its two threads.
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_AT_MOST: Duration = Duration::from_secs(2);
 /// The most requests the sender has on their way at once, as a real sender's deliveries are
@@ -96,8 +96,7 @@ impl Seen {
 
 /// Posts events at [`RATE`] per second until stopped (and at least [`AT_LEAST`]), each retried
 /// with a backoff from [`RETRY_FIRST`] to [`RETRY_AT_MOST`] while it gets 503, for at most
-/// [`PATIENCE`], with at most
-/// [`MAX_IN_FLIGHT`] requests on their way at once.
+/// [`PATIENCE`], with at most [`MAX_IN_FLIGHT`] requests on their way at once.
 struct Sender {
     seen: Arc<Mutex<Seen>>,
     stop: CancellationToken,
