@@ -141,3 +141,54 @@ async fn a_nack_closes_the_channel_so_that_its_owner_opens_another() {
     let _ = conn.close(200, "done".into()).await;
     assert!(matches!(result, Err(PublishError::Nacked)), "{result:?}");
 }
+
+/// A publish whose caller stopped waiting before the channel's task reached it (the ingress's
+/// publish timeout, while a slow broker's confirms lag) is not sent: kept, such publishes grow
+/// the line until no confirm comes within any caller's timeout. On this single-threaded runtime
+/// the task cannot take a job before the caller below drops it.
+#[tokio::test]
+async fn a_publish_its_caller_gave_up_on_is_not_sent() {
+    use futures_util::FutureExt;
+    const ABANDONED: usize = 200;
+    let queue = support::unique("pgone");
+    let (conn, ch) = support::channel().await;
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let publisher = ConfirmedPublisher::open(ch.clone()).await.unwrap();
+    for i in 0..ABANDONED {
+        let body = format!("abandoned {i}");
+        let polled_once = publisher
+            .publish("", &queue, body.as_bytes(), BasicProperties::default())
+            .now_or_never();
+        assert!(polled_once.is_none(), "no confirm before the task ran");
+    }
+    let kept = publisher
+        .publish("", &queue, b"kept", BasicProperties::default())
+        .await;
+    let depth = ch
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|q| q.message_count());
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = conn.close(200, "done".into()).await;
+    assert!(kept.is_ok(), "{kept:?}");
+    assert_eq!(
+        depth.unwrap(),
+        1,
+        "only the publish still awaited reached the queue"
+    );
+}

@@ -12,6 +12,9 @@
 //! confirm. The task gathers the returns of all completed confirms and gives each to the
 //! outstanding publish whose exchange, routing key, message id and body it carries.
 //!
+//! A publish whose caller stopped waiting before its turn came is not sent: it was refused (the
+//! ingress answers 503 once its publish timeout passes) and will be retried by its sender.
+//!
 //! A channel that nacks, or that confirms nothing for [`CONFIRM_STALL`] while publishes wait, is
 //! closed by that task, so that its owner (which watches the channel's state) opens another. On
 //! RabbitMQ 3.10 a channel's first publish to a quorum queue asks the node that the queue's record
@@ -166,6 +169,13 @@ async fn settle_publishes(channel: Channel, mut queue: mpsc::UnboundedReceiver<J
                 stall.as_mut().reset(Instant::now() + CONFIRM_STALL);
             }
             Next::Job(Some(job)) => {
+                // Its publisher stopped waiting (the ingress answered 503 when its publish timeout
+                // passed): sending it would only lengthen the line that a slow broker's confirms
+                // come behind, until no publish is confirmed within its timeout any more and
+                // every retry of the refused ones joins the line.
+                if job.done.is_closed() {
+                    continue;
+                }
                 if outstanding.is_empty() {
                     stall.as_mut().reset(Instant::now() + CONFIRM_STALL);
                 }
