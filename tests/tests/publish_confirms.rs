@@ -170,25 +170,15 @@ async fn a_publish_its_caller_gave_up_on_is_not_sent() {
     let kept = publisher
         .publish("", &queue, b"kept", BasicProperties::default())
         .await;
-    let depth = ch
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map(|q| q.message_count());
+    let depth = support::queue_depth(&ch, &queue).await;
     let _ = ch
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
     let _ = conn.close(200, "done".into()).await;
     assert!(kept.is_ok(), "{kept:?}");
     assert_eq!(
-        depth.unwrap(),
-        1,
+        depth,
+        Some(1),
         "only the publish still awaited reached the queue"
     );
 }
