@@ -237,38 +237,3 @@ pub fn sign_authvital_hmac(secret: &[u8], ts: i64, body: &[u8]) -> String {
     mac.update(body);
     STANDARD.encode(mac.finalize().into_bytes())
 }
-
-/// Deletes a topology when dropped, also when the test panics, so reruns start clean.
-pub struct TopologyCleanup {
-    prefix: String,
-    partitions: u16,
-}
-
-impl TopologyCleanup {
-    pub fn new(prefix: &str, partitions: u16) -> Self {
-        Self {
-            prefix: prefix.to_owned(),
-            partitions,
-        }
-    }
-}
-
-impl Drop for TopologyCleanup {
-    fn drop(&mut self) {
-        let prefix = self.prefix.clone();
-        let partitions = self.partitions;
-        // Drop cannot await, and the test's runtime may be unwinding: use a runtime of our own.
-        let cleaned = std::thread::spawn(move || {
-            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                rt.block_on(support::delete_topology(&prefix, partitions, &[]));
-            }
-        })
-        .join();
-        if cleaned.is_err() {
-            eprintln!("could not delete topology {}", self.prefix);
-        }
-    }
-}

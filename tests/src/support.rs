@@ -1,5 +1,7 @@
 //! Unique names, service connections, cleanup and deadline-bound waiting.
 
+use avsync_shared::config::parse_duration;
+use avsync_shared::topology::format_duration;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Channel, Connection, ConnectionProperties};
 use sqlx::{Connection as _, PgConnection};
@@ -72,6 +74,61 @@ pub async fn delete_topology(prefix: &str, partitions: u16, retry_tiers: &[&str]
             .await;
     }
     let _ = conn.close(200, "cleanup".into()).await;
+}
+
+/// The retry tiers a worker declares for `--retry-delays <delays>`, named as the worker names
+/// them (`1000ms` is the tier `1s`).
+pub fn retry_tiers_of(delays: &str) -> Vec<String> {
+    delays
+        .split(',')
+        .map(|d| format_duration(parse_duration(d.trim()).expect("a valid retry delay")))
+        .collect()
+}
+
+/// Deletes a topology when dropped, also when the test panics, so reruns start clean: its
+/// partitions, dead-letter queue, the default retry tiers and those of [`Self::with_retry_delays`].
+pub struct TopologyCleanup {
+    prefix: String,
+    partitions: u16,
+    retry_tiers: Vec<String>,
+}
+
+impl TopologyCleanup {
+    pub fn new(prefix: &str, partitions: u16) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            partitions,
+            retry_tiers: Vec::new(),
+        }
+    }
+
+    /// Also deletes the tiers of the test's workers' `--retry-delays`.
+    pub fn with_retry_delays(mut self, delays: &str) -> Self {
+        self.retry_tiers = retry_tiers_of(delays);
+        self
+    }
+}
+
+impl Drop for TopologyCleanup {
+    fn drop(&mut self) {
+        let prefix = self.prefix.clone();
+        let partitions = self.partitions;
+        let retry_tiers = self.retry_tiers.clone();
+        // Drop cannot await, and the test's runtime may be unwinding: use a runtime of our own.
+        let cleaned = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                let tiers: Vec<&str> = retry_tiers.iter().map(String::as_str).collect();
+                rt.block_on(delete_topology(&prefix, partitions, &tiers));
+            }
+        })
+        .join();
+        if cleaned.is_err() {
+            eprintln!("could not delete topology {}", self.prefix);
+        }
+    }
 }
 
 /// The number of ready messages in a queue (passive declare), or None when it does not exist.

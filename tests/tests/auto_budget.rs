@@ -10,8 +10,7 @@ use avsync_shared::event::KNOWN_TYPES;
 use avsync_shared::topology::Topology;
 use avsync_shared::Envelope;
 use avsync_tests::faults::observable_events;
-use avsync_tests::ingress_harness::TopologyCleanup;
-use avsync_tests::support::{self, queue_depth, wait_until};
+use avsync_tests::support::{self, queue_depth, wait_until, TopologyCleanup};
 use avsync_tests::worker_harness::{
     effect_of, publish_all, publisher, settings, TestDatabases, TestWorker,
 };

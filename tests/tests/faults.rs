@@ -11,10 +11,10 @@ use avsync_shared::event::effectful_types;
 use avsync_shared::topology::Topology;
 use avsync_tests::faults::{
     observable_events, post_all, remove_logs, settle, settle_with_optional, ChildWorker, PgRestart,
-    Posted, RabbitStopped, TopologyGuard, WorkerSpec, RETRY_DELAYS,
+    Posted, RabbitStopped, WorkerSpec, RETRY_DELAYS,
 };
 use avsync_tests::ingress_harness::TestIngress;
-use avsync_tests::support::{self, wait_until};
+use avsync_tests::support::{self, wait_until, TopologyCleanup};
 use avsync_tests::worker_harness::{
     effect_of, publish_all, publisher, settings, TestDatabases, TestWorker,
 };
@@ -76,7 +76,7 @@ async fn workers_killed_with_sigkill_at_random_moments_lose_nothing() {
     const KILLS: usize = 6;
     let started = Instant::now();
     let prefix = support::unique("fkill");
-    let _topology_guard = TopologyGuard::new(&prefix, PARTITIONS);
+    let _topology_guard = TopologyCleanup::new(&prefix, PARTITIONS).with_retry_delays(RETRY_DELAYS);
     let topology = Topology::new(&prefix, PARTITIONS).unwrap();
     let dbs = TestDatabases::new("fkill");
     let spec = WorkerSpec::new(&prefix, PARTITIONS, &dbs);
@@ -150,7 +150,7 @@ async fn a_rabbitmq_restart_under_load_answers_503_and_loses_no_202() {
     const PARTITIONS: u16 = 2;
     let started = Instant::now();
     let prefix = support::unique("frmq");
-    let _topology_guard = TopologyGuard::new(&prefix, PARTITIONS);
+    let _topology_guard = TopologyCleanup::new(&prefix, PARTITIONS).with_retry_delays(RETRY_DELAYS);
     let topology = Topology::new(&prefix, PARTITIONS).unwrap();
     let dbs = TestDatabases::new("frmq");
     let tenants = ["r0", "r1"];
@@ -227,7 +227,7 @@ async fn rabbitmq_restarted_repeatedly_the_worker_consumes_again_after_each() {
     const PER_ROUND: usize = 400;
     let started = Instant::now();
     let prefix = support::unique("frmqx");
-    let _topology_guard = TopologyGuard::new(&prefix, PARTITIONS);
+    let _topology_guard = TopologyCleanup::new(&prefix, PARTITIONS).with_retry_delays(RETRY_DELAYS);
     let topology = Topology::new(&prefix, PARTITIONS).unwrap();
     let dbs = TestDatabases::new("frmqx");
     let tenants = ["x0", "x1", "x2"];
@@ -322,7 +322,7 @@ async fn a_postgresql_restart_while_workers_apply_loses_nothing() {
     const PARTITIONS: u16 = 4;
     let started = Instant::now();
     let prefix = support::unique("fpg");
-    let _topology_guard = TopologyGuard::new(&prefix, PARTITIONS);
+    let _topology_guard = TopologyCleanup::new(&prefix, PARTITIONS).with_retry_delays(RETRY_DELAYS);
     let topology = Topology::new(&prefix, PARTITIONS).unwrap();
     let dbs = TestDatabases::new("fpg");
     let tenants = ["p0", "p1", "p2", "p3"];
@@ -398,7 +398,7 @@ async fn a_tenant_database_dropped_mid_stream_is_recreated_and_nothing_after_is_
     const PREFETCH: usize = 32;
     let started = Instant::now();
     let prefix = support::unique("fdrop");
-    let _topology_guard = TopologyGuard::new(&prefix, PARTITIONS);
+    let _topology_guard = TopologyCleanup::new(&prefix, PARTITIONS).with_retry_delays(RETRY_DELAYS);
     let topology = Topology::new(&prefix, PARTITIONS).unwrap();
     let dbs = TestDatabases::new("fdrop");
     let victim = observable_events(4_000, "victim", 2_000);
@@ -498,7 +498,7 @@ async fn workers_scaled_from_two_to_four_and_down_to_one_lose_nothing() {
     const PARTITIONS: u16 = 4;
     let started = Instant::now();
     let prefix = support::unique("fscale");
-    let _topology_guard = TopologyGuard::new(&prefix, PARTITIONS);
+    let _topology_guard = TopologyCleanup::new(&prefix, PARTITIONS).with_retry_delays(RETRY_DELAYS);
     let topology = Topology::new(&prefix, PARTITIONS).unwrap();
     let dbs = TestDatabases::new("fscale");
     let spec = WorkerSpec::new(&prefix, PARTITIONS, &dbs);

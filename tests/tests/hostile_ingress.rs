@@ -13,10 +13,10 @@ use avsync_ingress::settings::Settings;
 use avsync_ingress::Tuning;
 use avsync_shared::Topology;
 use avsync_tests::ingress_harness::{
-    new_whsec_secret, settings, sign_authvital_hmac, sign_standard, TopologyCleanup,
+    new_whsec_secret, settings, sign_authvital_hmac, sign_standard,
 };
 use avsync_tests::processes;
-use avsync_tests::support;
+use avsync_tests::support::{self, TopologyCleanup};
 use futures_util::stream::{self, StreamExt};
 use lapin::options::BasicGetOptions;
 use lapin::Channel;

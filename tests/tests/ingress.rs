@@ -4,9 +4,9 @@
 
 use avsync_shared::{TenantId, Topology};
 use avsync_tests::ingress_harness::{
-    new_whsec_secret, settings, sign_authvital_hmac, sign_standard, TestIngress, TopologyCleanup,
+    new_whsec_secret, settings, sign_authvital_hmac, sign_standard, TestIngress,
 };
-use avsync_tests::support::{self, TcpProxy};
+use avsync_tests::support::{self, TcpProxy, TopologyCleanup};
 use futures_util::future::join_all;
 use lapin::message::Delivery;
 use lapin::options::{BasicGetOptions, QueueDeleteOptions};

@@ -3,10 +3,8 @@
 
 use avsync_ingress::verify::FixedClock;
 use avsync_shared::{TenantId, Topology};
-use avsync_tests::ingress_harness::{
-    new_whsec_secret, settings, sign_authvital_hmac, TestIngress, TopologyCleanup,
-};
-use avsync_tests::support;
+use avsync_tests::ingress_harness::{new_whsec_secret, settings, sign_authvital_hmac, TestIngress};
+use avsync_tests::support::{self, TopologyCleanup};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use futures_util::future::join_all;

@@ -8,7 +8,7 @@ use avsync_ingress::verify::SignatureFailure;
 use avsync_shared::event::KNOWN_TYPES;
 use avsync_tests::demo::prom::Scrape;
 use avsync_tests::ingress_harness::{self, TestIngress};
-use avsync_tests::support::{self, wait_until};
+use avsync_tests::support::{self, wait_until, TopologyCleanup};
 use avsync_tests::worker_harness::{settings, TestDatabases, TestWorker};
 use avsync_worker::metrics::Outcome;
 use serde_json::{json, Value};
@@ -17,29 +17,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const PARTITIONS: u16 = 2;
-const DEFAULT_TIERS: [&str; 6] = ["1s", "5s", "30s", "2m", "10m", "1h"];
-
-/// Deletes the test's topology, its retry tiers included, also when the test fails.
-struct Cleanup {
-    prefix: String,
-    tiers: Vec<&'static str>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let (prefix, tiers) = (self.prefix.clone(), self.tiers.clone());
-        let _ = std::thread::spawn(move || {
-            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                rt.block_on(support::delete_topology(&prefix, PARTITIONS, &tiers));
-            }
-        })
-        .join();
-    }
-}
-
 async fn scrape(base: &str) -> Scrape {
     let text = reqwest::get(format!("{base}/metrics"))
         .await
@@ -66,10 +43,7 @@ fn event(id: &str, event_type: &str, tenant: &str, timestamp: &str, data: Value)
 #[tokio::test]
 async fn every_labelled_counter_exists_at_zero_right_after_start() {
     let prefix = support::unique("tmet");
-    let _cleanup = Cleanup {
-        prefix: prefix.clone(),
-        tiers: vec![],
-    };
+    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS);
     let dbs = TestDatabases::new("tmet");
     let ingress = TestIngress::start_with(
         ingress_harness::settings(&prefix, PARTITIONS, &ingress_harness::new_whsec_secret()),
@@ -119,7 +93,7 @@ async fn every_labelled_counter_exists_at_zero_right_after_start() {
         (KNOWN_TYPES.len() + 1) * Outcome::ALL.len(),
         "no other series"
     );
-    for delay in DEFAULT_TIERS {
+    for delay in support::DEFAULT_RETRY_TIERS {
         let value = w.get("avsync_worker_retries_total", &[("delay", delay)]);
         assert_eq!(value, Some(0.0), "retry tier {delay}");
     }
@@ -185,10 +159,7 @@ async fn settled(worker: &TestWorker, n: f64) -> Scrape {
 #[tokio::test]
 async fn a_known_set_of_events_shows_in_both_processes_counters() {
     let prefix = support::unique("tmet");
-    let _cleanup = Cleanup {
-        prefix: prefix.clone(),
-        tiers: vec![],
-    };
+    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS);
     let dbs = TestDatabases::new("tmet");
     let ingress = TestIngress::start(&prefix, PARTITIONS).await;
     // One pool at a time: the second tenant's pool evicts the first one's.
@@ -328,7 +299,7 @@ async fn a_known_set_of_events_shows_in_both_processes_counters() {
         .collect();
     assert_eq!(
         depths.len(),
-        usize::from(PARTITIONS) + DEFAULT_TIERS.len() + 1,
+        usize::from(PARTITIONS) + support::DEFAULT_RETRY_TIERS.len() + 1,
         "{depths:?}"
     );
     for (queue, value) in &depths {
@@ -354,10 +325,8 @@ async fn a_known_set_of_events_shows_in_both_processes_counters() {
 #[tokio::test]
 async fn retries_are_counted_by_delay_tier() {
     let prefix = support::unique("tmet");
-    let _cleanup = Cleanup {
-        prefix: prefix.clone(),
-        tiers: vec!["200ms", "400ms"],
-    };
+    const RETRY_DELAYS: &str = "200ms,400ms";
+    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS).with_retry_delays(RETRY_DELAYS);
     let dbs = TestDatabases::new("tmet");
     let ingress = TestIngress::start(&prefix, PARTITIONS).await;
     let worker = TestWorker::start(settings(
@@ -368,7 +337,7 @@ async fn retries_are_counted_by_delay_tier() {
             "--create-tenant-databases",
             "false",
             "--retry-delays",
-            "200ms,400ms",
+            RETRY_DELAYS,
         ],
     ))
     .await;
@@ -611,10 +580,7 @@ fn the_regex_matcher_matches_whole_names() {
 #[tokio::test]
 async fn every_series_the_deploy_files_query_is_exported() {
     let prefix = support::unique("tmet");
-    let _cleanup = Cleanup {
-        prefix: prefix.clone(),
-        tiers: vec![],
-    };
+    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS);
     let dbs = TestDatabases::new("tmet");
     let ingress = TestIngress::start(&prefix, PARTITIONS).await;
     let worker = TestWorker::start(settings(&prefix, PARTITIONS, &dbs, &[])).await;

@@ -3,8 +3,8 @@
 //! of its events applied in order, once each.
 
 use avsync_shared::topology::Topology;
-use avsync_tests::ingress_harness::{TestIngress, TopologyCleanup};
-use avsync_tests::support::{self, queue_depth, wait_until};
+use avsync_tests::ingress_harness::TestIngress;
+use avsync_tests::support::{self, queue_depth, wait_until, TopologyCleanup};
 use avsync_tests::worker_harness::{
     model_of, random_history, settings, shuffled_with_duplicates, take_dead_letters, TestDatabases,
     TestWorker,

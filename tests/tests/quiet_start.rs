@@ -5,8 +5,8 @@
 
 use avsync_shared::telemetry::DEFAULT_FILTER;
 use avsync_shared::Topology;
-use avsync_tests::faults::{self, observable_events, ChildWorker, TopologyGuard, WorkerSpec};
-use avsync_tests::support;
+use avsync_tests::faults::{self, observable_events, ChildWorker, WorkerSpec};
+use avsync_tests::support::{self, TopologyCleanup};
 use avsync_tests::worker_harness::{model_of, publish_all, publisher, TestDatabases};
 use std::time::Duration;
 
@@ -15,7 +15,8 @@ const PARTITIONS: u16 = 2;
 #[tokio::test]
 async fn a_worker_that_starts_and_applies_events_logs_no_error() {
     let prefix = support::unique("quiet");
-    let _topology = TopologyGuard::new(&prefix, PARTITIONS);
+    let _topology =
+        TopologyCleanup::new(&prefix, PARTITIONS).with_retry_delays(faults::RETRY_DELAYS);
     let dbs = TestDatabases::new("quiet");
     let _ = sqlx::Connection::close(dbs.migrated("acme").await).await;
     let mut spec = WorkerSpec::new(&prefix, PARTITIONS, &dbs);

@@ -5,8 +5,7 @@
 use avsync_shared::config::CommonArgs;
 use avsync_shared::topology::Topology;
 use avsync_shared::TenantId;
-use avsync_tests::ingress_harness::TopologyCleanup;
-use avsync_tests::support::{self, queue_depth, wait_until, TcpProxy};
+use avsync_tests::support::{self, queue_depth, wait_until, TcpProxy, TopologyCleanup};
 use avsync_tests::worker_harness::{
     model_of, publish, publisher, settings, take_dead_letters, TestDatabases, TestWorker,
 };
@@ -66,7 +65,8 @@ async fn list_json(prefix: &str) -> Vec<serde_json::Value> {
 #[tokio::test]
 async fn a_failing_tenant_waits_in_the_broker_while_its_partition_flows() {
     let prefix = support::unique("rt");
-    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS);
+    const RETRY_DELAYS: &str = "30s,1m";
+    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS).with_retry_delays(RETRY_DELAYS);
     let topology = Topology::new(&prefix, PARTITIONS).unwrap();
     let dbs = TestDatabases::new("rt");
     dbs.migrated("good").await;
@@ -78,7 +78,7 @@ async fn a_failing_tenant_waits_in_the_broker_while_its_partition_flows() {
             "--create-tenant-databases",
             "false",
             "--retry-delays",
-            "30s,1m",
+            RETRY_DELAYS,
         ],
     ))
     .await;
@@ -109,7 +109,6 @@ async fn a_failing_tenant_waits_in_the_broker_while_its_partition_flows() {
     );
     assert_eq!(worker.events("member.joined", Outcome::Retried), 10);
     worker.stop().await;
-    support::delete_topology(&prefix, PARTITIONS, &["30s"]).await;
 }
 
 /// Every retry, then `exhausted` with the contract's headers; the operator provisions the
@@ -117,7 +116,8 @@ async fn a_failing_tenant_waits_in_the_broker_while_its_partition_flows() {
 #[tokio::test]
 async fn exhausted_events_are_dead_lettered_with_their_history_and_replay_after_the_fix() {
     let prefix = support::unique("rx");
-    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS);
+    const RETRY_DELAYS: &str = "100ms,200ms,300ms";
+    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS).with_retry_delays(RETRY_DELAYS);
     let topology = Topology::new(&prefix, PARTITIONS).unwrap();
     let dbs = TestDatabases::new("rx");
     dbs.migrated("good").await;
@@ -129,7 +129,7 @@ async fn exhausted_events_are_dead_lettered_with_their_history_and_replay_after_
             "--create-tenant-databases",
             "false",
             "--retry-delays",
-            "100ms,200ms,300ms",
+            RETRY_DELAYS,
         ],
     ))
     .await;
@@ -208,7 +208,6 @@ async fn exhausted_events_are_dead_lettered_with_their_history_and_replay_after_
     )
     .await;
     worker.stop().await;
-    support::delete_topology(&prefix, PARTITIONS, &["100ms", "200ms", "300ms"]).await;
 }
 
 /// A message that was delivered the poison number of times without being settled (each time its
@@ -287,7 +286,8 @@ async fn a_poison_message_is_dead_lettered_and_the_partition_keeps_flowing() {
 #[tokio::test]
 async fn a_postgres_outage_pauses_the_worker_and_loses_nothing() {
     let prefix = support::unique("ro");
-    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS);
+    const RETRY_DELAYS: &str = "100ms";
+    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS).with_retry_delays(RETRY_DELAYS);
     let topology = Topology::new(&prefix, PARTITIONS).unwrap();
     let dbs = TestDatabases::new("ro");
     let proxy = TcpProxy::start("127.0.0.1:5432").await;
@@ -304,7 +304,7 @@ async fn a_postgres_outage_pauses_the_worker_and_loses_nothing() {
             "--tenant-database-url",
             &template,
             "--retry-delays",
-            "100ms",
+            RETRY_DELAYS,
         ],
     ))
     .await;
@@ -350,5 +350,4 @@ async fn a_postgres_outage_pauses_the_worker_and_loses_nothing() {
         .await;
     assert_eq!(queue_depth(&ch, &topology.dead_queue()).await, Some(0));
     worker.stop().await;
-    support::delete_topology(&prefix, PARTITIONS, &["100ms"]).await;
 }

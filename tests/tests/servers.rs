@@ -12,9 +12,9 @@ use avsync_shared::event::KNOWN_TYPES;
 use avsync_shared::topology::{format_duration, Topology};
 use avsync_shared::{Envelope, TenantId};
 use avsync_tests::bench::stats::{percentile, sorted};
+use avsync_tests::faults::observable_events;
 use avsync_tests::faults::servers::{compare_rows, rows_at, synced_at, PgCluster};
-use avsync_tests::faults::{observable_events, TopologyGuard};
-use avsync_tests::support::{self, queue_depth, wait_until};
+use avsync_tests::support::{self, queue_depth, wait_until, TopologyCleanup};
 use avsync_tests::worker_harness::{
     effect_of, model_of, publish_all, publisher, settings, take_dead_letters, DeadLetterSeen,
     TestDatabases, TestWorker,
@@ -258,7 +258,9 @@ async fn a_stopped_server_is_its_own_tenants_outage() {
     );
     let created_in = started.elapsed();
     let prefix = support::unique("fsrv");
-    let _topology_guard = TopologyGuard::new(&prefix, PARTITIONS);
+    let ladder: Vec<String> = RETRY_DELAYS.into_iter().map(format_duration).collect();
+    let ladder = ladder.join(",");
+    let _topology_guard = TopologyCleanup::new(&prefix, PARTITIONS).with_retry_delays(&ladder);
     let topology = Topology::new(&prefix, PARTITIONS).unwrap();
     let dbs = TestDatabases::new("fsrv");
     let tenants: Vec<Tenant> = spread(&topology, "shared", TENANTS_PER_SERVER)
@@ -286,8 +288,6 @@ async fn a_stopped_server_is_its_own_tenants_outage() {
                 .collect::<Vec<_>>(),
         )
         .await;
-    let ladder: Vec<String> = RETRY_DELAYS.into_iter().map(format_duration).collect();
-    let ladder = ladder.join(",");
     let worker = TestWorker::start(settings(
         &prefix,
         PARTITIONS,

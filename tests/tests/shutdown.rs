@@ -3,9 +3,9 @@
 //! the event fields and never a secret or a payload.
 
 use avsync_shared::Topology;
-use avsync_tests::ingress_harness::{new_whsec_secret, sign_standard, TopologyCleanup};
+use avsync_tests::ingress_harness::{new_whsec_secret, sign_standard};
 use avsync_tests::processes::{self, Process};
-use avsync_tests::support::{self, wait_until};
+use avsync_tests::support::{self, wait_until, TopologyCleanup};
 use avsync_tests::worker_harness::{self, publish_all, publisher, TestDatabases};
 use serde_json::{json, Value};
 use sqlx::Connection as _;

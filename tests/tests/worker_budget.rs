@@ -5,8 +5,7 @@
 use avsync_shared::event::KNOWN_TYPES;
 use avsync_shared::topology::Topology;
 use avsync_shared::TenantId;
-use avsync_tests::ingress_harness::TopologyCleanup;
-use avsync_tests::support::{self, queue_depth, wait_until};
+use avsync_tests::support::{self, queue_depth, wait_until, TopologyCleanup};
 use avsync_tests::worker_harness::{
     model_of, publish_all, publisher, random_history, settings, shuffled_with_duplicates,
     TestDatabases, TestWorker,
@@ -144,7 +143,6 @@ async fn the_budget_is_never_exceeded() {
         "{text}"
     );
     worker.stop().await;
-    support::delete_topology(&prefix, PARTITIONS, &["1s", "5s", "30s", "2m", "10m", "1h"]).await;
 }
 
 /// A login role without superuser (PostgreSQL exempts superusers from a database's connection
@@ -214,7 +212,8 @@ impl Drop for TestRole {
 async fn a_refused_connection_is_backpressure() {
     const PARTITIONS: u16 = 2;
     let prefix = support::unique("wref");
-    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS);
+    const RETRY_DELAYS: &str = "200ms,400ms";
+    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS).with_retry_delays(RETRY_DELAYS);
     let topology = Topology::new(&prefix, PARTITIONS).unwrap();
     let role = TestRole::create(&format!("{prefix}_role")).await;
     let dbs = TestDatabases::new("wref");
@@ -238,7 +237,7 @@ async fn a_refused_connection_is_backpressure() {
             "--create-tenant-databases",
             "false",
             "--retry-delays",
-            "200ms,400ms",
+            RETRY_DELAYS,
         ],
     ))
     .await;
@@ -280,7 +279,6 @@ async fn a_refused_connection_is_backpressure() {
     worker.stop().await;
     drop(dbs);
     drop(role);
-    support::delete_topology(&prefix, PARTITIONS, &["200ms", "400ms"]).await;
 }
 
 /// A server that refuses connections for lack of slots (here the role's own CONNECTION LIMIT of
@@ -291,7 +289,8 @@ async fn a_server_out_of_slots_is_backpressure() {
     const PARTITIONS: u16 = 2;
     const TENANTS: usize = 10;
     let prefix = support::unique("wsrv");
-    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS);
+    const RETRY_DELAYS: &str = "200ms,400ms";
+    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS).with_retry_delays(RETRY_DELAYS);
     let topology = Topology::new(&prefix, PARTITIONS).unwrap();
     let role = TestRole::limited(&format!("{prefix}_role"), 3).await;
     let dbs = TestDatabases::new("wsrv");
@@ -316,7 +315,7 @@ async fn a_server_out_of_slots_is_backpressure() {
             "--max-connections",
             "20",
             "--retry-delays",
-            "200ms,400ms",
+            RETRY_DELAYS,
         ],
     ))
     .await;
@@ -350,7 +349,6 @@ async fn a_server_out_of_slots_is_backpressure() {
     worker.stop().await;
     drop(dbs);
     drop(role);
-    support::delete_topology(&prefix, PARTITIONS, &["200ms", "400ms"]).await;
 }
 
 /// One tenant's table locked by a held transaction and a burst of its events larger than the
@@ -361,7 +359,8 @@ async fn a_server_out_of_slots_is_backpressure() {
 async fn a_stuck_tenant_holds_neither_its_partition_nor_the_budget() {
     const PARTITIONS: u16 = 1;
     let prefix = support::unique("wstk");
-    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS);
+    const RETRY_DELAYS: &str = "200ms,1s";
+    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS).with_retry_delays(RETRY_DELAYS);
     let topology = Topology::new(&prefix, PARTITIONS).unwrap();
     let dbs = TestDatabases::new("wstk");
     let mut locker = dbs.migrated("stuck").await;
@@ -374,7 +373,7 @@ async fn a_stuck_tenant_holds_neither_its_partition_nor_the_budget() {
         &prefix,
         PARTITIONS,
         &dbs,
-        &["--prefetch", "32", "--retry-delays", "200ms,1s"],
+        &["--prefetch", "32", "--retry-delays", RETRY_DELAYS],
     ))
     .await;
     let (_conn, ch) = publisher(&topology).await;
@@ -414,7 +413,6 @@ async fn a_stuck_tenant_holds_neither_its_partition_nor_the_budget() {
     .await;
     nothing_retried_or_dead_lettered(&worker, &ch, &topology).await;
     worker.stop().await;
-    support::delete_topology(&prefix, PARTITIONS, &["200ms", "1s"]).await;
 }
 
 /// A busy tenant with a large backlog and a budget of 2: the tenants waiting for a connection
@@ -473,7 +471,6 @@ async fn a_busy_tenant_does_not_starve_small_ones() {
         .await;
     nothing_retried_or_dead_lettered(&worker, &ch, &topology).await;
     worker.stop().await;
-    support::delete_topology(&prefix, PARTITIONS, &["1s", "5s", "30s", "2m", "10m", "1h"]).await;
 }
 
 /// A tenant database emptied under the worker (its schema dropped and made again while the
@@ -518,5 +515,4 @@ async fn a_database_emptied_under_the_worker_is_migrated_again() {
     .await;
     nothing_retried_or_dead_lettered(&worker, &ch, &topology).await;
     worker.stop().await;
-    support::delete_topology(&prefix, PARTITIONS, &["1s", "5s", "30s", "2m", "10m", "1h"]).await;
 }

@@ -4,8 +4,7 @@
 //! through the registry, and finishes its in-flight messages on shutdown.
 
 use avsync_shared::topology::Topology;
-use avsync_tests::ingress_harness::TopologyCleanup;
-use avsync_tests::support::{self, queue_depth, wait_until};
+use avsync_tests::support::{self, queue_depth, wait_until, TopologyCleanup};
 use avsync_tests::worker_harness::{
     model_of, publish, publish_all, publisher, random_history, settings, take_dead_letters,
     wait_for_dead_letters, TestDatabases, TestWorker,

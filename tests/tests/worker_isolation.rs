@@ -2,8 +2,7 @@
 //! hostile tenant id, not through PostgreSQL cutting a long database name.
 
 use avsync_shared::topology::Topology;
-use avsync_tests::ingress_harness::TopologyCleanup;
-use avsync_tests::support::{self, wait_until};
+use avsync_tests::support::{self, wait_until, TopologyCleanup};
 use avsync_tests::worker_harness::{
     model_of, parse_settings, publish, publish_all, publisher, random_history, settings,
     shuffled_with_duplicates, take_dead_letters, wait_for_dead_letters, TestDatabases, TestWorker,

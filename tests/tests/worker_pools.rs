@@ -2,8 +2,7 @@
 //! is applied and never more than two pools are open.
 
 use avsync_shared::topology::Topology;
-use avsync_tests::ingress_harness::TopologyCleanup;
-use avsync_tests::support;
+use avsync_tests::support::{self, TopologyCleanup};
 use avsync_tests::worker_harness::{
     model_of, publish_all, publisher, random_history, settings, shuffled_with_duplicates,
     take_dead_letters, TestDatabases, TestWorker,

@@ -2,8 +2,7 @@
 //! them and the per-field versions make the order irrelevant, so the row equals the model.
 
 use avsync_shared::topology::Topology;
-use avsync_tests::ingress_harness::TopologyCleanup;
-use avsync_tests::support;
+use avsync_tests::support::{self, TopologyCleanup};
 use avsync_tests::worker_harness::{
     model_of, publish_all, publisher, random_history, settings, take_dead_letters, TestDatabases,
     TestWorker,

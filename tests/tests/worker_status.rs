@@ -3,8 +3,7 @@
 //! events of neither are retried or dead-lettered meanwhile.
 
 use avsync_shared::topology::Topology;
-use avsync_tests::ingress_harness::TopologyCleanup;
-use avsync_tests::support::{self, wait_until};
+use avsync_tests::support::{self, wait_until, TopologyCleanup};
 use avsync_tests::worker_harness::{
     model_of, publish, publisher, random_history, settings, take_dead_letters, TestDatabases,
     TestWorker,
@@ -35,7 +34,7 @@ async fn status_of(worker: &TestWorker) -> Status {
 #[tokio::test]
 async fn status_names_the_locked_tenant_and_the_server_that_is_down() {
     let prefix = support::unique("wstat");
-    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS);
+    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS).with_retry_delays(RETRY_DELAYS);
     let topology = Topology::new(&prefix, PARTITIONS).unwrap();
     let dbs = TestDatabases::new("wstat");
     let down_port = closed_port();
@@ -167,5 +166,4 @@ async fn status_names_the_locked_tenant_and_the_server_that_is_down() {
     sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
     let _ = sqlx::Connection::close(locker).await;
     worker.stop().await;
-    support::delete_topology(&prefix, PARTITIONS, &["200ms", "1s"]).await;
 }

@@ -2,8 +2,7 @@
 //! `migrate` command in template and registry mode.
 
 use avsync_shared::topology::Topology;
-use avsync_tests::ingress_harness::TopologyCleanup;
-use avsync_tests::support::{self, wait_until};
+use avsync_tests::support::{self, wait_until, TopologyCleanup};
 use avsync_tests::worker_harness::{
     add_to_registry, model_of, publish, publisher, settings, take_dead_letters,
     wait_for_dead_letters, TestDatabases, TestWorker,
@@ -43,7 +42,8 @@ fn joined(id: &str, tenant: &str) -> Vec<u8> {
 #[tokio::test]
 async fn the_registry_decides_each_tenants_database() {
     let prefix = support::unique("wreg");
-    let _topology_cleanup = TopologyCleanup::new(&prefix, PARTITIONS);
+    let delays = retry_delays_flag();
+    let _topology_cleanup = TopologyCleanup::new(&prefix, PARTITIONS).with_retry_delays(&delays);
     let topology = Topology::new(&prefix, PARTITIONS).unwrap();
     let dbs = TestDatabases::new("wreg");
     // "known" lives in a database whose name has nothing to do with the tenant id.
@@ -54,7 +54,6 @@ async fn the_registry_decides_each_tenants_database() {
         ])
         .await;
     let (_conn, ch) = publisher(&topology).await;
-    let delays = retry_delays_flag();
     let worker = TestWorker::start(settings(
         &prefix,
         PARTITIONS,

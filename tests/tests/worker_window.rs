@@ -5,8 +5,7 @@
 
 use avsync_shared::event::KNOWN_TYPES;
 use avsync_shared::topology::Topology;
-use avsync_tests::ingress_harness::TopologyCleanup;
-use avsync_tests::support::{self, wait_until};
+use avsync_tests::support::{self, wait_until, TopologyCleanup};
 use avsync_tests::worker_harness::{
     model_of, publish_all, publisher, random_history, settings, take_dead_letters, TestDatabases,
     TestWorker,
@@ -43,7 +42,8 @@ async fn status_of(url: &str) -> Option<Status> {
 #[tokio::test]
 async fn the_window_never_weighs_more_than_its_bound_and_loses_nothing() {
     let prefix = support::unique("wwin");
-    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS);
+    const RETRY_DELAYS: &str = "200ms,1s";
+    let _cleanup = TopologyCleanup::new(&prefix, PARTITIONS).with_retry_delays(RETRY_DELAYS);
     let topology = Topology::new(&prefix, PARTITIONS).unwrap();
     let dbs = TestDatabases::new("wwin");
     let bound = BOUND.to_string();
@@ -57,7 +57,7 @@ async fn the_window_never_weighs_more_than_its_bound_and_loses_nothing() {
             "--prefetch-bytes",
             &bound,
             "--retry-delays",
-            "200ms,1s",
+            RETRY_DELAYS,
         ],
     ))
     .await;

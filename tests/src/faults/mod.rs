@@ -24,8 +24,6 @@ use std::time::{Duration, Instant};
 
 /// Short retry delays, so a fault that outlasts a few attempts still ends within the test.
 pub const RETRY_DELAYS: &str = "200ms,500ms,1s,2s,5s,10s";
-/// The retry tiers [`RETRY_DELAYS`] declares, for cleanup and drain checks.
-pub const RETRY_TIERS: &[&str] = &["200ms", "500ms", "1s", "2s", "5s", "10s"];
 
 /// `n` events of `tenant`, each about a user of its own (`sub` = `s-<event id>`): every event
 /// that sets something leaves a row only it can have made, so a lost event is a missing row and
@@ -307,41 +305,6 @@ impl ChildWorker {
     }
 }
 
-/// Deletes a scenario's topology, its retry tiers included, when dropped (also on panic).
-pub struct TopologyGuard {
-    prefix: String,
-    partitions: u16,
-}
-
-impl TopologyGuard {
-    pub fn new(prefix: &str, partitions: u16) -> Self {
-        Self {
-            prefix: prefix.to_owned(),
-            partitions,
-        }
-    }
-}
-
-impl Drop for TopologyGuard {
-    fn drop(&mut self) {
-        let prefix = self.prefix.clone();
-        let partitions = self.partitions;
-        // Drop cannot await, and the test's runtime may be unwinding: use a runtime of our own.
-        let cleaned = std::thread::spawn(move || {
-            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                rt.block_on(support::delete_topology(&prefix, partitions, RETRY_TIERS));
-            }
-        })
-        .join();
-        if cleaned.is_err() {
-            eprintln!("could not delete topology {}", self.prefix);
-        }
-    }
-}
-
 fn run_quietly(program: &str, args: &[&str]) -> bool {
     std::process::Command::new(program)
         .args(args)
@@ -544,7 +507,7 @@ async fn undrained(ch: &lapin::Channel, topology: &Topology) -> u32 {
         .map(|p| topology.partition_queue(p))
         .collect();
     queues.extend(
-        RETRY_TIERS
+        support::retry_tiers_of(RETRY_DELAYS)
             .iter()
             .map(|t| format!("{}.retry.{t}", topology.prefix())),
     );
