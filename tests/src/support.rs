@@ -153,7 +153,12 @@ pub async fn pg_admin() -> PgConnection {
 }
 
 pub fn database_url(name: &str) -> String {
-    format!("postgres://postgres@127.0.0.1:5432/{name}")
+    database_url_as("postgres", name)
+}
+
+/// The URL of database `name` for the login role `user` (trust auth: no password).
+pub fn database_url_as(user: &str, name: &str) -> String {
+    format!("postgres://{user}@127.0.0.1:5432/{name}")
 }
 
 pub async fn create_database(name: &str) {

@@ -188,7 +188,12 @@ impl TestDatabases {
 
     /// `postgres://…/<prefix>_{tenant_id}`
     pub fn template(&self) -> String {
-        support::database_url(&format!("{}_{{tenant_id}}", self.prefix))
+        self.template_as("postgres")
+    }
+
+    /// [`Self::template`] for the login role `user`.
+    pub fn template_as(&self, user: &str) -> String {
+        support::database_url_as(user, &format!("{}_{{tenant_id}}", self.prefix))
     }
 
     pub fn name(&self, tenant: &str) -> String {

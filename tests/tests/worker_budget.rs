@@ -222,11 +222,7 @@ async fn a_refused_connection_is_backpressure() {
     let holder = PgConnection::connect(&support::database_url(&dbs.name("limited")))
         .await
         .expect("hold the limited database's one session");
-    let template = format!(
-        "postgres://{}@127.0.0.1:5432/{}_{{tenant_id}}",
-        role.name,
-        dbs.prefix()
-    );
+    let template = dbs.template_as(&role.name);
     let worker = TestWorker::start(settings(
         &prefix,
         PARTITIONS,
@@ -298,11 +294,7 @@ async fn a_server_out_of_slots_is_backpressure() {
     for tenant in &tenants {
         role.database(&dbs.name(tenant), -1).await;
     }
-    let template = format!(
-        "postgres://{}@127.0.0.1:5432/{}_{{tenant_id}}",
-        role.name,
-        dbs.prefix()
-    );
+    let template = dbs.template_as(&role.name);
     let worker = TestWorker::start(settings(
         &prefix,
         PARTITIONS,
