@@ -4,6 +4,7 @@
 use crate::support;
 use avsync_ingress::settings::{SecretString, Settings};
 use avsync_ingress::verify::Clock;
+use avsync_ingress::Tuning;
 use avsync_shared::config::CommonArgs;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
@@ -75,6 +76,15 @@ impl TestIngress {
 
     /// Starts with any settings (and optionally a pinned clock) without waiting for readiness.
     pub async fn start_with(settings: Settings, clock: Option<Arc<dyn Clock>>) -> TestIngress {
+        let mut tuning = Tuning::default();
+        if let Some(clock) = clock {
+            tuning.clock = clock;
+        }
+        Self::start_tuned(settings, tuning).await
+    }
+
+    /// [`Self::start_with`] with any of what only tests tune (the clock, the body read timeout).
+    pub async fn start_tuned(settings: Settings, tuning: Tuning) -> TestIngress {
         // Quiet by default: a thousand-request test would print a thousand lines.
         if std::env::var_os("RUST_LOG").is_some() {
             avsync_shared::telemetry::init("text");
@@ -88,9 +98,7 @@ impl TestIngress {
         let idle_client = settings.header_read_timeout / 2;
         let shutdown = CancellationToken::new();
         let mut checked = settings.check().expect("usable ingress settings");
-        if let Some(clock) = clock {
-            checked.tuning.clock = clock;
-        }
+        checked.tuning = tuning;
         let running = avsync_ingress::start(checked, shutdown.clone())
             .await
             .expect("ingress starts");

@@ -13,7 +13,7 @@ use avsync_ingress::settings::Settings;
 use avsync_ingress::Tuning;
 use avsync_shared::Topology;
 use avsync_tests::ingress_harness::{
-    new_whsec_secret, settings, sign_authvital_hmac, sign_standard,
+    new_whsec_secret, settings, sign_authvital_hmac, sign_standard, TestIngress,
 };
 use avsync_tests::processes;
 use avsync_tests::support::{self, TopologyCleanup};
@@ -75,13 +75,12 @@ type Refusal = (u16, Option<String>);
 /// The real ingress, started as production starts it but with `tuning`, on its own topology
 /// (deleted when dropped, also on panic), configured with a `whsec_` secret and `k1`.
 struct Scene {
+    ingress: TestIngress,
+    /// `127.0.0.1:<port>` of the webhook listener, for raw TCP.
     addr: String,
-    metrics_url: String,
     whsec: String,
     topology: Topology,
     client: reqwest::Client,
-    shutdown: CancellationToken,
-    handle: Option<JoinHandle<anyhow::Result<()>>>,
     _cleanup: TopologyCleanup,
 }
 
@@ -97,31 +96,20 @@ impl Scene {
         let key = String::from_utf8(KEY_SECRET.to_vec()).expect("text secret");
         let mut s = settings(&prefix, PARTITIONS, &format!("{whsec},{KEY_ID}={key}"));
         adjust(&mut s);
-        let shutdown = CancellationToken::new();
-        let mut checked = s.check().expect("usable ingress settings");
-        checked.tuning = tuning;
-        let running = avsync_ingress::start(checked, shutdown.clone())
-            .await
-            .expect("ingress starts");
-        let scene = Scene {
-            addr: running.addr.to_string(),
-            metrics_url: format!("http://{}", running.metrics_addr),
+        let ingress = TestIngress::start_tuned(s, tuning).await;
+        ingress.wait_ready().await;
+        Scene {
+            addr: ingress
+                .base_url
+                .strip_prefix("http://")
+                .expect("an http base URL")
+                .to_owned(),
+            ingress,
             whsec,
             topology: Topology::new(&prefix, PARTITIONS).expect("topology"),
             client: client(),
-            shutdown,
-            handle: Some(running.handle),
             _cleanup: cleanup,
-        };
-        support::wait_until("ingress /readyz 200", Duration::from_secs(30), || async {
-            let url = format!("{}/readyz", scene.metrics_url);
-            match scene.client.get(url).send().await {
-                Ok(r) if r.status() == 200 => Some(()),
-                _ => None,
-            }
-        })
-        .await;
-        scene
+        }
     }
 
     fn webhook_url(&self) -> String {
@@ -224,15 +212,7 @@ impl Scene {
     }
 
     async fn metric(&self, series: &str) -> f64 {
-        let text = self
-            .client
-            .get(format!("{}/metrics", self.metrics_url))
-            .send()
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("metrics text");
+        let text = self.ingress.metrics().await;
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
             .unwrap_or_else(|| panic!("no series {series}"))
@@ -241,21 +221,8 @@ impl Scene {
             .expect("a number")
     }
 
-    async fn stop(mut self) {
-        self.shutdown.cancel();
-        if let Some(handle) = self.handle.take() {
-            tokio::time::timeout(Duration::from_secs(30), handle)
-                .await
-                .expect("ingress stops within 30 s")
-                .expect("ingress task")
-                .expect("ingress stops cleanly");
-        }
-    }
-}
-
-impl Drop for Scene {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
+    async fn stop(self) {
+        self.ingress.stop().await;
     }
 }
 
