@@ -76,12 +76,11 @@ pub async fn delete_topology(prefix: &str, partitions: u16, retry_tiers: &[&str]
     let _ = conn.close(200, "cleanup".into()).await;
 }
 
-/// The retry tiers a worker declares for `--retry-delays <delays>`, named as the worker names
-/// them (`1000ms` is the tier `1s`).
-pub fn retry_tiers_of(delays: &str) -> Vec<String> {
+/// The delays of a `--retry-delays <delays>` value, one retry tier each.
+pub fn retry_delays_of(delays: &str) -> Vec<Duration> {
     delays
         .split(',')
-        .map(|d| format_duration(parse_duration(d.trim()).expect("a valid retry delay")))
+        .map(|d| parse_duration(d.trim()).expect("a valid retry delay"))
         .collect()
 }
 
@@ -102,9 +101,13 @@ impl TopologyCleanup {
         }
     }
 
-    /// Also deletes the tiers of the test's workers' `--retry-delays`.
+    /// Also deletes the tiers of the test's workers' `--retry-delays`, named as the worker names
+    /// them (`1000ms` is the tier `1s`).
     pub fn with_retry_delays(mut self, delays: &str) -> Self {
-        self.retry_tiers = retry_tiers_of(delays);
+        self.retry_tiers = retry_delays_of(delays)
+            .into_iter()
+            .map(format_duration)
+            .collect();
         self
     }
 }

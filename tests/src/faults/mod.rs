@@ -507,9 +507,9 @@ async fn undrained(ch: &lapin::Channel, topology: &Topology) -> u32 {
         .map(|p| topology.partition_queue(p))
         .collect();
     queues.extend(
-        support::retry_tiers_of(RETRY_DELAYS)
-            .iter()
-            .map(|t| format!("{}.retry.{t}", topology.prefix())),
+        support::retry_delays_of(RETRY_DELAYS)
+            .into_iter()
+            .map(|d| topology.retry_tier(d)),
     );
     let mut depth = 0;
     for q in &queues {
