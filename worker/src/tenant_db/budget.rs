@@ -18,7 +18,7 @@
 use super::sizing::{self, Sizing};
 use prometheus::{IntGauge, IntGaugeVec};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::futures::Notified;
@@ -215,11 +215,20 @@ struct Auto {
     looking: AtomicBool,
     /// What the last look saw.
     seen: Mutex<Option<sizing::Seen>>,
+    /// The workers its previous look saw, 0 before its first since it came to the server: the
+    /// others size their budgets for them within a look (see [`sizing::share`]).
+    workers_before: AtomicI64,
+    /// Since when it holds no session there.
+    gone_since: Mutex<Option<Instant>>,
 }
 
 impl Auto {
     fn sized_at(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
         self.sized_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, Option<sizing::Seen>> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -238,11 +247,20 @@ impl ServerBudget {
         let mut limit = self.limit.lock().unwrap_or_else(|e| e.into_inner());
         let out = f(&mut limit);
         if let Some(auto) = &self.auto {
+            let mut gone = auto.gone_since.lock().unwrap_or_else(|e| e.into_inner());
             if limit.open() == 0 {
                 // The other workers no longer see this one here: what it was sized to may be
                 // theirs by now.
                 limit.size(1);
                 *auto.sized_at() = None;
+                gone.get_or_insert_with(Instant::now);
+            } else if gone
+                .take()
+                .is_some_and(|since| since.elapsed() >= LOOK_EVERY)
+            {
+                // Gone long enough for the others to have looked twice without it (not just
+                // turning over its one session): it comes back as a worker that arrives.
+                auto.workers_before.store(0, Ordering::Release);
             }
         }
         self.open_gauge
@@ -317,14 +335,22 @@ impl ServerBudget {
         let Some(auto) = &self.auto else {
             return;
         };
+        let workers_before = auto
+            .workers_before
+            .swap(seen.workers.max(1), Ordering::AcqRel);
         let (before, share) = self.with_limit(|l| {
             let before = l.at(Instant::now());
-            let share = sizing::share(seen, auto.free, l.open());
+            let share = sizing::share(
+                seen,
+                auto.free,
+                l.open(),
+                (workers_before > 0).then_some(workers_before),
+            );
             l.size(share);
             (before, share)
         });
         *auto.sized_at() = Some(Instant::now());
-        *auto.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(*seen);
+        *auto.seen() = Some(*seen);
         if before != share {
             tracing::debug!(
                 server = self.server,
@@ -571,7 +597,7 @@ impl Budgets {
             .map(|b| {
                 let (sessions, budget) = b.with_limit(|l| (l.open(), l.at(Instant::now())));
                 let sized_from = b.auto.as_ref().and_then(|auto| {
-                    let seen = (*auto.seen.lock().unwrap_or_else(|e| e.into_inner()))?;
+                    let seen = (*auto.seen())?;
                     Some(SizedFrom {
                         workers: seen.workers,
                         server_free: seen.max_connections - seen.reserved - seen.clients,
@@ -624,6 +650,8 @@ impl Budgets {
                             sized_at: Mutex::new(None),
                             looking: AtomicBool::new(false),
                             seen: Mutex::new(None),
+                            workers_before: AtomicI64::new(0),
+                            gone_since: Mutex::new(None),
                         }),
                     ),
                 };
@@ -746,6 +774,54 @@ mod tests {
         drop((first, second));
         assert_eq!(budgets.view()[0].budget, 1, "holds none: back to one");
         assert!(server.look_is_due());
+    }
+
+    /// A worker that finds another on the server keeps its one session at its first look and
+    /// takes unused room at its next one, when the count of workers has held (the other has
+    /// sized its budget for two by then); turning its one session over does not make it new.
+    #[test]
+    fn an_arriving_auto_budget_grows_at_its_second_look() {
+        let budgets = Budgets::new(Sizing::Auto { free: None }, "avsync-worker test", gauges());
+        let server = budgets.server("db:5432");
+        let first = server.try_take().expect("one session to look with");
+        let other_at_35 = sizing::Seen {
+            max_connections: 100,
+            reserved: 3,
+            clients: 5 + 36,
+            avsync_sessions: 36,
+            workers: 2,
+            own: 1,
+        };
+        server.sized(&other_at_35);
+        assert_eq!(
+            budgets.view()[0].budget,
+            1,
+            "the other may not have sized for two yet"
+        );
+        server.sized(&other_at_35);
+        assert_eq!(budgets.view()[0].budget, 18, "half the 35 nobody uses");
+        // Its one session turned over: back to one until it looks, then its share at once.
+        drop(first);
+        assert_eq!(budgets.view()[0].budget, 1);
+        let first = server.try_take().expect("a new session");
+        assert!(server.look_is_due());
+        server.sized(&other_at_35);
+        assert_eq!(
+            budgets.view()[0].budget,
+            18,
+            "not gone long enough to count as arriving"
+        );
+        let three = sizing::Seen {
+            workers: 3,
+            ..other_at_35
+        };
+        server.sized(&three);
+        assert_eq!(
+            budgets.view()[0].budget,
+            1,
+            "a third arrived: keeps what it holds"
+        );
+        drop(first);
     }
 
     #[test]

@@ -9,8 +9,11 @@
 //! turns what it sees into its budget: an equal share of the room left by the other clients and
 //! the free slots, never more than its own sessions plus its share of the room nobody uses yet
 //! (so that a worker does not take what another still holds, and two workers that see the same
-//! unused slots take half each). One slot of the room stays unused: the first session of a
-//! worker that arrives, which it needs before it can see the server at all.
+//! unused slots take half each), and that room only once the other workers have sized their
+//! budgets for as many workers as it sees: before they have, a session another worker is
+//! turning over (closed, not yet reopened) looks unused for an instant but is still that
+//! worker's to take. One slot of the room stays unused: the first session of a worker that
+//! arrives, which it needs before it can see the server at all.
 
 use std::fmt;
 use std::str::FromStr;
@@ -124,15 +127,32 @@ pub fn free_target(seen: &Seen, free: Option<u32>) -> i64 {
 }
 
 /// This worker's budget on the server it saw, leaving `free` slots (or a fifth) to others;
-/// `held_open` is what the worker counts open there as it looks.
-pub fn share(seen: &Seen, free: Option<u32>, held_open: usize) -> usize {
+/// `held_open` is what the worker counts open there as it looks, `workers_before` the workers
+/// it saw at its previous look (None at its first since it came to the server).
+pub fn share(
+    seen: &Seen,
+    free: Option<u32>,
+    held_open: usize,
+    workers_before: Option<i64>,
+) -> usize {
     let others = seen.clients - seen.avsync_sessions;
     // One slot stays unused for the first session of an arriving worker (see the module).
     let room = seen.max_connections - seen.reserved - free_target(seen, free) - others - 1;
     let workers = seen.workers.max(1);
     let fair = room.div_euclid(workers);
     let unused = room - seen.avsync_sessions;
-    let grown = seen.own + unused.div_euclid(workers);
+    // Room nobody uses at this instant is free to take only once every other worker has sized
+    // its budget for as many workers as this one sees: when it saw as many at its previous look,
+    // a look or more ago (each looks about once a second while it holds sessions), or when it is
+    // alone at its first. Before that, another may hold a budget sized for fewer workers, and a
+    // session it is turning over (closed, its next not yet open) is still its to take; and a
+    // worker that seems gone may only be turning over its one session.
+    let others_sized = workers_before.map_or(workers == 1, |before| before == seen.workers);
+    let grown = if others_sized {
+        seen.own + unused.div_euclid(workers)
+    } else {
+        seen.own
+    };
     // Sessions of its own the server shows beyond those the worker holds open were closed, and
     // their backends have not exited yet: on a busy server that takes longer than the slot's
     // grace (`budget::CLOSE_GRACE`), and while sessions turn over fast they take slots all the
@@ -239,7 +259,7 @@ mod tests {
         ];
         for (seen, free, budget, why) in cases {
             assert_eq!(
-                share(seen, *free, holding_all_seen(seen)),
+                share(seen, *free, holding_all_seen(seen), Some(seen.workers)),
                 *budget,
                 "{why}: {seen:?}"
             );
@@ -254,20 +274,38 @@ mod tests {
     #[test]
     fn closed_sessions_the_server_still_counts_take_from_the_budget() {
         // Alone, 71 sessions seen of which it holds 66 open: 5 backends are still exiting.
-        assert_eq!(share(&seen(5, 1, 71, 71), None, 66), 66);
+        assert_eq!(share(&seen(5, 1, 71, 71), None, 66, Some(1)), 66);
         // Two at their shares, one with 3 exiting.
-        assert_eq!(share(&seen(5, 2, 70, 35), None, 32), 32);
+        assert_eq!(share(&seen(5, 2, 70, 35), None, 32, Some(2)), 32);
         // Sessions being opened that the server does not show yet change nothing.
-        assert_eq!(share(&seen(5, 1, 60, 60), None, 64), 71);
+        assert_eq!(share(&seen(5, 1, 60, 60), None, 64, Some(1)), 71);
         // Never below one, so that something keeps going.
-        assert_eq!(share(&seen(5, 1, 71, 71), None, 0), 1);
+        assert_eq!(share(&seen(5, 1, 71, 71), None, 0, Some(1)), 1);
+    }
+
+    /// The failure this rule is for: a second worker arrives while the first, still at a budget
+    /// of 71, turns three sessions over; at the second's first look they seem unused.
+    #[test]
+    fn room_nobody_uses_is_taken_once_the_count_of_workers_held_for_a_look() {
+        let arrival = seen(5, 2, 69, 1);
+        assert_eq!(share(&arrival, None, 1, None), 1, "first look");
+        assert_eq!(share(&arrival, None, 1, Some(2)), 2, "second look");
+        assert_eq!(share(&arrival, None, 1, Some(3)), 1, "one left since");
+        // The first, seeing the arrival, shrinks to its share all the same.
+        assert_eq!(share(&seen(5, 2, 72, 71), None, 71, Some(1)), 35);
+        // Alone at its first look, there is nobody to wait for.
+        assert_eq!(share(&seen(5, 1, 1, 1), None, 1, None), 71);
+        // The other seems gone (its one session turned over as this looked): keep what it holds
+        // until it looks again.
+        assert_eq!(share(&seen(5, 1, 35, 35), None, 35, Some(2)), 35);
+        assert_eq!(share(&seen(5, 1, 35, 35), None, 35, Some(1)), 71);
     }
 
     #[test]
     fn reserved_slots_are_never_counted_as_room() {
         let mut s = seen(0, 1, 1, 1);
         s.reserved = 3 + 10;
-        assert_eq!(share(&s, Some(0), 1), 100 - 13 - 1);
+        assert_eq!(share(&s, Some(0), 1, Some(1)), 100 - 13 - 1);
     }
 
     /// Workers that all see one server take no more, together, than the room, whatever they
@@ -278,7 +316,7 @@ mod tests {
             for held in [0, 10, 40, 71, 90] {
                 let own = held / workers;
                 let s = seen(5, workers, held, own);
-                let each = share(&s, None, holding_all_seen(&s));
+                let each = share(&s, None, holding_all_seen(&s), Some(workers));
                 let total = each as i64 * workers;
                 assert!(
                     total <= 71 || each == 1,
