@@ -21,8 +21,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};
 use sqlx::{Connection, PgConnection};
 use std::collections::BTreeMap;
-use std::time::Duration;
-use tokio_util::sync::CancellationToken;
+use std::time::{Duration, Instant};
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 #[derive(Parser)]
 struct Args {
@@ -74,7 +74,9 @@ pub fn settings(prefix: &str, partitions: u16, dbs: &TestDatabases, extra: &[&st
 
 pub struct TestWorker {
     running: Running,
-    shutdown: CancellationToken,
+    /// A worker dropped without [`TestWorker::stop`] (its test failed) is told to stop, so
+    /// that it takes no more work while the test's databases are dropped.
+    shutdown: DropGuard,
     pub metrics_url: String,
 }
 
@@ -99,7 +101,7 @@ impl TestWorker {
         let metrics_url = format!("http://{}", running.metrics_addr);
         TestWorker {
             running,
-            shutdown,
+            shutdown: shutdown.drop_guard(),
             metrics_url,
         }
     }
@@ -131,7 +133,7 @@ impl TestWorker {
 
     /// Graceful stop: finishes in-flight messages, closes pools.
     pub async fn stop(self) {
-        self.shutdown.cancel();
+        drop(self.shutdown);
         tokio::time::timeout(Duration::from_secs(30), self.running.wait())
             .await
             .expect("worker stops within 30 s")
@@ -269,9 +271,18 @@ async fn databases_with_prefix(prefix: &str) -> Vec<String> {
     .expect("list databases")
 }
 
+/// Drops every database of `prefix`, and again while any is listed, for up to 10 s: a worker of
+/// a failed test, told to stop when it was dropped, may still create one for work it had begun.
 async fn drop_databases_with_prefix(prefix: &str) {
-    for name in databases_with_prefix(prefix).await {
-        support::drop_database(&name).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let names = databases_with_prefix(prefix).await;
+        if names.is_empty() || Instant::now() > deadline {
+            return;
+        }
+        for name in names {
+            support::drop_database(&name).await;
+        }
     }
 }
 
