@@ -63,6 +63,7 @@ pub struct Metrics {
     connections_open: IntGauge,
     connections_refused: IntCounter,
     connections_evicted: IntCounter,
+    connections_waiting: IntGauge,
     pending_publishes: IntGauge,
 }
 
@@ -108,6 +109,10 @@ impl Metrics {
             "avsync_ingress_connections_evicted_total",
             "Connections to the public listener closed while they waited for a request head, to make room for a new one when AVSYNC_MAX_HTTP_CONNECTIONS were open",
         )?;
+        let connections_waiting = IntGauge::new(
+            "avsync_ingress_connections_waiting",
+            "Open connections on the public listener waiting for a request head (new, or idle between requests): those a full listener closes, longest waiting first, to make room",
+        )?;
         let pending_publishes = IntGauge::new(
             "avsync_ingress_pending_publishes",
             "Webhooks waiting for the broker's confirm (at most AVSYNC_MAX_PENDING_PUBLISHES)",
@@ -116,6 +121,7 @@ impl Metrics {
         registry.register(Box::new(connections_open.clone()))?;
         registry.register(Box::new(connections_refused.clone()))?;
         registry.register(Box::new(connections_evicted.clone()))?;
+        registry.register(Box::new(connections_waiting.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(publish_seconds.clone()))?;
         registry.register(Box::new(signature_failures.clone()))?;
@@ -137,6 +143,7 @@ impl Metrics {
             connections_open,
             connections_refused,
             connections_evicted,
+            connections_waiting,
             pending_publishes,
         })
     }
@@ -153,6 +160,7 @@ impl Metrics {
             open: self.connections_open.clone(),
             refused: self.connections_refused.clone(),
             evicted: self.connections_evicted.clone(),
+            waiting: self.connections_waiting.clone(),
         }
     }
 
@@ -249,6 +257,7 @@ mod tests {
         assert!(text.contains("\navsync_ingress_pending_publishes 0\n"));
         assert!(text.contains("\navsync_ingress_connections_refused_total 0\n"));
         assert!(text.contains("\navsync_ingress_connections_evicted_total 0\n"));
+        assert!(text.contains("\navsync_ingress_connections_waiting 0\n"));
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub struct ConnectionMetrics {
     pub refused: IntCounter,
     /// Connections closed, while they waited for a request head, to make room for a new one.
     pub evicted: IntCounter,
+    /// Connections waiting for a request head now.
+    pub waiting: IntGauge,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +130,10 @@ pub async fn serve(
         .keep_alive(true);
     let builder = Arc::new(builder);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let waiting = Arc::new(Waiting::default());
+    let waiting = Arc::new(match &metrics {
+        Some(m) => Waiting::reported_by(m.waiting.clone()),
+        None => Waiting::default(),
+    });
     let stop_accepting = async {
         shutdown.cancelled().await;
         tokio::time::sleep(DRAIN_GRACE).await;

@@ -10,6 +10,7 @@
 
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::{Request, Response};
+use prometheus::IntGauge;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -21,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Default)]
 pub struct Waiting {
     queue: Mutex<Queue>,
+    /// How many wait, on a listener that reports it.
+    gauge: Option<IntGauge>,
 }
 
 #[derive(Default)]
@@ -37,9 +40,28 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Waiting {
+    /// Waiting connections counted by `gauge`.
+    pub fn reported_by(gauge: IntGauge) -> Self {
+        Self {
+            queue: Mutex::default(),
+            gauge: Some(gauge),
+        }
+    }
+
+    fn report(&self, queue: &Queue) {
+        if let Some(gauge) = &self.gauge {
+            gauge.set(i64::try_from(queue.by_age.len()).unwrap_or(i64::MAX));
+        }
+    }
+
     /// Tells the connection that has waited longest for its head to close; false when none waits.
     pub fn close_oldest(&self) -> bool {
-        let oldest = lock(&self.queue).by_age.pop_first();
+        let oldest = {
+            let mut queue = lock(&self.queue);
+            let oldest = queue.by_age.pop_first();
+            self.report(&queue);
+            oldest
+        };
         match oldest {
             Some((_, close)) => {
                 close.cancel();
@@ -54,11 +76,14 @@ impl Waiting {
         let key = queue.next;
         queue.next += 1;
         queue.by_age.insert(key, close.clone());
+        self.report(&queue);
         key
     }
 
     fn leave(&self, key: u64) {
-        lock(&self.queue).by_age.remove(&key);
+        let mut queue = lock(&self.queue);
+        queue.by_age.remove(&key);
+        self.report(&queue);
     }
 }
 
@@ -210,22 +235,28 @@ mod tests {
 
     #[test]
     fn the_connection_that_waited_longest_is_closed_first_and_busy_ones_never() {
-        let waiting = Arc::new(Waiting::default());
+        let gauge = IntGauge::new("waiting", "waiting").unwrap();
+        let waiting = Arc::new(Waiting::reported_by(gauge.clone()));
         let first = Place::new(waiting.clone());
         let second = Place::new(waiting.clone());
         let third = Place::new(waiting.clone());
+        assert_eq!(gauge.get(), 3);
         // The first one's head arrives: it is busy, then waits again behind the others.
         first.busy();
+        assert_eq!(gauge.get(), 2);
         assert!(!first.is_waiting() && second.is_waiting());
         assert!(waiting.close_oldest());
+        assert_eq!(gauge.get(), 1);
         assert!(second.closing().is_cancelled());
         assert!(!first.closing().is_cancelled() && !third.closing().is_cancelled());
         first.wait();
+        assert_eq!(gauge.get(), 2);
         assert!(waiting.close_oldest());
         assert!(third.closing().is_cancelled());
         assert!(waiting.close_oldest());
         assert!(first.closing().is_cancelled());
         assert!(!waiting.close_oldest(), "nobody waits any more");
+        assert_eq!(gauge.get(), 0);
     }
 
     #[test]

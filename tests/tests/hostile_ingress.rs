@@ -1758,6 +1758,15 @@ async fn a_full_bound_makes_room_by_closing_the_longest_waiting_connection() {
             v == BOUND as f64
         })
         .await;
+    // A connection counts as open from its accept, and waits until its head is read: one whose
+    // head is not read yet would be closed to make room for the next.
+    child
+        .wait_for_gauge(
+            "every busy head read",
+            "avsync_ingress_connections_waiting",
+            |v| v == 0.0,
+        )
+        .await;
     let mut refused = stall(&child.addr).await;
     let opened = Instant::now();
     let took = closed_after(&mut refused, opened, ANSWER_DEADLINE)
