@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio_util::task::AbortOnDropHandle;
 
 const PARTITIONS: u16 = 4;
 const TENANTS: usize = 40;
@@ -211,10 +212,11 @@ async fn auto_leaves_the_free_slots_as_workers_arrive() {
     let (_amqp, ch) = publisher(&topology).await;
     let published = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
     let publishing = Arc::new(AtomicBool::new(true));
+    // Aborted if the test fails: it would go on publishing to a topology already deleted.
     let feeder = {
         let (published, publishing) = (published.clone(), publishing.clone());
         let (ch, topology, tenants) = (ch.clone(), topology.clone(), tenants.clone());
-        tokio::spawn(async move {
+        AbortOnDropHandle::new(tokio::spawn(async move {
             let mut wave = 0u64;
             while publishing.load(Ordering::SeqCst) {
                 let bodies: Vec<Vec<u8>> = tenants
@@ -227,7 +229,7 @@ async fn auto_leaves_the_free_slots_as_workers_arrive() {
                 wave += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-        })
+        }))
     };
 
     let started = Instant::now();
