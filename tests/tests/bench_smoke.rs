@@ -376,7 +376,6 @@ async fn the_scale_and_neighbour_phases_report_their_figures_and_draw_the_chart(
         keys::scale(4, false, keys::Scale::SessionsBound),
         keys::scale(4, false, keys::Scale::LowestFree),
         keys::scale(4, false, keys::Scale::RateBound),
-        keys::COLD_TOTAL.to_owned(),
         keys::COLD_FIRST_BATCH.to_owned(),
         keys::COLD_MIGRATION_CHECK.to_owned(),
         keys::FREE_SLOTS_FLOOR.to_owned(),
@@ -384,6 +383,12 @@ async fn the_scale_and_neighbour_phases_report_their_figures_and_draw_the_chart(
         let f = figure(&key);
         assert!(f["summary"]["median"].as_f64().unwrap() > 0.0, "{f}");
     }
+    // The open's share comes from the postmaster's 10 ms ticks, exact only as a mean over many
+    // sessions, and leaves out those that shared their fork or exit with another session's:
+    // over this run's three, beside the rest of the suite, it can be 0 (no tick fell in them, as
+    // once in CI), below or absent. That it is reported is what this run can check.
+    let cold = figure(keys::COLD_TOTAL);
+    assert_eq!(cold["samples"].as_array().map(Vec::len), Some(1), "{cold}");
     // 300 events over 4 tenants: one open per tenant is 4 sessions per 300 events.
     let bound = figure(&keys::scale(4, false, keys::Scale::SessionsBound));
     assert!(
