@@ -175,16 +175,23 @@ pub async fn create_database(name: &str) {
 /// Drops database `name`, tried again for up to 10 s: a worker still running beside a test that
 /// failed can open a session while the drop waits for those it ended to go, and the drop fails.
 pub async fn drop_database(name: &str) {
-    let mut admin = pg_admin().await;
-    let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while let Err(e) = sqlx::query(&sql).execute(&mut admin).await {
+    while let Err(e) = try_drop_database(name).await {
         if Instant::now() > deadline {
             eprintln!("test database {name} left behind: {e}");
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// One attempt to drop database `name`, ending the sessions it has.
+pub async fn try_drop_database(name: &str) -> Result<(), sqlx::Error> {
+    let mut admin = pg_admin().await;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .map(drop)
 }
 
 /// Polls `check` until it returns Some or `deadline` passes; panics naming `what` on timeout.

@@ -275,13 +275,28 @@ async fn databases_with_prefix(prefix: &str) -> Vec<String> {
 /// a failed test, told to stop when it was dropped, may still create one for work it had begun.
 async fn drop_databases_with_prefix(prefix: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
+    let mut errors = Vec::new();
     loop {
         let names = databases_with_prefix(prefix).await;
-        if names.is_empty() || Instant::now() > deadline {
+        if names.is_empty() {
             return;
         }
+        if Instant::now() > deadline {
+            eprintln!(
+                "test databases left behind: {}; last errors: {}",
+                names.join(", "),
+                errors.join(", ")
+            );
+            return;
+        }
+        errors.clear();
         for name in names {
-            support::drop_database(&name).await;
+            if let Err(e) = support::try_drop_database(&name).await {
+                errors.push(format!("{name}: {e}"));
+            }
+        }
+        if !errors.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }

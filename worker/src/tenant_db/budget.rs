@@ -18,7 +18,7 @@
 use super::sizing::{self, Sizing};
 use prometheus::{IntGauge, IntGaugeVec};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::futures::Notified;
@@ -213,11 +213,10 @@ struct Auto {
     sized_at: Mutex<Option<Instant>>,
     /// A look is running: one at a time.
     looking: AtomicBool,
-    /// What the last look saw.
+    /// What the last look saw, None before its first since it came to the server: the workers
+    /// it saw are the ones the others size their budgets for within a look (see
+    /// [`sizing::share`]).
     seen: Mutex<Option<sizing::Seen>>,
-    /// The workers its previous look saw, 0 before its first since it came to the server: the
-    /// others size their budgets for them within a look (see [`sizing::share`]).
-    workers_before: AtomicI64,
     /// Since when it holds no session there.
     gone_since: Mutex<Option<Instant>>,
 }
@@ -260,7 +259,7 @@ impl ServerBudget {
             {
                 // Gone long enough for the others to have looked twice without it (not just
                 // turning over its one session): it comes back as a worker that arrives.
-                auto.workers_before.store(0, Ordering::Release);
+                *auto.seen() = None;
             }
         }
         self.open_gauge
@@ -336,21 +335,16 @@ impl ServerBudget {
             return;
         };
         let workers_before = auto
-            .workers_before
-            .swap(seen.workers.max(1), Ordering::AcqRel);
+            .seen()
+            .replace(*seen)
+            .map(|before| before.workers.max(1));
         let (before, share) = self.with_limit(|l| {
             let before = l.at(Instant::now());
-            let share = sizing::share(
-                seen,
-                auto.free,
-                l.open(),
-                (workers_before > 0).then_some(workers_before),
-            );
+            let share = sizing::share(seen, auto.free, l.open(), workers_before);
             l.size(share);
             (before, share)
         });
         *auto.sized_at() = Some(Instant::now());
-        *auto.seen() = Some(*seen);
         if before != share {
             tracing::debug!(
                 server = self.server,
@@ -650,7 +644,6 @@ impl Budgets {
                             sized_at: Mutex::new(None),
                             looking: AtomicBool::new(false),
                             seen: Mutex::new(None),
-                            workers_before: AtomicI64::new(0),
                             gone_since: Mutex::new(None),
                         }),
                     ),
@@ -820,6 +813,20 @@ mod tests {
             budgets.view()[0].budget,
             1,
             "a third arrived: keeps what it holds"
+        );
+        // Gone for a look or longer, the others have sized without it: it arrives again.
+        drop(first);
+        let auto = server.auto.as_ref().expect("auto");
+        *auto.gone_since.lock().unwrap() = Instant::now().checked_sub(LOOK_EVERY);
+        let first = server.try_take().expect("a new session");
+        assert!(budgets.view()[0].sized_from.is_none(), "nothing seen since");
+        server.sized(&three);
+        assert_eq!(budgets.view()[0].budget, 1, "an arrival's first look");
+        server.sized(&three);
+        assert_eq!(
+            budgets.view()[0].budget,
+            12,
+            "a third of the 35 nobody uses"
         );
         drop(first);
     }
