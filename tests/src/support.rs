@@ -40,7 +40,8 @@ pub async fn channel_at(url: &str) -> (Connection, Channel) {
     (conn, ch)
 }
 
-/// The retry tiers of the default `AVSYNC_RETRY_DELAYS`, which every worker declares.
+/// The retry tiers of the default `AVSYNC_RETRY_DELAYS`: among them the set-aside tiers (5s, 30s)
+/// every worker declares whatever its ladder.
 pub const DEFAULT_RETRY_TIERS: &[&str] = &["1s", "5s", "30s", "2m", "10m", "1h"];
 
 /// Deletes every exchange and queue of a topology prefix that the tests may have made: the

@@ -218,7 +218,7 @@ impl Tasks {
                 DepthPoller {
                     amqp_url: settings.common.amqp_url.clone(),
                     topology: worker.topology.clone(),
-                    retry_delays: worker.retry.delays.clone(),
+                    tiers: worker.retry.tiers.clone(),
                     gauge: worker.metrics.queue_messages.clone(),
                 }
                 .run(shutdown.clone()),

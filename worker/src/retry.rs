@@ -52,12 +52,20 @@ impl History {
     }
 }
 
+/// Tiers a set-aside message may wait in whatever the ladder: a slow or unreachable tenant stays
+/// marked for up to a minute, and a ladder shorter than that (an operator's `1s,2s`) would bring
+/// its events back through their partition, in front of their neighbours, every few seconds for
+/// as long as the mark lasts. The default ladder has both.
+pub const SET_ASIDE_DELAYS: [Duration; 2] = [Duration::from_secs(5), Duration::from_secs(30)];
+
 /// The retry schedule (`AVSYNC_RETRY_DELAYS`) and the poison limit (`AVSYNC_POISON_DELIVERIES`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {
-    /// Shared, not copied, by everything that walks the ladder: the settling of a delivery, the
-    /// tier queues declared, their depth series.
+    /// The ladder a failed message walks. Shared, not copied, by the settling of a delivery.
     pub delays: Arc<[Duration]>,
+    /// Every tier queue, shortest first: the ladder's delays and [`SET_ASIDE_DELAYS`]. What the
+    /// worker declares, polls and sets messages aside into.
+    pub tiers: Arc<[Duration]>,
     pub poison_deliveries: u32,
 }
 
@@ -71,6 +79,17 @@ pub enum NextStep {
 }
 
 impl RetryPolicy {
+    pub fn new(delays: Vec<Duration>, poison_deliveries: u32) -> Self {
+        let mut tiers: Vec<Duration> = delays.iter().copied().chain(SET_ASIDE_DELAYS).collect();
+        tiers.sort_unstable();
+        tiers.dedup();
+        RetryPolicy {
+            delays: delays.into(),
+            tiers: tiers.into(),
+            poison_deliveries,
+        }
+    }
+
     /// A message delivered this many times without being settled crashed or hung a consumer each
     /// time: it is dead-lettered as poison without being processed again.
     pub fn is_poison(&self, history: &History) -> bool {
@@ -174,15 +193,14 @@ mod tests {
     use super::*;
 
     fn policy() -> RetryPolicy {
-        RetryPolicy {
-            delays: vec![
+        RetryPolicy::new(
+            vec![
                 Duration::from_secs(1),
                 Duration::from_secs(5),
                 Duration::from_secs(30),
-            ]
-            .into(),
-            poison_deliveries: 10,
-        }
+            ],
+            10,
+        )
     }
 
     #[test]
@@ -208,11 +226,23 @@ mod tests {
 
     #[test]
     fn an_empty_schedule_exhausts_at_once() {
-        let p = RetryPolicy {
-            delays: Arc::from([]),
-            poison_deliveries: 5,
-        };
+        let p = RetryPolicy::new(Vec::new(), 5);
         assert_eq!(p.next_step(1), NextStep::Exhausted);
+    }
+
+    #[test]
+    fn the_set_aside_tiers_stand_beside_any_ladder_once() {
+        let secs = |s: &[u64]| {
+            s.iter()
+                .copied()
+                .map(Duration::from_secs)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(*policy().tiers, *secs(&[1, 5, 30]));
+        let short = RetryPolicy::new(secs(&[2, 1]), 10);
+        assert_eq!(*short.delays, *secs(&[2, 1]));
+        assert_eq!(*short.tiers, *secs(&[1, 2, 5, 30]));
+        assert_eq!(*RetryPolicy::new(Vec::new(), 10).tiers, *secs(&[5, 30]));
     }
 
     #[test]

@@ -261,10 +261,7 @@ impl Settings {
                 "must be above zero",
             ));
         }
-        let retry = RetryPolicy {
-            delays: self.retry_delays.0.clone().into(),
-            poison_deliveries: self.poison_deliveries,
-        };
+        let retry = RetryPolicy::new(self.retry_delays.0.clone(), self.poison_deliveries);
         let pools = PoolSettings {
             capacity: self.tenant_pool_capacity,
             size: self.tenant_pool_size,

@@ -312,7 +312,7 @@ impl Message {
     /// (see [`set_aside_delay`]), when its tenant can likely take it.
     pub async fn set_aside(self, tenant: &TenantId, reason: SetAsideReason, wait: Duration) {
         self.in_span(async {
-            let delay = set_aside_delay(&self.parts.settling.retry.delays, wait);
+            let delay = set_aside_delay(&self.parts.settling.retry.tiers, wait);
             let error = format!(
                 "set aside ({}): its tenant cannot take it now",
                 reason.as_str()
@@ -436,7 +436,7 @@ impl Message {
     }
 }
 
-/// The retry tier a set-aside message waits in: the shortest configured delay at least `wait`
+/// The retry tier a set-aside message waits in: the shortest tier at least `wait`
 /// (until its tenant could take it), else the longest. Coming back late costs only its own
 /// tenant; coming back early costs its partition's neighbours another pass of the backlog.
 fn set_aside_delay(delays: &[Duration], wait: Duration) -> Duration {

@@ -27,9 +27,9 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
 const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Every queue whose depth is reported: the label values of `avsync_worker_queue_messages`.
-pub fn queues(topology: &Topology, retry_delays: &[Duration]) -> Vec<String> {
+pub fn queues(topology: &Topology, tiers: &[Duration]) -> Vec<String> {
     let partitions = (0..topology.partitions()).map(|p| topology.partition_queue(p));
-    let tiers = retry_delays.iter().map(|d| topology.retry_tier(*d));
+    let tiers = tiers.iter().map(|d| topology.retry_tier(*d));
     partitions
         .chain(tiers)
         .chain([topology.dead_queue()])
@@ -67,7 +67,8 @@ async fn bounded<T>(
 pub struct DepthPoller {
     pub amqp_url: String,
     pub topology: Topology,
-    pub retry_delays: Arc<[Duration]>,
+    /// Every retry tier ([`crate::retry::RetryPolicy::tiers`]).
+    pub tiers: Arc<[Duration]>,
     pub gauge: IntGaugeVec,
 }
 
@@ -97,7 +98,7 @@ impl Probe<'_> {
 impl DepthPoller {
     pub async fn run(self, shutdown: CancellationToken) {
         let name = format!("avsync-worker {} depth", self.topology.prefix());
-        let queues = queues(&self.topology, &self.retry_delays);
+        let queues = queues(&self.topology, &self.tiers);
         let mut delays = reconnect_backoff();
         loop {
             let connected = tokio::select! {
@@ -169,7 +170,7 @@ impl DepthPoller {
     async fn declare(&self, probe: &mut Probe<'_>) -> Result<(), PollError> {
         let channel = probe.channel().await?;
         let mut declared = bounded(self.topology.declare(&channel)).await;
-        for delay in self.retry_delays.iter() {
+        for delay in self.tiers.iter() {
             if declared.is_ok() {
                 declared = bounded(self.topology.declare_retry_tier(&channel, *delay)).await;
             }

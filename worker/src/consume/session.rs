@@ -264,7 +264,7 @@ impl Channels {
     ) -> Result<(Channels, Vec<(u16, lapin::Consumer)>), SessionError> {
         let setup = conn.create_channel().await?;
         worker.topology.declare(&setup).await?;
-        for delay in worker.retry.delays.iter() {
+        for delay in worker.retry.tiers.iter() {
             worker.topology.declare_retry_tier(&setup, *delay).await?;
         }
         check_partitions(conn, &worker.topology).await?;
