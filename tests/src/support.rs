@@ -177,7 +177,8 @@ pub async fn create_database(name: &str) {
 /// failed can open a session while the drop waits for those it ended to go, and the drop fails.
 pub async fn drop_database(name: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while let Err(e) = try_drop_database(name).await {
+    let mut admin = pg_admin().await;
+    while let Err(e) = try_drop_database(&mut admin, name).await {
         if Instant::now() > deadline {
             eprintln!("test database {name} left behind: {e}");
             return;
@@ -186,11 +187,11 @@ pub async fn drop_database(name: &str) {
     }
 }
 
-/// One attempt to drop database `name`, ending the sessions it has.
-pub async fn try_drop_database(name: &str) -> Result<(), sqlx::Error> {
-    let mut admin = pg_admin().await;
+/// One attempt to drop database `name` over `admin` (see [`pg_admin`]), ending the sessions it
+/// has.
+pub async fn try_drop_database(admin: &mut PgConnection, name: &str) -> Result<(), sqlx::Error> {
     sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-        .execute(&mut admin)
+        .execute(admin)
         .await
         .map(drop)
 }

@@ -223,7 +223,7 @@ impl TestDatabases {
 
     /// Every database of this test that exists now.
     pub async fn existing(&self) -> Vec<String> {
-        databases_with_prefix(&self.prefix).await
+        databases_with_prefix(&mut support::pg_admin().await, &self.prefix).await
     }
 
     /// A tenant's rows, or None when its database does not exist (yet).
@@ -260,13 +260,12 @@ impl TestDatabases {
     }
 }
 
-async fn databases_with_prefix(prefix: &str) -> Vec<String> {
-    let mut admin = support::pg_admin().await;
+async fn databases_with_prefix(admin: &mut sqlx::PgConnection, prefix: &str) -> Vec<String> {
     sqlx::query_scalar(
         "SELECT datname FROM pg_database WHERE starts_with(datname, $1) ORDER BY datname",
     )
     .bind(format!("{prefix}_"))
-    .fetch_all(&mut admin)
+    .fetch_all(admin)
     .await
     .expect("list databases")
 }
@@ -275,9 +274,10 @@ async fn databases_with_prefix(prefix: &str) -> Vec<String> {
 /// a failed test, told to stop when it was dropped, may still create one for work it had begun.
 async fn drop_databases_with_prefix(prefix: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
+    let mut admin = support::pg_admin().await;
     let mut errors = Vec::new();
     loop {
-        let names = databases_with_prefix(prefix).await;
+        let names = databases_with_prefix(&mut admin, prefix).await;
         if names.is_empty() {
             return;
         }
@@ -291,7 +291,7 @@ async fn drop_databases_with_prefix(prefix: &str) {
         }
         errors.clear();
         for name in names {
-            if let Err(e) = support::try_drop_database(&name).await {
+            if let Err(e) = support::try_drop_database(&mut admin, &name).await {
                 errors.push(format!("{name}: {e}"));
             }
         }

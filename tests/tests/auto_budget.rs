@@ -34,16 +34,32 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(50);
 /// three looks of each worker.
 const STAGE_SAMPLES: usize = 60;
 
-/// `max_connections` less the reserved slots, the client backends, and those of them that are
-/// not avsync workers': what the workers see.
-async fn slots_and_clients(conn: &mut PgConnection) -> (i64, i64, i64) {
+/// One look at the server's client backends.
+#[derive(sqlx::FromRow)]
+struct Sample {
+    /// `max_connections` less the reserved slots.
+    slots: i64,
+    clients: i64,
+    /// Client backends that are not avsync workers'.
+    others: i64,
+    /// The client backends by application name and state, in the same snapshot: what a failure
+    /// shows of the sample that saw the fewest free slots.
+    by_name: String,
+}
+
+/// What the workers see, and the client backends by name.
+async fn sample(conn: &mut PgConnection) -> Sample {
     sqlx::query_as(
         "SELECT current_setting('max_connections')::bigint
                   - current_setting('superuser_reserved_connections')::bigint
-                  - coalesce(current_setting('reserved_connections', true)::bigint, 0),
-                count(*),
-                count(*) FILTER (WHERE NOT starts_with(application_name, 'avsync-worker'))
-           FROM pg_stat_activity WHERE backend_type = 'client backend'",
+                  - coalesce(current_setting('reserved_connections', true)::bigint, 0) AS slots,
+                coalesce(sum(n), 0)::bigint AS clients,
+                coalesce(sum(n) FILTER (WHERE NOT starts_with(name, 'avsync-worker')), 0)::bigint
+                  AS others,
+                coalesce(string_agg(format('%s (%s): %s', name, state, n), ', '), '') AS by_name
+           FROM (SELECT application_name AS name, coalesce(state, '-') AS state, count(*) AS n
+                   FROM pg_stat_activity WHERE backend_type = 'client backend'
+                  GROUP BY 1, 2 ORDER BY 1, 2) AS clients",
     )
     .fetch_one(conn)
     .await
@@ -52,11 +68,14 @@ async fn slots_and_clients(conn: &mut PgConnection) -> (i64, i64, i64) {
 
 /// Per stage: the lowest free slots, the most other clients (not avsync workers) and the
 /// samples taken.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Stage {
     lowest_free: i64,
     most_others: i64,
     samples: usize,
+    /// At the sample with the fewest free slots: the client backends by name, and each running
+    /// worker's (budget, sessions) as its own gauges said just after.
+    lowest_seen: String,
 }
 
 /// The lowest number of free slots (`max_connections` − reserved − client backends) seen in
@@ -64,6 +83,8 @@ struct Stage {
 struct FreeSlots {
     stage: Arc<AtomicUsize>,
     stages: Arc<Mutex<Vec<Stage>>>,
+    /// The metrics of the workers running now.
+    workers: Arc<Mutex<Vec<Metrics>>>,
     stop: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -75,18 +96,27 @@ impl FreeSlots {
             lowest_free: i64::MAX,
             most_others: 0,
             samples: 0,
+            lowest_seen: String::new(),
         };
         let all = Arc::new(Mutex::new(vec![stage_zero; stages]));
+        let workers = Arc::new(Mutex::new(Vec::<Metrics>::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (st, lo, sp) = (stage.clone(), all.clone(), stop.clone());
+        let (st, lo, ws, sp) = (stage.clone(), all.clone(), workers.clone(), stop.clone());
         let task = tokio::spawn(async move {
             while !sp.load(Ordering::SeqCst) {
-                let (slots, clients, others) = slots_and_clients(&mut conn).await;
+                let seen = sample(&mut conn).await;
+                let held: Vec<(i64, i64)> =
+                    ws.lock().unwrap().iter().map(budget_and_sessions).collect();
                 let now = st.load(Ordering::SeqCst);
                 {
                     let stage = &mut lo.lock().unwrap()[now];
-                    stage.lowest_free = stage.lowest_free.min(slots - clients);
-                    stage.most_others = stage.most_others.max(others);
+                    let free = seen.slots - seen.clients;
+                    if free < stage.lowest_free {
+                        stage.lowest_free = free;
+                        stage.lowest_seen =
+                            format!("{}; workers' (budget, sessions) {held:?}", seen.by_name);
+                    }
+                    stage.most_others = stage.most_others.max(seen.others);
                     stage.samples += 1;
                 }
                 tokio::time::sleep(SAMPLE_EVERY).await;
@@ -96,9 +126,18 @@ impl FreeSlots {
         Self {
             stage,
             stages: all,
+            workers,
             stop,
             task,
         }
+    }
+
+    /// The workers running from now on.
+    fn running(&self, workers: &[TestWorker]) {
+        *self.workers.lock().unwrap() = workers
+            .iter()
+            .map(|w| w.running().metrics().clone())
+            .collect();
     }
 
     fn enter(&self, stage: usize) {
@@ -107,7 +146,7 @@ impl FreeSlots {
 
     /// The current stage so far.
     fn now(&self) -> Stage {
-        self.stages.lock().unwrap()[self.stage.load(Ordering::SeqCst)]
+        self.stages.lock().unwrap()[self.stage.load(Ordering::SeqCst)].clone()
     }
 
     async fn finish(self) -> Vec<Stage> {
@@ -117,14 +156,17 @@ impl FreeSlots {
     }
 }
 
+/// A worker's budget on the shared server and the sessions it holds there, by its gauges.
+fn budget_and_sessions(metrics: &Metrics) -> (i64, i64) {
+    let pools = &metrics.tenant_pools;
+    (
+        pools.connection_budget.with_label_values(&[SERVER]).get(),
+        pools.connections.with_label_values(&[SERVER]).get(),
+    )
+}
+
 fn budget(worker: &TestWorker) -> i64 {
-    worker
-        .running()
-        .metrics()
-        .tenant_pools
-        .connection_budget
-        .with_label_values(&[SERVER])
-        .get()
+    budget_and_sessions(worker.running().metrics()).0
 }
 
 /// Waits until every worker's budget is `share` and it holds that many sessions.
@@ -151,13 +193,7 @@ async fn settle(workers: &[TestWorker], share: i64, sampler: &FreeSlots, in_use:
 }
 
 fn sessions(worker: &TestWorker) -> i64 {
-    worker
-        .running()
-        .metrics()
-        .tenant_pools
-        .connections
-        .with_label_values(&[SERVER])
-        .get()
+    budget_and_sessions(worker.running().metrics()).1
 }
 
 /// Every event type's count of `outcome`, over the workers' metrics.
@@ -197,7 +233,11 @@ async fn auto_leaves_the_free_slots_as_workers_arrive() {
     let mut sampler_conn = PgConnection::connect(support::PG_ADMIN_URL)
         .await
         .expect("connect the sampler");
-    let (slots, in_use, _) = slots_and_clients(&mut sampler_conn).await;
+    let Sample {
+        slots,
+        clients: in_use,
+        ..
+    } = sample(&mut sampler_conn).await;
     let target = slots - in_use - FOR_THE_WORKERS;
     assert!(
         target >= 0,
@@ -254,6 +294,7 @@ async fn auto_leaves_the_free_slots_as_workers_arrive() {
             ))
             .await,
         );
+        sampler.running(&workers);
         let share = room / n as i64;
         settle(&workers, share, &sampler, in_use).await;
         eprintln!(
@@ -274,6 +315,7 @@ async fn auto_leaves_the_free_slots_as_workers_arrive() {
         counts.push(worker.running().metrics().clone());
         worker.stop().await;
     }
+    sampler.running(&workers);
     settle(&workers, room, &sampler, in_use).await;
     eprintln!(
         "back to 1 worker: at a budget of {room} after {:?}",
@@ -300,17 +342,19 @@ async fn auto_leaves_the_free_slots_as_workers_arrive() {
             _ => "while the last events drained".to_owned(),
         };
         eprintln!(
-            "lowest free slots {when}: {} (target {target}; other clients at most {}, {in_use} at the start)",
-            seen.lowest_free, seen.most_others
+            "lowest free slots {when}: {} (target {target}; other clients at most {}, {in_use} at the start); then: {}",
+            seen.lowest_free, seen.most_others, seen.lowest_seen
         );
     }
     for (stage, seen) in stages.iter().enumerate() {
         assert!(
             seen.lowest_free >= target,
             "free slots fell to {} in stage {stage}, below the {target} the workers leave free \
-             (other clients: {in_use} at the start, up to {} then; the test needs the server to itself)",
+             (other clients: {in_use} at the start, up to {} then; the test needs the server to itself); \
+             client backends then: {}",
             seen.lowest_free,
-            seen.most_others
+            seen.most_others,
+            seen.lowest_seen
         );
     }
 

@@ -755,6 +755,7 @@ mod tests {
             avsync_sessions: 1,
             workers: 1,
             own: 1,
+            most_by_another: 0,
         };
         let look = server.look_due().expect("due");
         assert!(server.look_due().is_none(), "one look at a time");
@@ -784,6 +785,7 @@ mod tests {
             avsync_sessions: 36,
             workers: 2,
             own: 1,
+            most_by_another: 35,
         };
         server.sized(&other_at_35);
         assert_eq!(
@@ -806,6 +808,7 @@ mod tests {
         );
         let three = sizing::Seen {
             workers: 3,
+            most_by_another: 18,
             ..other_at_35
         };
         server.sized(&three);

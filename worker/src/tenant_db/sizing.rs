@@ -90,6 +90,8 @@ pub struct Seen {
     pub workers: i64,
     /// This worker's sessions.
     pub own: i64,
+    /// The most sessions any other avsync worker holds there.
+    pub most_by_another: i64,
 }
 
 /// What one look at a server reads. A role without `pg_read_all_stats` sees neither the
@@ -97,6 +99,10 @@ pub struct Seen {
 /// server's own processes have none) are taken for other clients, which errs on the side of
 /// leaving more free.
 const LOOK: &str = "\
+WITH activity AS (
+  SELECT application_name,
+         coalesce(backend_type = 'client backend', usesysid IS NOT NULL) AS is_client
+    FROM pg_stat_activity)
 SELECT current_setting('max_connections')::bigint AS max_connections,
        current_setting('superuser_reserved_connections')::bigint
          + coalesce(current_setting('reserved_connections', true)::bigint, 0) AS reserved,
@@ -104,10 +110,12 @@ SELECT current_setting('max_connections')::bigint AS max_connections,
        count(*) FILTER (WHERE is_client AND starts_with(application_name, $1)) AS avsync_sessions,
        count(DISTINCT application_name)
          FILTER (WHERE is_client AND starts_with(application_name, $1)) AS workers,
-       count(*) FILTER (WHERE is_client AND application_name = $2) AS own
-  FROM (SELECT application_name,
-               coalesce(backend_type = 'client backend', usesysid IS NOT NULL) AS is_client
-          FROM pg_stat_activity) AS activity";
+       count(*) FILTER (WHERE is_client AND application_name = $2) AS own,
+       (SELECT coalesce(max(held), 0)
+          FROM (SELECT count(*) AS held FROM activity
+                 WHERE is_client AND starts_with(application_name, $1) AND application_name <> $2
+                 GROUP BY application_name) AS others) AS most_by_another
+  FROM activity";
 
 /// Looks at the server of `conn`, a session of the worker named `me`.
 pub async fn look(conn: &mut sqlx::PgConnection, me: &str) -> Result<Seen, sqlx::Error> {
@@ -144,10 +152,14 @@ pub fn share(
     // Room nobody uses at this instant is free to take only once every other worker has sized
     // its budget for as many workers as this one sees: when it saw as many at its previous look,
     // a look or more ago (each looks about once a second while it holds sessions), or when it is
-    // alone at its first. Before that, another may hold a budget sized for fewer workers, and a
-    // session it is turning over (closed, its next not yet open) is still its to take; and a
-    // worker that seems gone may only be turning over its one session.
-    let others_sized = workers_before.map_or(workers == 1, |before| before == seen.workers);
+    // alone at its first; and no other holds more than an equal share, which one still sized for
+    // fewer workers does while it wants more sessions than that (a look can come late on a busy
+    // machine: seen, a second worker growing at its second look beside a first still at its
+    // budget for one). Before that, a session another is turning over (closed, its next not yet
+    // open) is still its to take; and a worker that seems gone may only be turning over its one
+    // session.
+    let others_sized = workers_before.map_or(workers == 1, |before| before == seen.workers)
+        && seen.most_by_another <= fair;
     let grown = if others_sized {
         seen.own + unused.div_euclid(workers)
     } else {
@@ -168,7 +180,9 @@ mod tests {
     use super::*;
 
     /// A default server: 100 slots, 3 reserved, the free target a fifth (20).
+    /// The other workers hold the sessions that are not its own in equal parts.
     fn seen(clients_else: i64, workers: i64, avsync_sessions: i64, own: i64) -> Seen {
+        let others = (workers - 1).max(1);
         Seen {
             max_connections: 100,
             reserved: 3,
@@ -176,6 +190,8 @@ mod tests {
             avsync_sessions,
             workers,
             own,
+            most_by_another: (avsync_sessions - own).max(0).div_euclid(others)
+                + i64::from((avsync_sessions - own).max(0) % others != 0),
         }
     }
 
@@ -284,13 +300,23 @@ mod tests {
     }
 
     /// The failure this rule is for: a second worker arrives while the first, still at a budget
-    /// of 71, turns three sessions over; at the second's first look they seem unused.
+    /// of 71, turns three sessions over; at the second's looks they seem unused.
     #[test]
     fn room_nobody_uses_is_taken_once_the_count_of_workers_held_for_a_look() {
         let arrival = seen(5, 2, 69, 1);
         assert_eq!(share(&arrival, None, 1, None), 1, "first look");
-        assert_eq!(share(&arrival, None, 1, Some(2)), 2, "second look");
-        assert_eq!(share(&arrival, None, 1, Some(3)), 1, "one left since");
+        assert_eq!(
+            share(&arrival, None, 1, Some(2)),
+            1,
+            "second look, the first not shrunk yet (its look came late)"
+        );
+        let shrunk = seen(5, 2, 34, 1);
+        assert_eq!(
+            share(&shrunk, None, 1, Some(2)),
+            19,
+            "second look, the first at 33"
+        );
+        assert_eq!(share(&shrunk, None, 1, Some(3)), 1, "one left since");
         // The first, seeing the arrival, shrinks to its share all the same.
         assert_eq!(share(&seen(5, 2, 72, 71), None, 71, Some(1)), 35);
         // Alone at its first look, there is nobody to wait for.
