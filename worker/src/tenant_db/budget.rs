@@ -216,9 +216,16 @@ struct Auto {
     /// What the last look saw, None before its first since it came to the server: the workers
     /// it saw are the ones the others size their budgets for within a look (see
     /// [`sizing::share`]).
-    seen: Mutex<Option<sizing::Seen>>,
+    seen: Mutex<Option<Looked>>,
     /// Since when it holds no session there.
     gone_since: Mutex<Option<Instant>>,
+}
+
+/// One look at a server, and how many looks before it, back to back, saw as many workers.
+#[derive(Debug, Clone, Copy)]
+struct Looked {
+    seen: sizing::Seen,
+    steady: u32,
 }
 
 impl Auto {
@@ -226,7 +233,7 @@ impl Auto {
         self.sized_at.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn seen(&self) -> std::sync::MutexGuard<'_, Option<sizing::Seen>> {
+    fn seen(&self) -> std::sync::MutexGuard<'_, Option<Looked>> {
         self.seen.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -334,13 +341,24 @@ impl ServerBudget {
         let Some(auto) = &self.auto else {
             return;
         };
-        let workers_before = auto
-            .seen()
-            .replace(*seen)
-            .map(|before| before.workers.max(1));
+        let steady = {
+            let mut last = auto.seen();
+            let steady = last.map(|before| {
+                if before.seen.workers.max(1) == seen.workers.max(1) {
+                    before.steady.saturating_add(1)
+                } else {
+                    0
+                }
+            });
+            *last = Some(Looked {
+                seen: *seen,
+                steady: steady.unwrap_or(0),
+            });
+            steady
+        };
         let (before, share) = self.with_limit(|l| {
             let before = l.at(Instant::now());
-            let share = sizing::share(seen, auto.free, l.open(), workers_before);
+            let share = sizing::share(seen, auto.free, l.open(), steady);
             l.size(share);
             (before, share)
         });
@@ -591,7 +609,7 @@ impl Budgets {
             .map(|b| {
                 let (sessions, budget) = b.with_limit(|l| (l.open(), l.at(Instant::now())));
                 let sized_from = b.auto.as_ref().and_then(|auto| {
-                    let seen = (*auto.seen())?;
+                    let seen = auto.seen().as_ref()?.seen;
                     Some(SizedFrom {
                         workers: seen.workers,
                         server_free: seen.max_connections - seen.reserved - seen.clients,
@@ -831,6 +849,31 @@ mod tests {
             12,
             "a third of the 35 nobody uses"
         );
+        drop(first);
+    }
+
+    /// Another worker above the equal share (pinned, or sized for fewer workers because its look
+    /// came late) keeps an arrival at what it holds, for [`sizing::STEADY_LOOKS`] looks only.
+    #[test]
+    fn a_worker_above_its_share_is_waited_for_a_few_looks() {
+        let budgets = Budgets::new(Sizing::Auto { free: None }, "avsync-worker test", gauges());
+        let server = budgets.server("db:5432");
+        let first = server.try_take().expect("one session to look with");
+        let other_at_50 = sizing::Seen {
+            max_connections: 100,
+            reserved: 3,
+            clients: 5 + 51,
+            avsync_sessions: 51,
+            workers: 2,
+            own: 1,
+            most_by_another: 50,
+        };
+        for look in 0..sizing::STEADY_LOOKS {
+            server.sized(&other_at_50);
+            assert_eq!(budgets.view()[0].budget, 1, "look {look}");
+        }
+        server.sized(&other_at_50);
+        assert_eq!(budgets.view()[0].budget, 11, "half the 20 nobody uses");
         drop(first);
     }
 

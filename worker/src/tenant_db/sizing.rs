@@ -134,15 +134,17 @@ pub fn free_target(seen: &Seen, free: Option<u32>) -> i64 {
     free.map_or(seen.max_connections / DEFAULT_FREE_SHARE, i64::from)
 }
 
+/// Looks in a row that saw as many workers, after which every other worker has sized its budget
+/// for them even when its looks come late: one that still holds more than an equal share then is
+/// pinned (`AVSYNC_MAX_CONNECTIONS` a number) or waits for sessions in use to come back, and is
+/// not waited for.
+pub const STEADY_LOOKS: u32 = 3;
+
 /// This worker's budget on the server it saw, leaving `free` slots (or a fifth) to others;
-/// `held_open` is what the worker counts open there as it looks, `workers_before` the workers
-/// it saw at its previous look (None at its first since it came to the server).
-pub fn share(
-    seen: &Seen,
-    free: Option<u32>,
-    held_open: usize,
-    workers_before: Option<i64>,
-) -> usize {
+/// `held_open` is what the worker counts open there as it looks, `steady` how many of its looks
+/// just before this one, back to back, saw as many workers (None at its first since it came to
+/// the server).
+pub fn share(seen: &Seen, free: Option<u32>, held_open: usize, steady: Option<u32>) -> usize {
     let others = seen.clients - seen.avsync_sessions;
     // One slot stays unused for the first session of an arriving worker (see the module).
     let room = seen.max_connections - seen.reserved - free_target(seen, free) - others - 1;
@@ -150,16 +152,19 @@ pub fn share(
     let fair = room.div_euclid(workers);
     let unused = room - seen.avsync_sessions;
     // Room nobody uses at this instant is free to take only once every other worker has sized
-    // its budget for as many workers as this one sees: when it saw as many at its previous look,
-    // a look or more ago (each looks about once a second while it holds sessions), or when it is
-    // alone at its first; and no other holds more than an equal share, which one still sized for
-    // fewer workers does while it wants more sessions than that (a look can come late on a busy
-    // machine: seen, a second worker growing at its second look beside a first still at its
-    // budget for one). Before that, a session another is turning over (closed, its next not yet
-    // open) is still its to take; and a worker that seems gone may only be turning over its one
-    // session.
-    let others_sized = workers_before.map_or(workers == 1, |before| before == seen.workers)
-        && seen.most_by_another <= fair;
+    // its budget for as many workers as this one sees: when it is alone at its first look, or
+    // saw as many at its previous look, a look or more ago (each looks about once a second while
+    // it holds sessions), and no other holds more than an equal share, which one still sized for
+    // fewer workers does while it wants more than that (a look comes late on a busy machine:
+    // seen, a second worker growing at its second look beside a first still at its budget for
+    // one); or after [`STEADY_LOOKS`] with as many. Before that, a session another is turning
+    // over (closed, its next not yet open) is still its to take; and a worker that seems gone
+    // may only be turning over its one session.
+    let others_sized = match steady {
+        None => workers == 1,
+        Some(0) => false,
+        Some(looks) => looks >= STEADY_LOOKS || seen.most_by_another <= fair,
+    };
     let grown = if others_sized {
         seen.own + unused.div_euclid(workers)
     } else {
@@ -275,7 +280,7 @@ mod tests {
         ];
         for (seen, free, budget, why) in cases {
             assert_eq!(
-                share(seen, *free, holding_all_seen(seen), Some(seen.workers)),
+                share(seen, *free, holding_all_seen(seen), Some(1)),
                 *budget,
                 "{why}: {seen:?}"
             );
@@ -292,7 +297,7 @@ mod tests {
         // Alone, 71 sessions seen of which it holds 66 open: 5 backends are still exiting.
         assert_eq!(share(&seen(5, 1, 71, 71), None, 66, Some(1)), 66);
         // Two at their shares, one with 3 exiting.
-        assert_eq!(share(&seen(5, 2, 70, 35), None, 32, Some(2)), 32);
+        assert_eq!(share(&seen(5, 2, 70, 35), None, 32, Some(1)), 32);
         // Sessions being opened that the server does not show yet change nothing.
         assert_eq!(share(&seen(5, 1, 60, 60), None, 64, Some(1)), 71);
         // Never below one, so that something keeps going.
@@ -306,24 +311,33 @@ mod tests {
         let arrival = seen(5, 2, 69, 1);
         assert_eq!(share(&arrival, None, 1, None), 1, "first look");
         assert_eq!(
-            share(&arrival, None, 1, Some(2)),
+            share(&arrival, None, 1, Some(1)),
             1,
             "second look, the first not shrunk yet (its look came late)"
         );
+        assert_eq!(
+            share(&arrival, None, 1, Some(STEADY_LOOKS)),
+            2,
+            "the first still above its share after looks enough: pinned, not waited for"
+        );
         let shrunk = seen(5, 2, 34, 1);
         assert_eq!(
-            share(&shrunk, None, 1, Some(2)),
+            share(&shrunk, None, 1, Some(1)),
             19,
             "second look, the first at 33"
         );
-        assert_eq!(share(&shrunk, None, 1, Some(3)), 1, "one left since");
+        assert_eq!(
+            share(&shrunk, None, 1, Some(0)),
+            1,
+            "the count changed since"
+        );
         // The first, seeing the arrival, shrinks to its share all the same.
-        assert_eq!(share(&seen(5, 2, 72, 71), None, 71, Some(1)), 35);
+        assert_eq!(share(&seen(5, 2, 72, 71), None, 71, Some(0)), 35);
         // Alone at its first look, there is nobody to wait for.
         assert_eq!(share(&seen(5, 1, 1, 1), None, 1, None), 71);
         // The other seems gone (its one session turned over as this looked): keep what it holds
         // until it looks again.
-        assert_eq!(share(&seen(5, 1, 35, 35), None, 35, Some(2)), 35);
+        assert_eq!(share(&seen(5, 1, 35, 35), None, 35, Some(0)), 35);
         assert_eq!(share(&seen(5, 1, 35, 35), None, 35, Some(1)), 71);
     }
 
@@ -342,12 +356,14 @@ mod tests {
             for held in [0, 10, 40, 71, 90] {
                 let own = held / workers;
                 let s = seen(5, workers, held, own);
-                let each = share(&s, None, holding_all_seen(&s), Some(workers));
-                let total = each as i64 * workers;
-                assert!(
-                    total <= 71 || each == 1,
-                    "{workers} workers, {held} held: {total}"
-                );
+                for steady in [1, STEADY_LOOKS] {
+                    let each = share(&s, None, holding_all_seen(&s), Some(steady));
+                    let total = each as i64 * workers;
+                    assert!(
+                        total <= 71 || each == 1,
+                        "{workers} workers, {held} held, {steady} steady looks: {total}"
+                    );
+                }
             }
         }
     }
