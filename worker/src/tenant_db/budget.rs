@@ -766,15 +766,7 @@ mod tests {
         let first = server.try_take().expect("one session to look with");
         assert!(server.try_take().is_none());
         assert!(server.look_is_due());
-        let seen = sizing::Seen {
-            max_connections: 100,
-            reserved: 3,
-            clients: 6,
-            avsync_sessions: 1,
-            workers: 1,
-            own: 1,
-            most_by_another: 0,
-        };
+        let seen = sizing::tests::seen(5, 1, 1, 1);
         let look = server.look_due().expect("due");
         assert!(server.look_due().is_none(), "one look at a time");
         server.sized(&seen);
@@ -796,15 +788,7 @@ mod tests {
         let budgets = Budgets::new(Sizing::Auto { free: None }, "avsync-worker test", gauges());
         let server = budgets.server("db:5432");
         let first = server.try_take().expect("one session to look with");
-        let other_at_35 = sizing::Seen {
-            max_connections: 100,
-            reserved: 3,
-            clients: 5 + 36,
-            avsync_sessions: 36,
-            workers: 2,
-            own: 1,
-            most_by_another: 35,
-        };
+        let other_at_35 = sizing::tests::seen(5, 2, 36, 1);
         server.sized(&other_at_35);
         assert_eq!(
             budgets.view()[0].budget,
@@ -824,11 +808,7 @@ mod tests {
             18,
             "not gone long enough to count as arriving"
         );
-        let three = sizing::Seen {
-            workers: 3,
-            most_by_another: 18,
-            ..other_at_35
-        };
+        let three = sizing::tests::seen(5, 3, 36, 1);
         server.sized(&three);
         assert_eq!(
             budgets.view()[0].budget,
@@ -859,15 +839,7 @@ mod tests {
         let budgets = Budgets::new(Sizing::Auto { free: None }, "avsync-worker test", gauges());
         let server = budgets.server("db:5432");
         let first = server.try_take().expect("one session to look with");
-        let other_at_50 = sizing::Seen {
-            max_connections: 100,
-            reserved: 3,
-            clients: 5 + 51,
-            avsync_sessions: 51,
-            workers: 2,
-            own: 1,
-            most_by_another: 50,
-        };
+        let other_at_50 = sizing::tests::seen(5, 2, 51, 1);
         for look in 0..sizing::STEADY_LOOKS {
             server.sized(&other_at_50);
             assert_eq!(budgets.view()[0].budget, 1, "look {look}");

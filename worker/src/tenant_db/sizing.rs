@@ -181,12 +181,12 @@ pub fn share(seen: &Seen, free: Option<u32>, held_open: usize, steady: Option<u3
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// A default server: 100 slots, 3 reserved, the free target a fifth (20).
     /// The other workers hold the sessions that are not its own in equal parts.
-    fn seen(clients_else: i64, workers: i64, avsync_sessions: i64, own: i64) -> Seen {
+    pub(crate) fn seen(clients_else: i64, workers: i64, avsync_sessions: i64, own: i64) -> Seen {
         let others = (workers - 1).max(1);
         Seen {
             max_connections: 100,
