@@ -212,13 +212,15 @@ async fn settle_publishes(channel: Channel, mut queue: mpsc::UnboundedReceiver<J
                 if let Some(front) = outstanding.front_mut() {
                     front.completed = Some(result);
                 }
-                // The front, and the ones after it that completed too, in order; each only after
-                // a look at every confirm that completed before its own was seen.
-                while outstanding.front().is_some_and(|o| o.completed.is_some()) {
-                    gather_returns(&mut outstanding, &mut returned);
-                    let Some(front) = outstanding.pop_front() else {
-                        break;
-                    };
+                // The front and every publish after it that one look finds completed, in order.
+                // A return sits on a confirm that completes no later than its own message's, so
+                // a return of theirs is on a confirm settled before (the return kept in
+                // `returned`) or on one this look finds completed, before or after its owner.
+                // One look per wake-up, not one per publish: an ack that covers thousands of
+                // publishes would cost thousands of looks at thousands of confirms (the worker
+                // spent most of its CPU there setting a stuck tenant's burst aside).
+                let ready = look(&mut outstanding, &mut returned);
+                for front in outstanding.drain(..ready) {
                     if settle(front, &mut returned) {
                         retire(&channel, &mut retired, "the broker nacked a publish");
                     }
@@ -258,8 +260,9 @@ fn poll_next(
     Poll::Pending
 }
 
-/// Takes the returned message off every confirm that has completed by now.
-fn gather_returns(outstanding: &mut VecDeque<Outstanding>, returned: &mut Vec<BasicReturnMessage>) {
+/// Polls every confirm not yet completed and takes the returned message off each completed one;
+/// how many at the front have completed.
+fn look(outstanding: &mut VecDeque<Outstanding>, returned: &mut Vec<BasicReturnMessage>) -> usize {
     let mut cx = Context::from_waker(Waker::noop());
     for o in outstanding.iter_mut() {
         if o.completed.is_none() {
@@ -272,6 +275,10 @@ fn gather_returns(outstanding: &mut VecDeque<Outstanding>, returned: &mut Vec<Ba
             returned.extend(message.take());
         }
     }
+    outstanding
+        .iter()
+        .take_while(|o| o.completed.is_some())
+        .count()
 }
 
 /// Answers the publish; true when the broker nacked it.
