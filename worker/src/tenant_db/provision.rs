@@ -30,7 +30,7 @@ pub fn worker_name() -> String {
 pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Longest a statement waits for a lock another session holds (a long migration or
 /// transaction): then its tenant is marked slow and its events are set aside.
-pub const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The options of a pooled tenant session: tagged with the worker's `name`, with the session
 /// timeouts.
