@@ -138,8 +138,12 @@ impl Bench<'_> {
             let pids = workers.pids();
             let before = Snapshot::take(&pids);
             let sampler = ConnectionSampler::start(&self.prefix).await?;
+            // The workers are new: what they settled before this first look is part of the n.
             let waited = match workers.counts(&self.http).await {
-                Ok(start) => self.wait_settled(&mut workers, start, n).await,
+                Ok(start) => {
+                    let rest = n.saturating_sub(start.settled());
+                    self.wait_settled(&mut workers, start, rest).await
+                }
                 Err(e) => Err(e),
             };
             let cpu = before.share_until(&Snapshot::take(&pids));
