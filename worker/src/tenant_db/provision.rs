@@ -29,7 +29,9 @@ pub fn worker_name() -> String {
 /// milliseconds, so this only ends statements of a database in trouble.
 pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Longest a statement waits for a lock another session holds (a long migration or
-/// transaction): then its tenant is marked slow and its events are set aside.
+/// transaction): then its tenant is marked slow and its events are set aside. Our statements
+/// wait milliseconds for each other's row locks; each second waited longer is a second the
+/// tenant's backlog stands in front of its partition's neighbours.
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The options of a pooled tenant session: tagged with the worker's `name`, with the session
