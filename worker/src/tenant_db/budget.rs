@@ -735,6 +735,14 @@ mod tests {
         }
     }
 
+    /// An `auto` budget on one server, and the one session it allows before its first look.
+    fn auto_with_one_session() -> (Budgets, Arc<ServerBudget>, Slot) {
+        let budgets = Budgets::new(Sizing::Auto { free: None }, "avsync-worker test", gauges());
+        let server = budgets.server("db:5432");
+        let first = server.try_take().expect("one session to look with");
+        (budgets, server, first)
+    }
+
     #[test]
     fn a_budget_sized_down_sheds_what_it_holds_over_it_once() {
         let now = Instant::now();
@@ -761,9 +769,7 @@ mod tests {
 
     #[test]
     fn an_auto_budget_is_one_session_until_it_looked_and_again_once_it_holds_none() {
-        let budgets = Budgets::new(Sizing::Auto { free: None }, "avsync-worker test", gauges());
-        let server = budgets.server("db:5432");
-        let first = server.try_take().expect("one session to look with");
+        let (budgets, server, first) = auto_with_one_session();
         assert!(server.try_take().is_none());
         assert!(server.look_is_due());
         let seen = sizing::tests::seen(5, 1, 1, 1);
@@ -785,9 +791,7 @@ mod tests {
     /// sized its budget for two by then); turning its one session over does not make it new.
     #[test]
     fn an_arriving_auto_budget_grows_at_its_second_look() {
-        let budgets = Budgets::new(Sizing::Auto { free: None }, "avsync-worker test", gauges());
-        let server = budgets.server("db:5432");
-        let first = server.try_take().expect("one session to look with");
+        let (budgets, server, first) = auto_with_one_session();
         let other_at_35 = sizing::tests::seen(5, 2, 36, 1);
         server.sized(&other_at_35);
         assert_eq!(
@@ -836,9 +840,7 @@ mod tests {
     /// came late) keeps an arrival at what it holds, for [`sizing::STEADY_LOOKS`] looks only.
     #[test]
     fn a_worker_above_its_share_is_waited_for_a_few_looks() {
-        let budgets = Budgets::new(Sizing::Auto { free: None }, "avsync-worker test", gauges());
-        let server = budgets.server("db:5432");
-        let first = server.try_take().expect("one session to look with");
+        let (budgets, server, first) = auto_with_one_session();
         let other_at_50 = sizing::tests::seen(5, 2, 51, 1);
         for look in 0..sizing::STEADY_LOOKS {
             server.sized(&other_at_50);
